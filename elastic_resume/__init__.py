@@ -1,0 +1,60 @@
+"""elastic-resume: distributed PyTorch training that survives node failures, preemption and loss
+spikes. The public API is this flat namespace.
+
+Names that need torch are imported on first use (PEP 562), so the command line's listing and
+verification start in a fraction of a second instead of paying for ``import torch``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    CheckpointCorruptError,
+    CheckpointSaveError,
+    CommitConflictError,
+    ConfigError,
+    ElasticResumeError,
+    NoCheckpointError,
+    StateError,
+    StorageError,
+    UnsafeCheckpointError,
+)
+from .events import EventLog
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "CheckpointManager": "manager",
+    "CheckpointStore": "store",
+    "Manifest": "store",
+}
+
+if TYPE_CHECKING:
+    from .manager import CheckpointManager
+    from .store import CheckpointStore, Manifest
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'elastic_resume' has no attribute {name!r}")
+
+
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointManager",
+    "CheckpointSaveError",
+    "CheckpointStore",
+    "CommitConflictError",
+    "ConfigError",
+    "ElasticResumeError",
+    "EventLog",
+    "Manifest",
+    "NoCheckpointError",
+    "StateError",
+    "StorageError",
+    "UnsafeCheckpointError",
+    "__version__",
+]

@@ -1,0 +1,293 @@
+"""The ``elastic-resume`` command line: inspect, verify and prune checkpoint roots.
+
+Exit codes (contract): 0 success; 1 a negative answer (no checkpoint, corruption found);
+2 bad usage or an unusable root/flag; 75/76 are reserved for ``launch`` (preempted after a
+committed save / gave up). User mistakes get one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import CheckpointCorruptError, ConfigError, ElasticResumeError, NoCheckpointError
+from .storage import open_storage, redact
+from .store import CheckpointStore, StepReport
+
+EXIT_OK = 0
+EXIT_NEGATIVE = 1
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 75
+EXIT_GAVE_UP = 76
+
+# Errors that answer the question with "no" rather than signal a usage problem.
+_NEGATIVE_ERRORS = (CheckpointCorruptError, NoCheckpointError)
+
+
+def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs into storage options. Values are JSON-decoded where they parse
+    (numbers, true/false, objects), else kept as strings; dotted keys nest
+    (``client_kwargs.endpoint_url=http://...``)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--storage-option {pair.split('=')[0]!r}: expected KEY=VALUE")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        target = options
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"--storage-option {key!r}: {part!r} is both a value and a group")
+        target[parts[-1]] = value
+    return options
+
+
+def _age(created: float | None) -> str:
+    if not created:
+        return "-"
+    s = max(0.0, time.time() - created)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.1f}{unit}"
+    return f"{s:.0f}s"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _report_json(r: StepReport) -> dict[str, Any]:
+    m = r.manifest
+    return {
+        "step": r.step,
+        "status": r.status,
+        "size": r.size,
+        "world_size": m.world_size if m else None,
+        "created": m.created if m else None,
+        "age_s": round(time.time() - m.created, 1) if m and m.created else None,
+        "attempt": m.attempt if m else None,
+        "problems": [{"file": f, "reason": why} for f, why in r.problems],
+    }
+
+
+def _open(args: argparse.Namespace) -> CheckpointStore:
+    storage = open_storage(args.root, parse_storage_options(args.storage_option))
+    storage.ensure_root(create=False, probe_write=False)
+    return CheckpointStore(storage)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    store = _open(args)
+    reports = [store.verify(s, full=args.full) for s in reversed(store.step_dirs())]
+    if args.json:
+        print(json.dumps([_report_json(r) for r in reports], indent=1))
+        return EXIT_OK
+    if not reports:
+        print(f"no checkpoints under {store.storage.display()}")
+        return EXIT_OK
+    print(f"{'STEP':>12}  {'STATUS':<10}  {'SIZE':>9}  {'WORLD':>5}  {'AGE':>6}")
+    for r in reports:
+        m = r.manifest
+        print(
+            f"{r.step:>12}  {r.status:<10}  {_size(r.size):>9}  "
+            f"{(m.world_size if m else '-'):>5}  {_age(m.created if m else None):>6}"
+        )
+    return EXIT_OK
+
+
+def cmd_latest(args: argparse.Namespace) -> int:
+    store = _open(args)
+    step = store.latest(full=not args.quick)
+    if step is None:
+        print(f"no verified checkpoint under {store.storage.display()}", file=sys.stderr)
+        return EXIT_NEGATIVE
+    print(step)
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = _open(args)
+    if args.step is not None:
+        steps = [args.step]
+        if args.step not in store.step_dirs():
+            print(f"step {args.step} does not exist under {store.storage.display()}", file=sys.stderr)
+            return EXIT_NEGATIVE
+    else:
+        steps = store.committed_steps()
+    reports = [store.verify(s, full=not args.quick) for s in steps]
+    bad = [r for r in reports if not r.ok]
+    if args.json:
+        print(json.dumps([_report_json(r) for r in reports], indent=1))
+    else:
+        for r in reports:
+            if r.ok:
+                assert r.manifest is not None
+                print(f"step {r.step}: OK ({len(r.manifest.files)} files, {_size(r.size)})")
+            elif r.status == "incomplete":
+                print(f"step {r.step}: INCOMPLETE (never committed; resume ignores it)")
+            else:
+                print(f"step {r.step}: CORRUPT")
+                for file, why in r.problems:
+                    print(f"  {file}: {why}")
+        if not reports:
+            print(f"no committed checkpoints under {store.storage.display()}")
+    return EXIT_NEGATIVE if bad else EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    store = _open(args)
+    report = store.verify(args.step, full=False)
+    if report.manifest is None:
+        reasons = "; ".join(f"{f}: {why}" for f, why in report.problems) or "no manifest (never committed)"
+        print(f"step {args.step} cannot be inspected: {reasons}", file=sys.stderr)
+        return EXIT_NEGATIVE
+    m = report.manifest
+    body = m.body()
+    body["checksum"] = m.checksum
+    body["quick_verification"] = {"status": report.status, "problems": [{"file": f, "reason": w} for f, w in report.problems]}
+    if args.json:
+        print(json.dumps(body, indent=1, sort_keys=True))
+        return EXIT_OK if report.ok else EXIT_NEGATIVE
+    print(f"step        {m.step}  ({report.status})")
+    print(f"attempt     {m.attempt}")
+    print(f"created     {body['created_iso']} ({_age(m.created)} ago)")
+    print(f"world size  {m.world_size}")
+    print(f"size        {_size(m.total_bytes)} in {len(m.files)} files")
+    for f in m.files:
+        print(f"  {f.path}  {_size(f.size)}  {f.digest}  rank={f.rank}")
+    for title, section in (("metadata", m.metadata), ("fingerprint", m.fingerprint), ("health", m.health)):
+        if section:
+            print(f"{title}:")
+            for k, v in sorted(section.items()):
+                print(f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}")
+    for f, why in report.problems:
+        print(f"PROBLEM {f}: {why}")
+    return EXIT_OK if report.ok else EXIT_NEGATIVE
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    store = _open(args)
+    plan = store.prune(keep_last=args.keep, keep_every=args.keep_every, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "deleted": plan.delete, "incomplete_deleted": plan.delete_incomplete,
+                          "kept": {str(k): v for k, v in plan.keep.items()}}, indent=1))
+        return EXIT_OK
+    for s in plan.delete:
+        print(f"{verb} step {s}")
+    for s in plan.delete_incomplete:
+        print(f"{verb} incomplete step {s}")
+    for s, why in sorted(plan.keep.items(), reverse=True):
+        print(f"kept step {s} ({why})")
+    return EXIT_OK
+
+
+def _nonneg_int(flag: str):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} expects an integer, got {text!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{flag} must not be negative, got {v}")
+        return v
+
+    return parse
+
+
+def _pos_int(flag: str):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> int:
+        v = _nonneg_int(flag)(text)
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be at least 1, got {v}")
+        return v
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="elastic-resume",
+        description="Inspect, verify and prune elastic-resume checkpoints (local paths, file:// or s3:// roots).",
+        epilog="Exit codes: 0 ok, 1 none found or corruption found, 2 bad usage or root, "
+        "75 preempted after a committed save (requeue), 76 gave up (do not retry).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log structured events to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("root", metavar="ROOT", help="checkpoint root: a directory, file:// or s3://bucket/prefix")
+        p.add_argument(
+            "--storage-option", action="append", default=[], metavar="KEY=VALUE",
+            help="storage option passed to the backend (repeatable), e.g. endpoint_url=http://127.0.0.1:9000",
+        )
+        return p
+
+    p = add("ls", "list steps with status (committed|incomplete|corrupt), size, world size and age")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--full", action="store_true", help="verify digests too (reads every byte)")
+    p.set_defaults(func=cmd_ls)
+
+    p = add("latest", "print the step a resume would pick; exit 1 if none")
+    p.add_argument("--quick", action="store_true", help="check presence and sizes only, not digests")
+    p.set_defaults(func=cmd_latest)
+
+    p = add("verify", "verify committed steps; exit 1 naming each bad file")
+    p.add_argument("--step", type=_nonneg_int("--step"), help="verify only this step")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--quick", action="store_true", help="check presence and sizes only, not digests")
+    p.set_defaults(func=cmd_verify)
+
+    p = add("inspect", "show a step's manifest: files, sizes, fingerprint, metadata")
+    p.add_argument("step", metavar="STEP", type=_nonneg_int("STEP"))
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = add("prune", "delete old checkpoints, keeping the newest N (and milestones)")
+    p.add_argument("--keep", type=_pos_int("--keep"), required=True, help="number of newest committed steps to keep")
+    p.add_argument("--keep-every", type=_pos_int("--keep-every"), help="also keep steps divisible by this")
+    p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_prune)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.ERROR,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args))
+    except ElasticResumeError as e:
+        options = getattr(args, "storage_option", [])
+        try:
+            opts = parse_storage_options(options)
+        except ConfigError:
+            opts = {}
+        print(f"elastic-resume {args.command}: {redact(str(e), opts)}", file=sys.stderr)
+        return EXIT_USAGE if not isinstance(e, _NEGATIVE_ERRORS) else EXIT_NEGATIVE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The error hierarchy: one base, a few subclasses, each message naming what is wrong and where.
+
+Every error raised for a user-facing problem (bad root, bad flag, corrupt checkpoint, conflicting
+commit) is an ``ElasticResumeError``; the CLI turns these into a one-line message and an exit code
+instead of a traceback. Anything else escaping is a bug in this library.
+"""
+
+from __future__ import annotations
+
+
+class ElasticResumeError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class ConfigError(ElasticResumeError, ValueError):
+    """An argument, flag or option has a value that cannot work; the message names it."""
+
+
+class StorageError(ElasticResumeError, OSError):
+    """The storage backend refused or failed an operation (missing root, no permission, bad
+    credentials, network). Messages never contain secrets."""
+
+    def __init__(self, errno_or_message: int | str, message: str | None = None) -> None:
+        if message is None:
+            super().__init__(str(errno_or_message))
+        else:
+            super().__init__(errno_or_message, message)
+
+    def __str__(self) -> str:
+        return self.strerror if isinstance(self.strerror, str) else super().__str__()
+
+
+class CheckpointCorruptError(ElasticResumeError):
+    """A committed checkpoint failed verification: a file is missing, truncated, has the wrong
+    digest, or the manifest itself is malformed, of an unknown version, or unsafe."""
+
+    def __init__(self, step: int | None, file: str | None, reason: str) -> None:
+        self.step = step
+        self.file = file
+        self.reason = reason
+        where = []
+        if step is not None:
+            where.append(f"step {step}")
+        if file is not None:
+            where.append(f"file {file}")
+        super().__init__(f"{', '.join(where) or 'checkpoint'}: {reason}")
+
+
+class UnsafeCheckpointError(CheckpointCorruptError):
+    """A data file holds something that could execute code on load (a pickle). It is refused."""
+
+
+class CheckpointSaveError(ElasticResumeError):
+    """A collective save failed on at least one rank; nothing was committed. The message names
+    every failing rank and file, and is the same on every rank."""
+
+
+class CommitConflictError(ElasticResumeError):
+    """A step that is already committed was committed again; the first commit stays intact."""
+
+
+class NoCheckpointError(ElasticResumeError):
+    """No committed, verifiable checkpoint exists where one was required."""
+
+
+class StateError(ElasticResumeError):
+    """The training state given to save/restore does not fit the checkpoint (unsupported value
+    type, missing key, shape mismatch); the message names the key path."""

@@ -1,0 +1,91 @@
+"""Structured events: one JSON object per line, appended to a log file, mirrored to ``logging``.
+
+Everything that matters for understanding a run after the fact (saves, commits, restores,
+fallbacks, corruption found, prunes; later votes, rollbacks, restarts) is emitted here. The file
+is the interface between the workers, the launcher and ``elastic-resume report``: several
+processes append to the same file, so each event is written with a single ``write`` on an
+``O_APPEND`` descriptor, which keeps lines whole on local file systems.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from typing import Any
+
+logger = logging.getLogger("elastic_resume")
+
+#: Environment variable naming the JSONL file events are appended to (set by the launcher).
+EVENT_LOG_ENV = "ER_EVENT_LOG"
+
+
+def jsonable(value: Any) -> Any:
+    """Make a field JSON-safe without losing what it says (non-finite floats become strings)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+class EventLog:
+    """Appends structured events to ``path`` (if given) and logs them at INFO (WARNING for
+    events whose name says something went wrong)."""
+
+    _WARN_EVENTS = frozenset(
+        {"corruption_found", "restore_fallback", "drift_found", "save_failed", "prune_failed"}
+    )
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, rank: int | None = None):
+        self.path = os.fspath(path) if path is not None else None
+        self.rank = rank
+        self._lock = threading.Lock()
+        if self.path is not None:
+            parent = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(parent, exist_ok=True)
+
+    @classmethod
+    def from_env(cls, *, rank: int | None = None) -> "EventLog":
+        return cls(os.environ.get(EVENT_LOG_ENV) or None, rank=rank)
+
+    def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        record: dict[str, Any] = {"ts": round(time.time(), 6), "event": event}
+        if self.rank is not None:
+            record["rank"] = self.rank
+        record.update({k: jsonable(v) for k, v in fields.items()})
+        level = logging.WARNING if event in self._WARN_EVENTS else logging.INFO
+        if logger.isEnabledFor(level):
+            details = " ".join(f"{k}={v}" for k, v in record.items() if k not in ("ts", "event"))
+            logger.log(level, "%s %s", event, details)
+        if self.path is not None:
+            line = (json.dumps(record, sort_keys=False) + "\n").encode()
+            with self._lock:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, line)
+                finally:
+                    os.close(fd)
+        return record
+
+
+def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read an event log; a torn last line (the writer was killed mid-write) is skipped."""
+    events = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return events

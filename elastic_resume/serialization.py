@@ -1,0 +1,302 @@
+"""The checkpoint data-file format: a JSON header describing a tree, then raw tensor bytes.
+
+Why not ``torch.save``: a pickle can execute code when loaded, and ``torch.save`` writes through
+a zip writer that computes its own CRC and copies each tensor; both cost time we measure against.
+This format cannot run code by construction (the only parser is ``json.loads`` plus bounds-checked
+``torch.Tensor.view``), lets the storage layer stream tensor memory straight to the file with no
+intermediate copy, and loads as one read into a single buffer from which tensors are views.
+
+Layout of a file::
+
+    b"ERCKPT\\x00\\x01"            8-byte magic (format version 1)
+    u64 little-endian            length of the JSON header
+    JSON header                  {"version": 1, "tree": ..., "tensors": [{dtype, shape, offset, nbytes}]}
+    zero padding to 64 bytes
+    tensor bytes                 each tensor starts at a 64-byte aligned offset from the data start
+
+The tree encodes dicts as key/value pairs (so int keys and key order survive, as optimizer state
+needs), tuples, bytes, dtypes and devices with small tags; tensors are references into the table.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import StateError, UnsafeCheckpointError, CheckpointCorruptError
+
+MAGIC = b"ERCKPT\x00\x01"
+ALIGN = 64
+_LEN = struct.Struct("<Q")
+_HEADER_LIMIT = 1 << 31  # a header larger than 2 GiB is certainly corrupt
+
+# Only plain numeric dtypes; anything exotic (quantized, sparse) is refused at save time.
+_DTYPES: dict[str, torch.dtype] = {
+    str(dt).removeprefix("torch."): dt
+    for dt in (
+        torch.float64, torch.float32, torch.float16, torch.bfloat16,
+        torch.complex64, torch.complex128,
+        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+        torch.uint16, torch.uint32, torch.uint64,
+        torch.float8_e4m3fn, torch.float8_e5m2,
+    )
+}
+
+_PICKLE_HINTS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (the tensor must outlive the view)."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(t.data_ptr())).cast("B")
+
+
+@dataclass
+class EncodedFile:
+    """A tree ready to stream out: header bytes plus tensors, with the total size known up front
+    (so a reader can allocate once and a multipart upload can plan its parts)."""
+
+    header: bytes
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    size: int = 0
+    data_nbytes: int = 0
+
+    def chunks(self) -> Iterator[memoryview]:
+        yield memoryview(self.header)
+        pos = 0
+        for t, off in zip(self.tensors, self.offsets):
+            if off > pos:
+                yield memoryview(bytes(off - pos))
+            view = tensor_bytes(t)
+            if len(view):
+                yield view
+            pos = off + len(view)
+        if self.size - len(self.header) > pos:
+            yield memoryview(bytes(self.size - len(self.header) - pos))
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+
+    def tensor(self, t: torch.Tensor, path: str) -> int:
+        if t.is_sparse or t.is_quantized or t.layout != torch.strided:
+            raise StateError(f"{path}: tensors with layout {t.layout} cannot be checkpointed")
+        if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+            raise StateError(
+                f"{path}: tensor subclass {type(t).__name__} cannot be saved here "
+                "(sharded DTensor state goes through the distributed manager)"
+            )
+        if str(t.dtype).removeprefix("torch.") not in _DTYPES:
+            raise StateError(f"{path}: dtype {t.dtype} is not supported in checkpoints")
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        if not t.is_contiguous():
+            t = t.contiguous()
+        self.tensors.append(t)
+        return len(self.tensors) - 1
+
+    def encode(self, value: Any, path: str) -> Any:
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            return float(value)
+        if isinstance(value, torch.Tensor):
+            return {"t": self.tensor(value, path)}
+        if isinstance(value, dict):
+            return {
+                "d": [
+                    [self.encode(k, f"{path}[{k!r}](key)"), self.encode(v, f"{path}[{k!r}]")]
+                    for k, v in value.items()
+                ]
+            }
+        if isinstance(value, torch.Size):
+            return {"sz": list(value)}
+        if isinstance(value, list):
+            return [self.encode(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, tuple):
+            return {"tu": [self.encode(v, f"{path}[{i}]") for i, v in enumerate(value)]}
+        if isinstance(value, (bytes, bytearray)):
+            return {"b": base64.b64encode(bytes(value)).decode("ascii")}
+        if isinstance(value, torch.dtype):
+            return {"dt": str(value).removeprefix("torch.")}
+        if isinstance(value, torch.device):
+            return {"dev": str(value)}
+        module = type(value).__module__
+        if module == "numpy":
+            import numpy as np  # only reached when the state holds numpy values
+
+            if isinstance(value, np.ndarray):
+                return {"np": self.tensor(torch.from_numpy(np.ascontiguousarray(value)), path)}
+            if isinstance(value, np.generic):
+                return self.encode(value.item(), path)
+        raise StateError(
+            f"{path}: values of type {type(value).__module__}.{type(value).__qualname__} cannot be "
+            "checkpointed; use tensors, numbers, strings, bytes, lists, tuples and dicts, or an "
+            "object with state_dict()/load_state_dict()"
+        )
+
+
+def encode(tree: Any, *, name: str = "state") -> EncodedFile:
+    """Describe ``tree`` as a header plus tensor list. Tensors are not copied (except non-CPU or
+    non-contiguous ones, which must be made contiguous CPU memory to be written)."""
+    enc = _Encoder()
+    encoded_tree = enc.encode(tree, name)
+    table = []
+    offset = 0
+    offsets = []
+    for t in enc.tensors:
+        nbytes = t.numel() * t.element_size()
+        offset = _align(offset)
+        offsets.append(offset)
+        table.append(
+            {
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "shape": list(t.shape),
+                "offset": offset,
+                "nbytes": nbytes,
+            }
+        )
+        offset += nbytes
+    header_json = json.dumps(
+        {"version": 1, "tree": encoded_tree, "tensors": table}, separators=(",", ":")
+    ).encode()
+    header = MAGIC + _LEN.pack(len(header_json)) + header_json
+    header += bytes(_align(len(header)) - len(header))
+    data_nbytes = _align(offset) if offset else 0
+    return EncodedFile(
+        header=header,
+        tensors=enc.tensors,
+        offsets=offsets,
+        size=len(header) + data_nbytes,
+        data_nbytes=data_nbytes,
+    )
+
+
+def sniff_unsafe(prefix: bytes) -> str | None:
+    """Name the format of a file that would need unpickling, or None."""
+    if prefix.startswith(b"PK\x03\x04"):
+        return "a zip archive (torch.save format, which contains a pickle)"
+    if prefix[:2] in _PICKLE_HINTS or prefix[:1] == b"\x80":
+        return "a Python pickle"
+    return None
+
+
+class _Decoder:
+    def __init__(self, tensors: list[torch.Tensor], where: str) -> None:
+        self.tensors = tensors
+        self.where = where
+
+    def fail(self, reason: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(None, self.where, f"malformed data header: {reason}")
+
+    def tensor(self, idx: Any) -> torch.Tensor:
+        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(self.tensors):
+            raise self.fail(f"tensor reference {idx!r} out of range")
+        return self.tensors[idx]
+
+    def decode(self, node: Any) -> Any:
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        if isinstance(node, list):
+            return [self.decode(v) for v in node]
+        if isinstance(node, dict) and len(node) == 1:
+            ((tag, payload),) = node.items()
+            if tag == "t":
+                return self.tensor(payload)
+            if tag == "d" and isinstance(payload, list):
+                out = {}
+                for pair in payload:
+                    if not isinstance(pair, list) or len(pair) != 2:
+                        raise self.fail("dict entry is not a key/value pair")
+                    key = self.decode(pair[0])
+                    try:
+                        out[key] = self.decode(pair[1])
+                    except TypeError as e:  # unhashable key
+                        raise self.fail(str(e)) from None
+                return out
+            if tag == "tu" and isinstance(payload, list):
+                return tuple(self.decode(v) for v in payload)
+            if tag == "sz" and isinstance(payload, list):
+                return torch.Size(payload)
+            if tag == "b" and isinstance(payload, str):
+                return base64.b64decode(payload, validate=True)
+            if tag == "dt" and payload in _DTYPES:
+                return _DTYPES[payload]
+            if tag == "dev" and isinstance(payload, str):
+                return torch.device(payload)
+            if tag == "np":
+                return self.tensor(payload).numpy()
+        raise self.fail(f"unknown node {str(node)[:80]}")
+
+
+def decode(buf: torch.Tensor, *, where: str) -> Any:
+    """Rebuild the tree from a file's bytes held in a uint8 tensor. Tensors are views into
+    ``buf`` (no copy). ``where`` names the file in errors."""
+
+    def fail(reason: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(None, where, reason)
+
+    size = buf.numel()
+    head = bytes(tensor_bytes(buf[: min(size, 16)]))
+    if not head.startswith(MAGIC):
+        unsafe = sniff_unsafe(head)
+        if unsafe:
+            raise UnsafeCheckpointError(
+                None, where, f"holds {unsafe}; elastic-resume never unpickles checkpoint data, "
+                "since loading a pickle can execute arbitrary code"
+            )
+        raise fail("not an elastic-resume data file (bad magic bytes)")
+    if size < 16:
+        raise fail("truncated header")
+    (hlen,) = _LEN.unpack(head[8:16])
+    if hlen > _HEADER_LIMIT or 16 + hlen > size:
+        raise fail(f"header length {hlen} exceeds file size {size}")
+    try:
+        header = json.loads(bytes(tensor_bytes(buf[16 : 16 + hlen])))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise fail(f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict) or header.get("version") != 1:
+        raise fail(f"unknown data format version {header.get('version') if isinstance(header, dict) else header!r}")
+    data_start = _align(16 + hlen)
+    tensors = []
+    for i, entry in enumerate(header.get("tensors", [])):
+        try:
+            dtype = _DTYPES[entry["dtype"]]
+            shape = [int(s) for s in entry["shape"]]
+            offset, nbytes = int(entry["offset"]), int(entry["nbytes"])
+        except (KeyError, TypeError, ValueError):
+            raise fail(f"tensor entry {i} is malformed") from None
+        numel = 1
+        for s in shape:
+            if s < 0:
+                raise fail(f"tensor entry {i} has a negative dimension")
+            numel *= s
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if nbytes != numel * itemsize or offset < 0 or offset % ALIGN:
+            raise fail(f"tensor entry {i} has inconsistent size or offset")
+        start = data_start + offset
+        if start + nbytes > size:
+            raise fail(f"tensor entry {i} extends past the end of the file")
+        if numel == 0:
+            tensors.append(torch.empty(shape, dtype=dtype))
+        else:
+            tensors.append(buf[start : start + nbytes].view(dtype).view(shape))
+    return _Decoder(tensors, where).decode(header.get("tree"))

@@ -1,0 +1,613 @@
+"""The storage seam: the only module that talks to file systems and object stores (and the only
+one that imports fsspec/s3fs).
+
+Two backends, one contract (paths are relative to the checkpoint root, '/'-separated):
+
+- ``write_atomic``  no torn file ever stands under its final name. Local: temp name, fsync,
+  rename, fsync the directory. S3: one PUT, or a multipart upload whose parts go up concurrently
+  and which only becomes visible when completed.
+- ``write_create_only``  fails with ``FileExistsError`` if the name exists. Local: ``os.link`` of
+  an fsynced temp file (atomic, never overwrites). S3: ``If-None-Match: *``.
+- ``read``  one pass: bytes land in a single preallocated buffer and are hashed as they arrive.
+- ``list_tree``/``list_dirs``/``delete_tree``/``lock``.
+
+Digests are xxh3-64 (tens of GB/s on one core) so hashing never costs more than the disk.
+Errors become ``StorageError`` with the path, and never carry secrets (see ``redact``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import xxhash
+
+from .errors import ConfigError, StorageError
+
+if TYPE_CHECKING:
+    import torch
+
+DIGEST_ALGO = "xxh3_64"
+READ_CHUNK = 16 << 20
+
+
+def new_hasher() -> Any:
+    return xxhash.xxh3_64()
+
+
+def format_digest(hasher: Any) -> str:
+    return f"{DIGEST_ALGO}:{hasher.hexdigest()}"
+
+
+def digest_bytes(data: bytes) -> str:
+    return f"{DIGEST_ALGO}:{xxhash.xxh3_64_hexdigest(data)}"
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    size: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    buffer: "torch.Tensor | None"  # uint8, exactly the file's bytes (None for digest-only reads)
+    digest: str
+
+
+class _Sink:
+    """Where bytes of a read go: into one preallocated tensor (a load), or through a small
+    reusable buffer that is only hashed (verification, which must not need the file's size in
+    memory). torch is imported only for loads, so the CLI's verify starts fast."""
+
+    def __init__(self, size: int, keep: bool) -> None:
+        self.hasher = new_hasher()
+        if keep:
+            import torch
+
+            self.buffer: "torch.Tensor | None" = torch.empty(size, dtype=torch.uint8)
+            from .serialization import tensor_bytes
+
+            self.view = tensor_bytes(self.buffer)
+        else:
+            self.buffer = None
+            self.scratch = memoryview(bytearray(min(size, READ_CHUNK) or 1))
+
+    def target(self, start: int, end: int) -> memoryview:
+        """Memory to read bytes [start, end) into."""
+        if self.buffer is not None:
+            return self.view[start:end]
+        return self.scratch[: end - start]
+
+    def result(self) -> ReadResult:
+        return ReadResult(self.buffer, format_digest(self.hasher))
+
+
+class Storage(Protocol):
+    """What the checkpoint store needs from a backend."""
+
+    url: str
+
+    def display(self, rel: str = "") -> str: ...
+    def ensure_root(self, *, create: bool, probe_write: bool) -> None: ...
+    def makedirs(self, rel: str) -> None: ...
+    def write_atomic(self, rel: str, chunks: Iterable[memoryview], size: int | None = None) -> WriteResult: ...
+    def write_create_only(self, rel: str, data: bytes) -> None: ...
+    def read(self, rel: str, expected_size: int | None = None, *, keep: bool = True) -> ReadResult: ...
+    def read_small(self, rel: str) -> bytes: ...
+    def exists(self, rel: str) -> bool: ...
+    def list_dirs(self, rel: str = "") -> list[str]: ...
+    def list_tree(self, rel: str) -> dict[str, int]: ...
+    def delete(self, rel: str) -> None: ...
+    def delete_tree(self, rel: str) -> None: ...
+    def lock(self, name: str, timeout: float) -> contextlib.AbstractContextManager[None]: ...
+
+
+def _secrets_from(options: dict[str, Any]) -> list[str]:
+    found = []
+    for key in ("secret", "token", "aws_secret_access_key", "aws_session_token", "key", "aws_access_key_id"):
+        v = options.get(key)
+        if isinstance(v, str) and v:
+            found.append(v)
+    for nested in ("client_kwargs", "config_kwargs"):
+        if isinstance(options.get(nested), dict):
+            found.extend(_secrets_from(options[nested]))
+    for env in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        v = os.environ.get(env)
+        if v:
+            found.append(v)
+    return found
+
+
+def redact(text: str, options: dict[str, Any] | None = None) -> str:
+    """Remove credential values from a message (error texts from botocore can echo keys)."""
+    for secret in sorted(set(_secrets_from(options or {})), key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Storage:
+    """Pick the backend for a root: a local path, ``file://`` URL, or ``s3://bucket/prefix``."""
+    url = os.fspath(url)
+    if not url:
+        raise ConfigError("checkpoint root is empty; give a directory or an s3://bucket/prefix URL")
+    if url.startswith("file://"):
+        return LocalStorage(url[len("file://") :])
+    if url.startswith(("s3://", "s3a://")):
+        return S3Storage(url, storage_options or {})
+    if "://" in url:
+        scheme = url.split("://", 1)[0]
+        raise ConfigError(
+            f"checkpoint root {url!r}: unsupported scheme {scheme!r} (use a local path, file:// or s3://)"
+        )
+    return LocalStorage(url)
+
+
+def _check_rel(rel: str) -> str:
+    # Callers pass only store-generated or manifest-validated paths; this is a last guard.
+    if rel.startswith("/") or ".." in rel.split("/"):
+        raise ValueError(f"storage path {rel!r} escapes the checkpoint root")
+    return rel
+
+
+class LocalStorage:
+    """A directory on a POSIX file system."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.url = self.root
+
+    def display(self, rel: str = "") -> str:
+        return os.path.join(self.root, rel) if rel else self.root
+
+    def _p(self, rel: str) -> str:
+        return os.path.join(self.root, _check_rel(rel)) if rel else self.root
+
+    def _error(self, action: str, rel: str, e: OSError) -> StorageError:
+        return StorageError(e.errno or 0, f"cannot {action} {self.display(rel)}: {e.strerror or e}")
+
+    def ensure_root(self, *, create: bool, probe_write: bool) -> None:
+        if not os.path.isdir(self.root):
+            if os.path.exists(self.root):
+                raise StorageError(errno.ENOTDIR, f"checkpoint root {self.root} exists but is not a directory")
+            if not create:
+                raise StorageError(errno.ENOENT, f"checkpoint root {self.root} does not exist")
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError as e:
+                raise self._error("create checkpoint root", "", e) from None
+        if probe_write:
+            probe = os.path.join(self.root, f".write-probe-{uuid.uuid4().hex}")
+            try:
+                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as e:
+                raise StorageError(e.errno or 0, f"checkpoint root {self.root} is not writable: {e.strerror}") from None
+
+    def _fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def makedirs(self, rel: str) -> None:
+        """Create a directory chain and make each new entry durable in its parent."""
+        target = self._p(rel)
+        missing = []
+        p = target
+        while not os.path.isdir(p):
+            missing.append(p)
+            p = os.path.dirname(p)
+        try:
+            for d in reversed(missing):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(d)
+                self._fsync_dir(os.path.dirname(d))
+        except OSError as e:
+            raise self._error("create directory", rel, e) from None
+
+    def _write_temp(self, rel: str, chunks: Iterable[memoryview]) -> tuple[str, WriteResult]:
+        final = self._p(rel)
+        tmp = os.path.join(os.path.dirname(final), f".tmp-{os.path.basename(final)}-{uuid.uuid4().hex[:12]}")
+        hasher = new_hasher()
+        size = 0
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            for chunk in chunks:
+                hasher.update(chunk)
+                n = len(chunk)
+                done = os.write(fd, chunk)
+                while done < n:  # short writes happen for very large buffers
+                    done += os.write(fd, chunk[done:])
+                size += n
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp, WriteResult(size, format_digest(hasher))
+
+    def write_atomic(self, rel: str, chunks: Iterable[memoryview], size: int | None = None) -> WriteResult:
+        try:
+            tmp, result = self._write_temp(rel, chunks)
+            os.rename(tmp, self._p(rel))
+            self._fsync_dir(os.path.dirname(self._p(rel)))
+        except OSError as e:
+            raise self._error("write", rel, e) from None
+        return result
+
+    def write_create_only(self, rel: str, data: bytes) -> None:
+        try:
+            tmp, _ = self._write_temp(rel, [memoryview(data)])
+        except OSError as e:
+            raise self._error("write", rel, e) from None
+        try:
+            os.link(tmp, self._p(rel))  # atomic and refuses to replace an existing name
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, f"{self.display(rel)} already exists") from None
+        except OSError as e:
+            raise self._error("commit", rel, e) from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self._fsync_dir(os.path.dirname(self._p(rel)))
+
+    def read(self, rel: str, expected_size: int | None = None, *, keep: bool = True) -> ReadResult:
+        """Read a file in one pass, hashing as bytes arrive; ``keep=False`` only hashes."""
+        path = self._p(rel)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                actual = os.fstat(f.fileno()).st_size
+                size = actual if expected_size is None else expected_size
+                if actual < size:
+                    raise _short_read(self.display(rel), actual, size)
+                if actual > size:
+                    raise _long_read(self.display(rel), actual, size)
+                with contextlib.suppress(AttributeError, OSError):
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                sink = _Sink(size, keep)
+                pos = 0
+                while pos < size:
+                    end = min(size, pos + READ_CHUNK)
+                    target = sink.target(pos, end)
+                    n = f.readinto(target)
+                    if not n:
+                        raise _short_read(self.display(rel), pos, size)
+                    sink.hasher.update(target[:n])
+                    pos += n
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"{self.display(rel)} is missing") from None
+        except SizeMismatchError:
+            raise
+        except OSError as e:
+            raise self._error("read", rel, e) from None
+        return sink.result()
+
+    def read_small(self, rel: str) -> bytes:
+        try:
+            with open(self._p(rel), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"{self.display(rel)} is missing") from None
+        except OSError as e:
+            raise self._error("read", rel, e) from None
+
+    def exists(self, rel: str) -> bool:
+        return os.path.exists(self._p(rel))
+
+    def list_dirs(self, rel: str = "") -> list[str]:
+        try:
+            with os.scandir(self._p(rel)) as it:
+                return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise self._error("list", rel, e) from None
+
+    def list_tree(self, rel: str) -> dict[str, int]:
+        base = self._p(rel)
+        out: dict[str, int] = {}
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                full = os.path.join(dirpath, name)
+                with contextlib.suppress(FileNotFoundError):
+                    out[os.path.relpath(full, base).replace(os.sep, "/")] = os.lstat(full).st_size
+        return out
+
+    def delete(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._p(rel))
+
+    def delete_tree(self, rel: str) -> None:
+        import shutil
+
+        shutil.rmtree(self._p(rel), ignore_errors=True)
+
+    def lock(self, name: str, timeout: float) -> contextlib.AbstractContextManager[None]:
+        from filelock import FileLock
+
+        return FileLock(os.path.join(self.root, name), timeout=timeout)  # type: ignore[return-value]
+
+
+class SizeMismatchError(OSError):
+    """A file's length differs from the length the caller expected (truncated or grown)."""
+
+
+def _short_read(where: str, got: int, want: int) -> SizeMismatchError:
+    return SizeMismatchError(errno.EIO, f"{where} is truncated: {got} of {want} bytes")
+
+
+def _long_read(where: str, got: int, want: int) -> SizeMismatchError:
+    return SizeMismatchError(errno.EIO, f"{where} holds {got} bytes, more than the {want} recorded")
+
+
+class S3Storage:
+    """An ``s3://bucket/prefix`` root through s3fs. Settings come from botocore's usual sources
+    (``AWS_ENDPOINT_URL``, credential variables, profiles) and from explicit storage options."""
+
+    PART_SIZE = 16 << 20  # multipart part size; S3 needs >= 5 MiB except for the last part
+    MAX_IN_FLIGHT = 8
+
+    def __init__(self, url: str, options: dict[str, Any]) -> None:
+        import s3fs  # imported here so local-only users never pay for it
+
+        rest = url.split("://", 1)[1].strip("/")
+        if not rest:
+            raise ConfigError(f"checkpoint root {url!r} names no bucket")
+        self.bucket, _, prefix = rest.partition("/")
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{rest}"
+        self.options = dict(options)
+        opts = dict(options)
+        opts.setdefault("skip_instance_cache", True)
+        opts.setdefault("use_listings_cache", False)
+        try:
+            self.fs = s3fs.S3FileSystem(**opts)
+        except TypeError as e:
+            raise ConfigError(f"invalid S3 storage option: {redact(str(e), options)}") from None
+
+    # -- paths and errors ------------------------------------------------------------------
+    def _key(self, rel: str) -> str:
+        _check_rel(rel)
+        return "/".join(p for p in (self.prefix, rel) if p)
+
+    def _p(self, rel: str) -> str:
+        return f"{self.bucket}/{self._key(rel)}".rstrip("/")
+
+    def display(self, rel: str = "") -> str:
+        return f"s3://{self._p(rel)}"
+
+    def _error(self, action: str, rel: str, e: BaseException) -> StorageError:
+        msg = redact(str(e) or type(e).__name__, self.options)
+        if isinstance(e, PermissionError):
+            msg += " (check the S3 credentials and the bucket policy)"
+        return StorageError(getattr(e, "errno", None) or errno.EIO, f"cannot {action} {self.display(rel)}: {msg}")
+
+    def _run(self, coro: Any) -> Any:
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, lambda: coro)
+
+    # -- contract ----------------------------------------------------------------------------
+    def ensure_root(self, *, create: bool, probe_write: bool) -> None:
+        try:
+            self.fs.call_s3("head_bucket", Bucket=self.bucket)
+        except FileNotFoundError:
+            raise StorageError(errno.ENOENT, f"bucket s3://{self.bucket} does not exist") from None
+        except PermissionError as e:
+            raise StorageError(
+                errno.EACCES,
+                f"access to bucket s3://{self.bucket} denied: {redact(str(e), self.options)} "
+                "(check the S3 credentials, profile and bucket policy)",
+            ) from None
+        except Exception as e:  # noqa: BLE001 - every failure becomes one clear StorageError
+            raise self._error("reach bucket of", "", e) from None
+        if probe_write:
+            probe = f".write-probe-{uuid.uuid4().hex}"
+            try:
+                self.fs.pipe_file(self._p(probe), b"")
+                self.fs.rm_file(self._p(probe))
+            except Exception as e:  # noqa: BLE001
+                raise self._error("write to", "", e) from None
+
+    def makedirs(self, rel: str) -> None:
+        """Object stores have no directories."""
+
+    def write_atomic(self, rel: str, chunks: Iterable[memoryview], size: int | None = None) -> WriteResult:
+        hasher = new_hasher()
+        try:
+            if size is not None and size <= self.PART_SIZE:
+                data = bytearray()
+                for c in chunks:
+                    hasher.update(c)
+                    data += c
+                self.fs.pipe_file(self._p(rel), bytes(data))
+                return WriteResult(len(data), format_digest(hasher))
+            return self._multipart(rel, chunks, hasher)
+        except (FileExistsError, StorageError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._error("write", rel, e) from None
+
+    def _parts(self, chunks: Iterable[memoryview], hasher: Any) -> Iterator[bytearray]:
+        """Re-cut the chunk stream into parts of PART_SIZE, hashing bytes as they pass."""
+        part = bytearray()
+        for chunk in chunks:
+            hasher.update(chunk)
+            pos = 0
+            while pos < len(chunk):
+                take = min(self.PART_SIZE - len(part), len(chunk) - pos)
+                part += chunk[pos : pos + take]
+                pos += take
+                if len(part) == self.PART_SIZE:
+                    yield part
+                    part = bytearray()
+        if part:
+            yield part
+
+    def _multipart(self, rel: str, chunks: Iterable[memoryview], hasher: Any) -> WriteResult:
+        key = self._key(rel)
+        fs = self.fs
+        mpu = self._run(fs._call_s3("create_multipart_upload", Bucket=self.bucket, Key=key))
+        upload_id = mpu["UploadId"]
+        in_flight: deque[tuple[int, Any]] = deque()
+        done: list[dict[str, Any]] = []
+        size = 0
+        try:
+            for number, part in enumerate(self._parts(chunks, hasher), start=1):
+                size += len(part)
+                fut = asyncio.run_coroutine_threadsafe(
+                    fs._call_s3(
+                        "upload_part", Bucket=self.bucket, Key=key, UploadId=upload_id,
+                        PartNumber=number, Body=bytes(part),
+                    ),
+                    fs.loop,
+                )
+                in_flight.append((number, fut))
+                while len(in_flight) >= self.MAX_IN_FLIGHT:
+                    n, f = in_flight.popleft()
+                    done.append({"PartNumber": n, "ETag": f.result()["ETag"]})
+            while in_flight:
+                n, f = in_flight.popleft()
+                done.append({"PartNumber": n, "ETag": f.result()["ETag"]})
+            if not done:  # an empty stream still has to become an (empty) object
+                self._run(fs._call_s3("abort_multipart_upload", Bucket=self.bucket, Key=key, UploadId=upload_id))
+                fs.pipe_file(self._p(rel), b"")
+                return WriteResult(0, format_digest(hasher))
+            self._run(
+                fs._call_s3(
+                    "complete_multipart_upload", Bucket=self.bucket, Key=key, UploadId=upload_id,
+                    MultipartUpload={"Parts": done},
+                )
+            )
+        except BaseException:
+            for _, f in in_flight:
+                f.cancel()
+            with contextlib.suppress(Exception):
+                self._run(fs._call_s3("abort_multipart_upload", Bucket=self.bucket, Key=key, UploadId=upload_id))
+            raise
+        fs.invalidate_cache(self._p(rel))
+        return WriteResult(size, format_digest(hasher))
+
+    def write_create_only(self, rel: str, data: bytes) -> None:
+        try:
+            self.fs.pipe_file(self._p(rel), data, mode="create")
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, f"{self.display(rel)} already exists") from None
+        except Exception as e:  # noqa: BLE001
+            raise self._error("commit", rel, e) from None
+
+    def read(self, rel: str, expected_size: int | None = None, *, keep: bool = True) -> ReadResult:
+        """Ranged GETs run concurrently (a bounded window); bytes are hashed in file order as
+        parts complete and, for a load, land in one preallocated buffer."""
+        key = self._key(rel)
+        fs = self.fs
+        try:
+            actual = fs.size(self._p(rel))
+            size = actual if expected_size is None else expected_size
+            if actual < size:
+                raise _short_read(self.display(rel), actual, size)
+            if actual > size:
+                raise _long_read(self.display(rel), actual, size)
+            sink = _Sink(0 if not keep else size, keep)
+
+            async def fetch(start: int, end: int) -> bytes:
+                resp = await fs._call_s3("get_object", Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+                try:
+                    data = await resp["Body"].read()
+                finally:
+                    resp["Body"].close()
+                if len(data) != end - start:
+                    raise _short_read(self.display(rel), start + len(data), size)
+                return data
+
+            ranges = iter([(s, min(size, s + self.PART_SIZE)) for s in range(0, size, self.PART_SIZE)])
+            pending: deque[tuple[int, int, Any]] = deque()
+
+            def submit() -> None:
+                nxt = next(ranges, None)
+                if nxt is not None:
+                    pending.append((*nxt, asyncio.run_coroutine_threadsafe(fetch(*nxt), fs.loop)))
+
+            for _ in range(self.MAX_IN_FLIGHT):
+                submit()
+            while pending:
+                start, end, fut = pending.popleft()
+                data = fut.result()
+                sink.hasher.update(data)
+                if sink.buffer is not None:
+                    sink.target(start, end)[:] = data
+                submit()
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"{self.display(rel)} is missing") from None
+        except (SizeMismatchError, StorageError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._error("read", rel, e) from None
+        return sink.result()
+
+    def read_small(self, rel: str) -> bytes:
+        try:
+            return self.fs.cat_file(self._p(rel))
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"{self.display(rel)} is missing") from None
+        except Exception as e:  # noqa: BLE001
+            raise self._error("read", rel, e) from None
+
+    def exists(self, rel: str) -> bool:
+        try:
+            self.fs.invalidate_cache()
+            return bool(self.fs.exists(self._p(rel)))
+        except Exception as e:  # noqa: BLE001
+            raise self._error("check", rel, e) from None
+
+    def list_dirs(self, rel: str = "") -> list[str]:
+        try:
+            self.fs.invalidate_cache()
+            entries = self.fs.ls(self._p(rel), detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        except Exception as e:  # noqa: BLE001
+            raise self._error("list", rel, e) from None
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+
+    def list_tree(self, rel: str) -> dict[str, int]:
+        base = self._p(rel)
+        try:
+            self.fs.invalidate_cache()
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        except Exception as e:  # noqa: BLE001
+            raise self._error("list", rel, e) from None
+        out = {}
+        for name, info in found.items():
+            if info.get("type") == "file" and name.startswith(base + "/"):
+                out[name[len(base) + 1 :]] = int(info.get("size") or 0)
+        return out
+
+    def delete(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._p(rel))
+
+    def delete_tree(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self._p(rel), recursive=True)
+        self.fs.invalidate_cache()
+
+    def lock(self, name: str, timeout: float) -> contextlib.AbstractContextManager[None]:
+        # No lock service on plain S3. Prune is safe without one: it only deletes steps older
+        # than what it keeps, never the newest committed step, and deleting twice is harmless.
+        return contextlib.nullcontext()

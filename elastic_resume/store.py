@@ -1,0 +1,419 @@
+"""The checkpoint store: step layout, the manifest (the one commit marker), verification and
+retention. No collectives here: the manager decides who calls what; this module says what a
+committed checkpoint is and checks it.
+
+Layout under a root::
+
+    step-000000001200/MANIFEST.json          written last, create-only: the commit
+    step-000000001200/<attempt>/rank-00000.ert   data files, each listed in the manifest
+
+A step exists only once its MANIFEST.json exists and that manifest validates. Data files live
+under an attempt id agreed by all ranks of one save, so a zombie writer of an older attempt can
+never overwrite what a committed manifest points to.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import CheckpointCorruptError, CommitConflictError, ConfigError, StorageError
+from .events import EventLog, jsonable
+from .storage import DIGEST_ALGO, SizeMismatchError, Storage, digest_bytes
+
+if TYPE_CHECKING:  # torch is only needed to load, not to list or verify
+    import torch
+
+    from .serialization import EncodedFile
+
+MANIFEST_NAME = "MANIFEST.json"
+MANIFEST_FORMAT = "elastic-resume-manifest"
+MANIFEST_VERSION = 1
+STEP_PREFIX = "step-"
+STEP_DIGITS = 12
+PRUNE_LOCK = ".prune.lock"
+
+_STEP_RE = re.compile(r"^step-(\d{%d,})$" % STEP_DIGITS)
+_SAFE_COMPONENT = r"[A-Za-z0-9_][A-Za-z0-9._-]*"
+_SAFE_REL_RE = re.compile(rf"^{_SAFE_COMPONENT}(/{_SAFE_COMPONENT})*$")
+_ATTEMPT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def step_dir(step: int) -> str:
+    return f"{STEP_PREFIX}{step:0{STEP_DIGITS}d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def new_attempt_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:10]
+
+
+def rank_file(attempt: str, rank: int, kind: str = "rank") -> str:
+    return f"{attempt}/{kind}-{rank:05d}.ert"
+
+
+def is_safe_relative_path(path: Any) -> bool:
+    """True for 'a/b.c'-style paths that stay inside their step directory: no '..', no leading
+    '/', no scheme or other bucket, no empty or '.'-only components."""
+    return isinstance(path, str) and len(path) < 1024 and bool(_SAFE_REL_RE.match(path))
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    digest: str
+    rank: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "digest": self.digest, "rank": self.rank}
+
+
+@dataclass
+class Manifest:
+    """What a committed step holds. ``checksum`` covers the canonical JSON of everything else."""
+
+    step: int
+    attempt: str
+    world_size: int
+    files: list[FileEntry]
+    created: float = field(default_factory=time.time)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    health: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    checksum: str = ""
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "step": self.step,
+            "attempt": self.attempt,
+            "world_size": self.world_size,
+            "created": self.created,
+            "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
+            "files": [f.to_json() for f in self.files],
+            "metadata": jsonable(self.metadata),
+            "fingerprint": self.fingerprint,
+            "health": self.health,
+            "extra": self.extra,
+        }
+
+    def to_bytes(self) -> bytes:
+        body = self.body()
+        self.checksum = digest_bytes(canonical_json(body))
+        body["checksum"] = self.checksum
+        return json.dumps(body, sort_keys=True, indent=1).encode() + b"\n"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def files_for_rank(self, rank: int | None) -> list[FileEntry]:
+        return [f for f in self.files if f.rank == rank]
+
+    @classmethod
+    def parse(cls, data: bytes, *, step: int, where: str) -> "Manifest":
+        """Validate and parse a manifest; every problem is a CheckpointCorruptError naming it."""
+
+        def bad(reason: str) -> CheckpointCorruptError:
+            return CheckpointCorruptError(step, where, reason)
+
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"manifest is not valid JSON ({e.msg} at byte {e.pos})" if isinstance(e, json.JSONDecodeError) else "manifest is not UTF-8") from None
+        if not isinstance(doc, dict):
+            raise bad("manifest is not a JSON object")
+        if doc.get("format") != MANIFEST_FORMAT:
+            raise bad(f"not an elastic-resume manifest (format={doc.get('format')!r})")
+        version = doc.get("version")
+        if version != MANIFEST_VERSION:
+            raise bad(
+                f"unknown manifest version {version!r}; this elastic-resume reads version "
+                f"{MANIFEST_VERSION} (a newer release may have written it: upgrade to read it)"
+            )
+        checksum = doc.pop("checksum", None)
+        if not isinstance(checksum, str) or digest_bytes(canonical_json(doc)) != checksum:
+            raise bad("manifest checksum does not match its contents (edited or damaged)")
+        if doc.get("step") != step:
+            raise bad(f"manifest says step {doc.get('step')!r} but lies in the directory of step {step}")
+        attempt = doc.get("attempt")
+        if not isinstance(attempt, str) or not _ATTEMPT_RE.match(attempt):
+            raise bad(f"invalid attempt id {attempt!r}")
+        world_size = doc.get("world_size")
+        if not isinstance(world_size, int) or world_size < 1:
+            raise bad(f"invalid world size {world_size!r}")
+        files_doc = doc.get("files")
+        if not isinstance(files_doc, list) or not files_doc:
+            raise bad("manifest lists no files")
+        files = []
+        for i, f in enumerate(files_doc):
+            if not isinstance(f, dict):
+                raise bad(f"file entry {i} is not an object")
+            path = f.get("path")
+            if not is_safe_relative_path(path) or not path.startswith(attempt + "/"):
+                raise bad(
+                    f"file entry {i} has unsafe path {path!r}: files must lie under "
+                    f"'{attempt}/' inside the step (no '..', absolute paths or other buckets)"
+                )
+            size, digest, rank = f.get("size"), f.get("digest"), f.get("rank")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise bad(f"file {path} has invalid size {size!r}")
+            if not isinstance(digest, str) or not digest.startswith(DIGEST_ALGO + ":"):
+                raise bad(f"file {path} has unsupported digest {digest!r}")
+            if rank is not None and (not isinstance(rank, int) or rank < 0):
+                raise bad(f"file {path} has invalid rank {rank!r}")
+            files.append(FileEntry(path, size, digest, rank))
+        if len({f.path for f in files}) != len(files):
+            raise bad("manifest lists a file twice")
+        created = doc.get("created")
+        return cls(
+            step=step,
+            attempt=attempt,
+            world_size=world_size,
+            files=files,
+            created=float(created) if isinstance(created, (int, float)) else 0.0,
+            metadata=doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {},
+            fingerprint=doc.get("fingerprint") if isinstance(doc.get("fingerprint"), dict) else {},
+            health=doc.get("health") if isinstance(doc.get("health"), dict) else {},
+            extra=doc.get("extra") if isinstance(doc.get("extra"), dict) else {},
+            checksum=checksum,
+        )
+
+
+@dataclass
+class StepReport:
+    """Verification outcome of one step: ``problems`` maps a file (or the manifest) to why."""
+
+    step: int
+    status: str  # committed | incomplete | corrupt
+    manifest: Manifest | None = None
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    size: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "committed"
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    delete: list[int]
+    keep: dict[int, str]  # step -> why it is kept
+    delete_incomplete: list[int]
+
+
+def plan_retention(
+    committed: Sequence[int],
+    incomplete: Sequence[int],
+    *,
+    keep_last: int | None,
+    keep_every: int | None = None,
+    newest_verified: int | None = None,
+    protect: Iterable[int] = (),
+    in_flight: int | None = None,
+) -> RetentionPlan:
+    """Pure retention decision. Two rules no configuration can break: the newest verified step
+    and every protected step (the rollback anchor) are kept. Incomplete directories are deleted
+    only when older than the newest commit (so not a save in flight) and not ``in_flight``."""
+    if keep_last is not None and keep_last < 1:
+        raise ConfigError(f"keep_last must be at least 1 (got {keep_last})")
+    if keep_every is not None and keep_every < 1:
+        raise ConfigError(f"keep_every must be at least 1 (got {keep_every})")
+    protected = set(protect)
+    newest_first = sorted(set(committed), reverse=True)
+    keep: dict[int, str] = {}
+    for i, s in enumerate(newest_first):
+        if keep_last is None:
+            keep[s] = "keep_last unset"
+        elif i < keep_last:
+            keep[s] = f"among the newest {keep_last}"
+        elif keep_every and s % keep_every == 0:
+            keep[s] = f"milestone (keep_every={keep_every})"
+        elif s == newest_verified:
+            keep[s] = "newest verified step"
+        elif s in protected:
+            keep[s] = "protected (rollback anchor)"
+    delete = [s for s in newest_first if s not in keep]
+    newest = newest_first[0] if newest_first else None
+    delete_incomplete = sorted(
+        s for s in set(incomplete) if newest is not None and s < newest and s != in_flight
+    )
+    return RetentionPlan(delete=delete, keep=keep, delete_incomplete=delete_incomplete)
+
+
+class CheckpointStore:
+    """Reads and writes steps through a Storage backend. Safe to use from any rank; it performs
+    no collectives. Every verification failure is reported as an event naming step and file."""
+
+    def __init__(self, storage: Storage, *, events: EventLog | None = None) -> None:
+        self.storage = storage
+        self.events = events or EventLog()
+
+    # -- listing -----------------------------------------------------------------------------
+    def step_dirs(self) -> list[int]:
+        """Every step directory, oldest first."""
+        steps = (parse_step_dir(name) for name in self.storage.list_dirs())
+        return sorted(s for s in steps if s is not None)
+
+    def has_manifest(self, step: int) -> bool:
+        return self.storage.exists(f"{step_dir(step)}/{MANIFEST_NAME}")
+
+    def committed_steps(self) -> list[int]:
+        """Steps whose manifest exists (validity not yet checked), newest first."""
+        return [s for s in reversed(self.step_dirs()) if self.has_manifest(s)]
+
+    # -- manifest ----------------------------------------------------------------------------
+    def manifest_path(self, step: int) -> str:
+        return f"{step_dir(step)}/{MANIFEST_NAME}"
+
+    def read_manifest(self, step: int) -> Manifest:
+        rel = self.manifest_path(step)
+        try:
+            data = self.storage.read_small(rel)
+        except FileNotFoundError:
+            raise CheckpointCorruptError(step, self.storage.display(rel), "no manifest: the step was never committed") from None
+        return Manifest.parse(data, step=step, where=self.storage.display(rel))
+
+    # -- writing -----------------------------------------------------------------------------
+    def prepare(self, step: int, attempt: str) -> None:
+        if not _ATTEMPT_RE.match(attempt):
+            raise ConfigError(f"invalid attempt id {attempt!r}")
+        self.storage.makedirs(f"{step_dir(step)}/{attempt}")
+
+    def write_file(self, step: int, rel_in_step: str, encoded: "EncodedFile", *, rank: int | None) -> FileEntry:
+        result = self.storage.write_atomic(f"{step_dir(step)}/{rel_in_step}", encoded.chunks(), size=encoded.size)
+        if result.size != encoded.size:
+            raise StorageError(0, f"wrote {result.size} bytes to {rel_in_step} but expected {encoded.size}")
+        return FileEntry(rel_in_step, result.size, result.digest, rank)
+
+    def commit(self, manifest: Manifest) -> None:
+        """Make the step visible: the create-only write of the manifest is the commit point."""
+        rel = self.manifest_path(manifest.step)
+        try:
+            self.storage.write_create_only(rel, manifest.to_bytes())
+        except FileExistsError:
+            raise CommitConflictError(
+                f"step {manifest.step} is already committed at {self.storage.display(rel)}; "
+                "refusing to overwrite it (a second writer, or a resumed run saving a step it "
+                "already has). The existing checkpoint is untouched."
+            ) from None
+
+    def retire(self, step: int) -> None:
+        """Make a committed step invisible (manifest first, so no half-deleted step ever looks
+        committed), then delete its files."""
+        self.storage.delete(self.manifest_path(step))
+        self.storage.delete_tree(step_dir(step))
+
+    # -- reading -----------------------------------------------------------------------------
+    def read_file(self, manifest: Manifest, entry: FileEntry, *, keep: bool = True) -> "torch.Tensor | None":
+        """Read one data file, checking size and digest in the same pass; corruption raises
+        CheckpointCorruptError naming the file. ``keep=False`` verifies without holding bytes."""
+        rel = f"{step_dir(manifest.step)}/{entry.path}"
+        where = self.storage.display(rel)
+        try:
+            result = self.storage.read(rel, expected_size=entry.size, keep=keep)
+        except FileNotFoundError:
+            raise CheckpointCorruptError(manifest.step, where, "listed in the manifest but missing") from None
+        except SizeMismatchError as e:
+            raise CheckpointCorruptError(manifest.step, where, e.strerror or str(e)) from None
+        if result.digest != entry.digest:
+            raise CheckpointCorruptError(
+                manifest.step, where, f"digest mismatch (recorded {entry.digest}, read {result.digest})"
+            )
+        return result.buffer
+
+    # -- verification ------------------------------------------------------------------------
+    def verify(self, step: int, *, full: bool = True) -> StepReport:
+        """Quick: the manifest validates and every file is present with its size. Full: digests
+        too (reads every byte once)."""
+        if not self.has_manifest(step):
+            sizes = self.storage.list_tree(step_dir(step))
+            return StepReport(step, "incomplete", size=sum(sizes.values()))
+        try:
+            manifest = self.read_manifest(step)
+        except CheckpointCorruptError as e:
+            return StepReport(step, "corrupt", problems=[(e.file or MANIFEST_NAME, e.reason)])
+        report = StepReport(step, "committed", manifest=manifest, size=manifest.total_bytes)
+        present = self.storage.list_tree(step_dir(step))
+        for entry in manifest.files:
+            where = self.storage.display(f"{step_dir(step)}/{entry.path}")
+            have = present.get(entry.path)
+            if have is None:
+                report.problems.append((where, "listed in the manifest but missing"))
+            elif have != entry.size:
+                report.problems.append((where, f"size {have} bytes, manifest records {entry.size}"))
+            elif full:
+                try:
+                    self.read_file(manifest, entry, keep=False)
+                except CheckpointCorruptError as e:
+                    report.problems.append((where, e.reason))
+        if report.problems:
+            report.status = "corrupt"
+        return report
+
+    def report_corruption(self, step: int, file: str | None, reason: str, **fields: Any) -> None:
+        self.events.emit("corruption_found", step=step, file=file, reason=reason, **fields)
+
+    def latest(self, *, full: bool = True) -> int | None:
+        """The newest step that verifies; bad steps on the way are reported and skipped."""
+        for step in self.committed_steps():
+            report = self.verify(step, full=full)
+            if report.ok:
+                return step
+            for file, reason in report.problems:
+                self.report_corruption(step, file, reason)
+        return None
+
+    # -- retention ---------------------------------------------------------------------------
+    def prune(
+        self,
+        *,
+        keep_last: int | None,
+        keep_every: int | None = None,
+        protect: Iterable[int] = (),
+        in_flight: int | None = None,
+        newest_verified: int | None = None,
+        dry_run: bool = False,
+        lock_timeout: float = 60.0,
+    ) -> RetentionPlan:
+        with self.storage.lock(PRUNE_LOCK, lock_timeout):
+            all_steps = self.step_dirs()
+            committed = [s for s in all_steps if self.has_manifest(s)]
+            incomplete = [s for s in all_steps if s not in set(committed)]
+            if newest_verified is None:
+                newest_verified = self._newest_quick_verified(committed)
+            plan = plan_retention(
+                committed, incomplete, keep_last=keep_last, keep_every=keep_every,
+                newest_verified=newest_verified, protect=protect, in_flight=in_flight,
+            )
+            if dry_run:
+                return plan
+            for step in plan.delete:
+                self.retire(step)
+                self.events.emit("checkpoint_deleted", step=step, reason="retention")
+            for step in plan.delete_incomplete:
+                self.storage.delete_tree(step_dir(step))
+                self.events.emit("incomplete_deleted", step=step)
+            return plan
+
+    def _newest_quick_verified(self, committed: Sequence[int]) -> int | None:
+        for step in sorted(committed, reverse=True):
+            if self.verify(step, full=False).ok:
+                return step
+        return None
