@@ -92,7 +92,7 @@ def _open(args: argparse.Namespace) -> CheckpointStore:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     store = _open(args)
-    reports = [store.verify(s, full=args.full) for s in reversed(store.step_dirs())]
+    reports = store.verify_all(full=args.full)
     if args.json:
         print(json.dumps([_report_json(r) for r in reports], indent=1))
         return EXIT_OK
@@ -122,13 +122,12 @@ def cmd_latest(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     store = _open(args)
     if args.step is not None:
-        steps = [args.step]
         if args.step not in store.step_dirs():
             print(f"step {args.step} does not exist under {store.storage.display()}", file=sys.stderr)
             return EXIT_NEGATIVE
+        reports = [store.verify(args.step, full=not args.quick)]
     else:
-        steps = store.committed_steps()
-    reports = [store.verify(s, full=not args.quick) for s in steps]
+        reports = [r for r in store.verify_all(full=not args.quick) if r.status != "incomplete"]
     bad = [r for r in reports if not r.ok]
     if args.json:
         print(json.dumps([_report_json(r) for r in reports], indent=1))

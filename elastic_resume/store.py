@@ -197,6 +197,22 @@ class Manifest:
 
 
 @dataclass
+class StepListing:
+    """What one listing saw of a step directory: its files (relative to it) and their sizes."""
+
+    step: int
+    files: dict[str, int]
+
+    @property
+    def committed(self) -> bool:
+        return MANIFEST_NAME in self.files
+
+    @property
+    def size(self) -> int:
+        return sum(self.files.values())
+
+
+@dataclass
 class StepReport:
     """Verification outcome of one step: ``problems`` maps a file (or the manifest) to why."""
 
@@ -266,17 +282,33 @@ class CheckpointStore:
         self.events = events or EventLog()
 
     # -- listing -----------------------------------------------------------------------------
+    def scan(self) -> dict[int, "StepListing"]:
+        """Every step directory with its files and sizes, from one recursive listing (plus one
+        shallow listing, so that empty directories of a save that just began show up too). On
+        S3 this is a handful of LIST requests however many steps exist, not a HEAD per step."""
+        steps: dict[int, StepListing] = {}
+        for rel, size in self.storage.list_tree("").items():
+            head, sep, rest = rel.partition("/")
+            step = parse_step_dir(head)
+            if step is not None and sep:
+                steps.setdefault(step, StepListing(step, {})).files[rest] = size
+        for name in self.storage.list_dirs():
+            step = parse_step_dir(name)
+            if step is not None:
+                steps.setdefault(step, StepListing(step, {}))
+        return steps
+
     def step_dirs(self) -> list[int]:
         """Every step directory, oldest first."""
-        steps = (parse_step_dir(name) for name in self.storage.list_dirs())
-        return sorted(s for s in steps if s is not None)
+        return sorted(self.scan())
 
     def has_manifest(self, step: int) -> bool:
         return self.storage.exists(f"{step_dir(step)}/{MANIFEST_NAME}")
 
     def committed_steps(self) -> list[int]:
         """Steps whose manifest exists (validity not yet checked), newest first."""
-        return [s for s in reversed(self.step_dirs()) if self.has_manifest(s)]
+        listing = self.scan()
+        return [s for s in sorted(listing, reverse=True) if listing[s].committed]
 
     # -- manifest ----------------------------------------------------------------------------
     def manifest_path(self, step: int) -> str:
@@ -339,21 +371,21 @@ class CheckpointStore:
         return result.buffer
 
     # -- verification ------------------------------------------------------------------------
-    def verify(self, step: int, *, full: bool = True) -> StepReport:
+    def verify(self, step: int, *, full: bool = True, listing: StepListing | None = None) -> StepReport:
         """Quick: the manifest validates and every file is present with its size. Full: digests
-        too (reads every byte once)."""
-        if not self.has_manifest(step):
-            sizes = self.storage.list_tree(step_dir(step))
-            return StepReport(step, "incomplete", size=sum(sizes.values()))
+        too (reads every byte once, through a small buffer). ``listing`` reuses a scan."""
+        if listing is None:
+            listing = StepListing(step, self.storage.list_tree(step_dir(step)))
+        if not listing.committed:
+            return StepReport(step, "incomplete", size=listing.size)
         try:
             manifest = self.read_manifest(step)
         except CheckpointCorruptError as e:
             return StepReport(step, "corrupt", problems=[(e.file or MANIFEST_NAME, e.reason)])
         report = StepReport(step, "committed", manifest=manifest, size=manifest.total_bytes)
-        present = self.storage.list_tree(step_dir(step))
         for entry in manifest.files:
             where = self.storage.display(f"{step_dir(step)}/{entry.path}")
-            have = present.get(entry.path)
+            have = listing.files.get(entry.path)
             if have is None:
                 report.problems.append((where, "listed in the manifest but missing"))
             elif have != entry.size:
@@ -367,13 +399,19 @@ class CheckpointStore:
             report.status = "corrupt"
         return report
 
+    def verify_all(self, *, full: bool) -> list[StepReport]:
+        """Reports for every step directory, newest first, from one scan."""
+        listing = self.scan()
+        return [self.verify(s, full=full, listing=listing[s]) for s in sorted(listing, reverse=True)]
+
     def report_corruption(self, step: int, file: str | None, reason: str, **fields: Any) -> None:
         self.events.emit("corruption_found", step=step, file=file, reason=reason, **fields)
 
     def latest(self, *, full: bool = True) -> int | None:
         """The newest step that verifies; bad steps on the way are reported and skipped."""
-        for step in self.committed_steps():
-            report = self.verify(step, full=full)
+        listing = self.scan()
+        for step in sorted((s for s in listing if listing[s].committed), reverse=True):
+            report = self.verify(step, full=full, listing=listing[step])
             if report.ok:
                 return step
             for file, reason in report.problems:
@@ -393,11 +431,14 @@ class CheckpointStore:
         lock_timeout: float = 60.0,
     ) -> RetentionPlan:
         with self.storage.lock(PRUNE_LOCK, lock_timeout):
-            all_steps = self.step_dirs()
-            committed = [s for s in all_steps if self.has_manifest(s)]
-            incomplete = [s for s in all_steps if s not in set(committed)]
+            listing = self.scan()
+            committed = [s for s in listing if listing[s].committed]
+            incomplete = [s for s in listing if not listing[s].committed]
             if newest_verified is None:
-                newest_verified = self._newest_quick_verified(committed)
+                newest_verified = next(
+                    (s for s in sorted(committed, reverse=True) if self.verify(s, full=False, listing=listing[s]).ok),
+                    None,
+                )
             plan = plan_retention(
                 committed, incomplete, keep_last=keep_last, keep_every=keep_every,
                 newest_verified=newest_verified, protect=protect, in_flight=in_flight,
@@ -411,9 +452,3 @@ class CheckpointStore:
                 self.storage.delete_tree(step_dir(step))
                 self.events.emit("incomplete_deleted", step=step)
             return plan
-
-    def _newest_quick_verified(self, committed: Sequence[int]) -> int | None:
-        for step in sorted(committed, reverse=True):
-            if self.verify(step, full=False).ok:
-                return step
-        return None
