@@ -264,6 +264,7 @@ def test_large_state_streams_through_multipart_on_s3(root, monkeypatch):
     from elastic_resume.storage import S3Storage
 
     monkeypatch.setattr(S3Storage, "PART_SIZE", 5 << 20)  # S3's minimum part size
+    monkeypatch.setattr(S3Storage, "MULTIPART_THRESHOLD", 8 << 20)
     big = {"w": torch.randn(6 << 20 // 4 * 4)}  # 24 MiB -> 5 parts on S3
     manager(root).save(1, big)
     target = {"w": None}

@@ -1,0 +1,34 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` the whole suite.
+# Both create .venv and install what they need; the pinned CPU torch wheel goes in first so no
+# dependency pulls a multi-GB CUDA build. Override with `make TORCH_SPEC=torch==X.Y ...`.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python launch/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -v --durations=15
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_store.py
+
+clean:
+	rm -rf $(VENV) demo-run .bench .pytest_cache
