@@ -27,12 +27,18 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "CheckpointManager": "manager",
+    "DriftError": "manager",
     "CheckpointStore": "store",
     "Manifest": "store",
+    "ResumableDistributedSampler": "data",
+    "RNGState": "state",
+    "PerRank": "state",
 }
 
 if TYPE_CHECKING:
-    from .manager import CheckpointManager
+    from .data import ResumableDistributedSampler
+    from .manager import CheckpointManager, DriftError
+    from .state import PerRank, RNGState
     from .store import CheckpointStore, Manifest
 
 
@@ -49,10 +55,14 @@ __all__ = [
     "CheckpointStore",
     "CommitConflictError",
     "ConfigError",
+    "DriftError",
     "ElasticResumeError",
     "EventLog",
     "Manifest",
     "NoCheckpointError",
+    "PerRank",
+    "RNGState",
+    "ResumableDistributedSampler",
     "StateError",
     "StorageError",
     "UnsafeCheckpointError",

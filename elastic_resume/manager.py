@@ -1,23 +1,36 @@
 """The checkpoint manager: rank-coordinated save and agreed restore of a training state.
 
-Save: every rank encodes its state, all ranks agree on an attempt id, each writes its own file(s)
-under that attempt, every rank reports success or the failing file, and only then rank 0 commits
-the manifest (create-only). Restore: candidates are the committed steps newest first; every rank
-verifies and decodes what it needs, and one ``all_reduce(MIN)`` of [ok, manifest hash, -hash]
-decides whether all ranks succeeded on the same manifest; otherwise the next older step is tried.
+Save (every rank calls it): the state is split into replicated values (the same on every rank:
+model, optimizer, scheduler, counters, sampler position) and per-rank values (RNG streams,
+``PerRank``). The replicated tensors are dealt out across ranks by size, so N ranks each write
+about 1/N of the bytes; per-rank values are written by their rank. Ranks agree on an attempt id,
+write under it, report success or the failing file to everyone, and only then rank 0 commits
+the manifest (create-only). With ``blocking=False`` the tensors are first copied into reusable
+CPU buffers and the writing and commit run in a background thread.
 
-The collectives live in ``collectives.py``; the bytes in ``store.py``/``storage.py``.
+Restore: candidates are the committed steps newest first (rank 0's listing, broadcast); every
+rank reads the shared files and its own, verifying digests as bytes arrive, and one
+``all_reduce(MIN)`` of [ok, manifest hash, -hash] decides whether every rank succeeded on the
+same manifest; otherwise the next older step is tried.
+
+Data files all hold ``{"skeleton": <tree with tensor refs> | None, "tensors": {index: tensor}}``.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import threading
 import time
-from collections.abc import Mapping, MutableMapping
+import weakref
+from collections.abc import Iterable, Mapping, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from . import fingerprint as fingerprints
 from .collectives import Group, default_group
 from .errors import (
     CheckpointCorruptError,
@@ -30,25 +43,35 @@ from .errors import (
     StorageError,
 )
 from .events import EventLog
-from .serialization import decode, encode
-from .storage import open_storage
-from .store import CheckpointStore, FileEntry, Manifest, new_attempt_id, rank_file
+from .serialization import as_cpu_contiguous, decode, encode, flatten, unflatten
+from .state import PerRank, is_per_rank
+from .storage import digest_bytes, open_storage
+from .store import CheckpointStore, FileEntry, Manifest, canonical_json, data_file, new_attempt_id, step_dir
+
+DRIFT_POLICIES = ("warn", "fail", "ignore")
+
+
+class DriftError(ConfigError):
+    """The run being resumed differs from the one that saved the checkpoint (``drift="fail"``)."""
 
 
 def _has_state_dict(obj: Any) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
 
-def snapshot_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The plain tree to save: ``state_dict()`` of stateful objects, other values as they are."""
+def snapshot_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(replicated, per_rank) plain trees: ``state_dict()`` of stateful objects, other values as
+    they are."""
     if not isinstance(state, Mapping):
         raise StateError(f"state must be a dict of name -> value, got {type(state).__name__}")
-    out = {}
+    replicated: dict[str, Any] = {}
+    per_rank: dict[str, Any] = {}
     for key, value in state.items():
         if not isinstance(key, str):
             raise StateError(f"state keys must be strings, got {key!r}")
-        out[key] = value.state_dict() if _has_state_dict(value) else value
-    return out
+        target = per_rank if is_per_rank(value) else replicated
+        target[key] = value.state_dict() if _has_state_dict(value) else value
+    return replicated, per_rank
 
 
 def apply_state(state: MutableMapping[str, Any], loaded: Mapping[str, Any], *, step: int) -> None:
@@ -71,6 +94,19 @@ def apply_state(state: MutableMapping[str, Any], loaded: Mapping[str, Any], *, s
             state[key] = loaded[key]
 
 
+def assign_tensors(sizes: list[int], world_size: int) -> list[int]:
+    """Deal tensors out to ranks so each writes about 1/world_size of the bytes: largest first,
+    each to the least-loaded rank (ties to the lower rank). Pure and deterministic, so every rank
+    computes the same assignment without talking."""
+    load = [0] * world_size
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += sizes[i]
+    return owner
+
+
 def _manifest_hash(manifest: Manifest | None) -> int:
     # 62 bits of the manifest checksum, so [h, -h] fit an int64 all_reduce(MIN).
     if manifest is None:
@@ -78,15 +114,66 @@ def _manifest_hash(manifest: Manifest | None) -> int:
     return int(manifest.checksum.split(":", 1)[1][:16], 16) >> 2
 
 
+class _Stager:
+    """Reusable CPU buffers for async saves. The first save allocates and touches them (so page
+    faults are paid once, not in the training loop's stall); later saves only copy."""
+
+    def __init__(self) -> None:
+        self.buffers: list[torch.Tensor] = []
+
+    def stage(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        pin = torch.cuda.is_available()
+        any_cuda = False
+        for i, t in enumerate(tensors):
+            buf = self.buffers[i] if i < len(self.buffers) else None
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin and t.is_cuda)
+                if buf.numel():
+                    buf.view(-1).view(torch.uint8).zero_() if buf.dtype != torch.bool else buf.zero_()
+                if i < len(self.buffers):
+                    self.buffers[i] = buf
+                else:
+                    self.buffers.append(buf)
+            any_cuda |= t.is_cuda
+            buf.copy_(t, non_blocking=t.is_cuda)
+            out.append(buf)
+        if any_cuda:
+            torch.cuda.synchronize()
+        return out
+
+
+@dataclass
+class _SaveJob:
+    step: int
+    attempt: str
+    metadata: dict[str, Any]
+    started: float
+    replicated_skeleton: Any = None
+    replicated_tensors: list[torch.Tensor] = field(default_factory=list)
+    per_rank_skeleton: Any = None
+    per_rank_tensors: list[torch.Tensor] = field(default_factory=list)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    error: BaseException | None = None  # a failure before writing (e.g. an unsupported value)
+
+
 class CheckpointManager:
     """Save and restore a training state at a checkpoint root (local path, file:// or s3://).
 
     ``state`` is a dict whose values are objects with ``state_dict()``/``load_state_dict()``
     (modules, optimizers, schedulers, samplers; restored in place) or plain values (tensors,
-    numbers, strings, containers of those; replaced in the dict on restore).
+    numbers, strings, containers of those; replaced in the dict on restore). Values are
+    replicated unless marked per-rank (``RNGState``, ``PerRank``).
 
-    In a ``torch.distributed`` job every rank constructs the manager and calls ``save``/``restore``
-    together; each rank's state goes to its own file and rank 0 commits once every rank wrote.
+    In a ``torch.distributed`` job every rank constructs the manager and calls ``save`` and
+    ``restore`` together. Coordination runs on a gloo group of its own with ``collective_timeout_s``,
+    so a dead rank turns into an error, never a hang.
+
+    Drift: ``config`` (your resolved training config) and ``data_description`` go into the
+    manifest's fingerprint with versions, world size, parameter shapes and optimizer settings.
+    On restore every difference is reported (``drift="warn"``), or fails the restore
+    (``"fail"``), except names matching ``drift_allow`` globs (e.g. ``"versions.*"``).
     """
 
     def __init__(
@@ -100,11 +187,17 @@ class CheckpointManager:
         read_only: bool = False,
         group: Group | None = None,
         collective_timeout_s: float = 600.0,
+        config: Mapping[str, Any] | None = None,
+        data_description: Any = None,
+        drift: str = "warn",
+        drift_allow: Iterable[str] = (),
     ) -> None:
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             raise ConfigError(f"keep_last must be a positive integer or None (got {keep_last!r})")
         if keep_every is not None and (not isinstance(keep_every, int) or keep_every < 1):
             raise ConfigError(f"keep_every must be a positive integer or None (got {keep_every!r})")
+        if drift not in DRIFT_POLICIES:
+            raise ConfigError(f"drift must be one of {', '.join(DRIFT_POLICIES)} (got {drift!r})")
         self.group = group if group is not None else default_group(collective_timeout_s)
         self.rank = self.group.rank
         self.world_size = self.group.world_size
@@ -120,54 +213,172 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.read_only = read_only
+        self.config = dict(config) if config is not None else None
+        self.data_description = data_description
+        self.drift = drift
+        self.drift_allow = list(drift_allow)
         self.protected_steps: set[int] = set()
+        # Committed steps every rank agreed not to use (skipped as unloadable by restore); a new
+        # save of such a step replaces it instead of failing as a double commit.
+        self.superseded_steps: set[int] = set()
         self.last_committed: int | None = None
+        self.last_drift: list[fingerprints.Difference] = []
+        self._stager = _Stager()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[Manifest] | None = None
+        self._pending_step: int | None = None
+        self._lock = threading.Lock()
         # Rank 0 creates the root and proves it can write before any training happens, so a
         # bad root fails in the first second rather than at the first save an hour in.
         if self.rank == 0:
             self.storage.ensure_root(create=not read_only, probe_write=not read_only)
+        atexit.register(_wait_at_exit, weakref.ref(self))
 
     # -- save ---------------------------------------------------------------------------------
-    def save(self, step: int, state: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = None) -> Manifest:
-        """Write ``state`` as checkpoint ``step`` on every rank and commit it. Returns the
-        committed manifest. Raises on every rank if any rank failed; nothing is committed then."""
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        blocking: bool = True,
+    ) -> Manifest | None:
+        """Write ``state`` as checkpoint ``step`` on every rank and commit it.
+
+        Blocking (default): returns the committed manifest; raises on every rank if any rank
+        failed, and then nothing is committed. ``blocking=False``: returns once the state is
+        copied into reusable CPU buffers; writing and the commit continue in the background, and
+        the next ``save``/``restore``/``wait()`` (or interpreter exit) waits for it and raises
+        its error if it failed."""
         if self.read_only:
             raise ConfigError(f"checkpoint manager for {self.root} was opened read_only; save() is not allowed")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ConfigError(f"step must be a non-negative integer (got {step!r})")
+        self.wait()
         started = time.perf_counter()
-        attempt = self.group.broadcast_object(new_attempt_id() if self.rank == 0 else None)
-        self.events.emit("save_started", step=step, attempt=attempt)
-        rel = rank_file(attempt, self.rank)
-        outcome: tuple[str, Any]
+        job = _SaveJob(step=step, attempt="", metadata=dict(metadata or {}), started=started)
         try:
-            encoded = encode(snapshot_state(state), name="state")
-            self.store.prepare(step, attempt)
-            entry = self.store.write_file(step, rel, encoded, rank=self.rank)
-            outcome = ("ok", entry.to_json())
-        except Exception as e:  # noqa: BLE001 - reported to every rank below, then raised
-            outcome = ("error", f"rank {self.rank} failed writing {self.storage.display(rel)}: {e}")
-            local_error: BaseException | None = e
+            self._prepare(job, state, blocking)
+        except Exception as e:  # noqa: BLE001 - must still take part in the collectives below
+            job.error = e
+        job.attempt = self.group.broadcast_object(new_attempt_id() if self.rank == 0 else None)
+        attempt = job.attempt
+        self.events.emit("save_started", step=step, attempt=attempt, blocking=blocking,
+                         stall_s=round(time.perf_counter() - started, 4))
+        if blocking:
+            return self._write_and_commit(job)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elastic-resume-save")
+        self._pending = self._executor.submit(self._write_and_commit, job)
+        self._pending_step = step
+        return None
+
+    def _prepare(self, job: _SaveJob, state: Mapping[str, Any], blocking: bool) -> None:
+        """Everything that must happen before save() returns: take state_dicts, split them into
+        skeleton and tensors, and (async) copy the tensors into the reusable staging buffers."""
+        replicated, per_rank = snapshot_state(state)
+        rep_skel, rep_tensors = flatten(replicated, name="state")
+        pr_skel, pr_tensors = flatten(per_rank, name="state")
+        if blocking:
+            rep_tensors = [as_cpu_contiguous(t) for t in rep_tensors]
+            pr_tensors = [as_cpu_contiguous(t) for t in pr_tensors]
         else:
-            local_error = None
+            staged = self._stager.stage(rep_tensors + pr_tensors)
+            rep_tensors, pr_tensors = staged[: len(rep_tensors)], staged[len(rep_tensors) :]
+        job.replicated_skeleton, job.replicated_tensors = rep_skel, rep_tensors
+        job.per_rank_skeleton, job.per_rank_tensors = pr_skel, pr_tensors
+        job.fingerprint = fingerprints.compute(
+            state, world_size=self.world_size, config=self.config, data_description=self.data_description
+        )
+        job.extra = {
+            "replicated_keys": sorted(replicated), "per_rank_keys": sorted(per_rank),
+            "replicated_tensors": len(rep_tensors), "layout": "spread-v1",
+        }
+
+    def wait(self) -> Manifest | None:
+        """Wait for a background save; raise its error if it failed."""
+        pending, self._pending = self._pending, None
+        self._pending_step = None
+        if pending is None:
+            return None
+        return pending.result()
+
+    @property
+    def save_in_progress(self) -> bool:
+        return self._pending is not None and not self._pending.done()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _write_my_files(self, job: _SaveJob) -> list[FileEntry]:
+        sizes = [t.numel() * t.element_size() for t in job.replicated_tensors]
+        owner = assign_tensors(sizes, self.world_size)
+        mine = {i: t for i, t in enumerate(job.replicated_tensors) if owner[i] == self.rank}
+        self.store.prepare(job.step, job.attempt)
+        entries = []
+        if mine or self.rank == 0:
+            tree = {"skeleton": job.replicated_skeleton if self.rank == 0 else None, "tensors": mine}
+            rel = data_file(job.attempt, self.rank, "shared")
+            entry = self.store.write_file(job.step, rel, encode(tree), rank=self.rank)
+            entries.append(FileEntry(entry.path, entry.size, entry.digest, self.rank, "shared"))
+        if job.extra["per_rank_keys"]:
+            tree = {"skeleton": job.per_rank_skeleton, "tensors": dict(enumerate(job.per_rank_tensors))}
+            rel = data_file(job.attempt, self.rank, "rank")
+            entries.append(self.store.write_file(job.step, rel, encode(tree), rank=self.rank))
+        return entries
+
+    def _write_and_commit(self, job: _SaveJob) -> Manifest:
+        step, attempt = job.step, job.attempt
+        # Every rank must have the same replicated structure; a digest of it travels with the
+        # outcome so rank 0 can refuse to commit a mix.
+        shape_sig = digest_bytes(canonical_json([
+            job.replicated_skeleton, [[list(t.shape), str(t.dtype)] for t in job.replicated_tensors]
+        ]))
+        try:
+            if job.error is not None:
+                raise job.error
+            entries = self._write_my_files(job)
+            outcome: tuple[str, Any] = ("ok", [e.to_json() for e in entries], shape_sig)
+            local_error: BaseException | None = None
+        except Exception as e:  # noqa: BLE001 - reported to every rank below, then raised
+            where = self.storage.display(f"{step_dir(step)}/{attempt}/")
+            outcome = ("error", f"rank {self.rank} failed writing under {where}: {e}", shape_sig)
+            local_error = e
         outcomes = self.group.all_gather_object(outcome)
-        errors = [msg for kind, msg in outcomes if kind == "error"]
+        errors = [o[1] for o in outcomes if o[0] == "error"]
+        sigs = {o[2] for o in outcomes}
+        if not errors and len(sigs) > 1:
+            errors = [
+                "the replicated state differs in structure between ranks "
+                f"(keys {job.extra['replicated_keys']}); wrap values that differ per rank in PerRank(...)"
+            ]
         if errors:
             self.events.emit("save_failed", step=step, attempt=attempt, errors=errors)
             raise CheckpointSaveError(
                 f"checkpoint step {step} was not committed: " + "; ".join(errors)
             ) from local_error
-        files = [FileEntry(**payload) for _, payload in outcomes]
+        files = [FileEntry(**payload) for o in outcomes for payload in o[1]]
         manifest = Manifest(
-            step=step,
-            attempt=attempt,
-            world_size=self.world_size,
-            files=files,
-            metadata=dict(metadata or {}),
+            step=step, attempt=attempt, world_size=self.world_size, files=files,
+            metadata=job.metadata, fingerprint=job.fingerprint, extra=job.extra,
         )
         commit_error = None
         if self.rank == 0:
             try:
+                if step in self.superseded_steps:
+                    self.store.supersede(step, keep_attempt=attempt)
+                    self.events.emit("checkpoint_superseded", step=step, attempt=attempt)
                 self.store.commit(manifest)
             except ElasticResumeError as e:
                 commit_error = str(e)
@@ -175,10 +386,12 @@ class CheckpointManager:
         if commit_error is not None:
             self.events.emit("save_failed", step=step, attempt=attempt, errors=[commit_error])
             raise CommitConflictError(commit_error)
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - job.started
         self.last_committed = step
+        self.superseded_steps.discard(step)
         self.events.emit(
             "save_committed", step=step, attempt=attempt, bytes=manifest.total_bytes,
+            bytes_this_rank=sum(e.size for e in files if e.rank == self.rank),
             seconds=round(seconds, 4), world_size=self.world_size,
         )
         if self.rank == 0:
@@ -197,28 +410,66 @@ class CheckpointManager:
             self.events.emit("prune_failed", step=step, error=str(e))
 
     # -- restore ------------------------------------------------------------------------------
-    def _load_candidate(self, step: int) -> tuple[Manifest | None, dict[str, Any] | None, str | None, str | None]:
-        """Read, verify and decode this rank's part of ``step``. Returns (manifest, tree, file, why)."""
+    def _read_tree(self, manifest: Manifest, entries: list[FileEntry]) -> tuple[Any, dict[int, torch.Tensor]]:
+        skeleton = None
+        tensors: dict[int, torch.Tensor] = {}
+        for entry in entries:
+            where = self.storage.display(f"{step_dir(manifest.step)}/{entry.path}")
+            buf = self.store.read_file(manifest, entry)
+            try:
+                part = decode(buf, where=where)
+            except CheckpointCorruptError as e:
+                raise CheckpointCorruptError(manifest.step, where, e.reason) from None
+            if not isinstance(part, dict) or not isinstance(part.get("tensors"), dict):
+                raise CheckpointCorruptError(manifest.step, where, "data file does not hold a state")
+            if part.get("skeleton") is not None:
+                skeleton = part["skeleton"]
+            tensors.update(part["tensors"])
+        return skeleton, tensors
+
+    def _per_rank_source(self, manifest: Manifest, state: Mapping[str, Any]) -> tuple[int, bool]:
+        """Which saved rank's per-rank file this rank loads, and whether streams are reseeded
+        (world size changed). Raises StateError naming what cannot be resharded."""
+        keys = manifest.extra.get("per_rank_keys", [])
+        if manifest.world_size == self.world_size or not keys:
+            return self.rank, False
+        stuck = [k for k in keys if k in state and not getattr(state[k], "reshardable", False)]
+        if stuck:
+            raise StateError(
+                f"checkpoint step {manifest.step} was saved at world size {manifest.world_size} and is "
+                f"restored at world size {self.world_size}, but per-rank state "
+                f"{', '.join(map(repr, stuck))} cannot be resharded; restore at world size "
+                f"{manifest.world_size}, or drop it from the state"
+            )
+        return 0, True
+
+    def _load_candidate(self, step: int, state: Mapping[str, Any]) -> tuple[Manifest | None, dict[str, Any] | None, str | None, str | None]:
+        """Read, verify and decode what this rank needs of ``step``: (manifest, tree, file, why)."""
         try:
             manifest = self.store.read_manifest(step)
-            entries = manifest.files_for_rank(self.rank)
-            if not entries:
-                return manifest, None, None, (
-                    f"no file for rank {self.rank} (saved at world size {manifest.world_size}, "
-                    f"now {self.world_size})"
+            source, reseed = self._per_rank_source(manifest, state)
+            shared = manifest.files_of("shared")
+            skeleton, tensors = self._read_tree(manifest, shared)
+            expected = manifest.extra.get("replicated_tensors", len(tensors))
+            if skeleton is None or sorted(tensors) != list(range(expected)):
+                raise CheckpointCorruptError(
+                    step, None, f"shared files hold {len(tensors)} of {expected} replicated tensors"
+                    + ("" if skeleton is not None else " and no state structure")
                 )
-            tree: dict[str, Any] = {}
-            for entry in entries:
-                where = self.storage.display(f"step-{step:012d}/{entry.path}")
-                buf = self.store.read_file(manifest, entry)
-                try:
-                    part = decode(buf, where=where)
-                except CheckpointCorruptError as e:
-                    raise CheckpointCorruptError(step, where, e.reason) from None
-                if not isinstance(part, dict):
-                    raise CheckpointCorruptError(step, where, "data file does not hold a state dict")
-                tree.update(part)
+            tree = unflatten(skeleton, [tensors[i] for i in range(expected)], where=step_dir(step))
+            keys = manifest.extra.get("per_rank_keys", [])
+            if keys:
+                own = manifest.files_of("rank", source)
+                if not own:
+                    raise CheckpointCorruptError(step, None, f"no per-rank file for rank {source}")
+                pr_skel, pr_tensors = self._read_tree(manifest, own)
+                per_rank = unflatten(pr_skel, [pr_tensors[i] for i in range(len(pr_tensors))], where=own[0].path)
+                if reseed:
+                    per_rank = {k: _Reseed(v) for k, v in per_rank.items()}
+                tree.update(per_rank)
             return manifest, tree, None, None
+        except StateError:
+            raise
         except CheckpointCorruptError as e:
             return None, None, e.file, e.reason
         except (StorageError, OSError) as e:
@@ -229,7 +480,10 @@ class CheckpointManager:
         exactly ``step``). Returns the step, or None when no checkpoint was ever committed.
         Corrupt steps are reported and skipped; if committed steps exist but none loads, raises
         NoCheckpointError rather than silently starting over."""
+        self.wait()
         started = time.perf_counter()
+        current_fp = fingerprints.compute(state, world_size=self.world_size, config=self.config,
+                                          data_description=self.data_description)
         candidates = self.group.broadcast_object(
             (self.store.committed_steps() if step is None else [step]) if self.rank == 0 else None
         )
@@ -238,12 +492,13 @@ class CheckpointManager:
             return None
         skipped: list[dict[str, Any]] = []
         for cand in candidates:
-            manifest, tree, file, why = self._load_candidate(cand)
+            manifest, tree, file, why = self._load_candidate(cand, state)
             h = _manifest_hash(manifest) if tree is not None else 0
             ok, hmin, neg_hmax = self.group.all_reduce_min([1 if tree is not None else 0, h, -h])
             if ok and hmin == -neg_hmax:
                 assert tree is not None and manifest is not None
-                apply_state(state, tree, step=cand)
+                self._check_drift(manifest, current_fp)
+                self._apply(state, tree, manifest)
                 self.last_committed = cand
                 self.events.emit(
                     "restored", step=cand, bytes=manifest.total_bytes,
@@ -258,6 +513,7 @@ class CheckpointManager:
             else:
                 why = "another rank could not verify or load it"
             skipped.append({"step": cand, "file": file, "reason": why})
+            self.superseded_steps.add(cand)
             self.events.emit("restore_fallback", step=cand, file=file, reason=why)
         raise NoCheckpointError(
             f"none of the {len(candidates)} committed checkpoint(s) under {self.storage.display()} "
@@ -266,10 +522,65 @@ class CheckpointManager:
             + ". Inspect them with 'elastic-resume verify'; move the root aside to start fresh."
         )
 
+    def _apply(self, state: MutableMapping[str, Any], tree: dict[str, Any], manifest: Manifest) -> None:
+        reseeded = [k for k, v in tree.items() if isinstance(v, _Reseed)]
+        for key in reseeded:
+            saved = tree.pop(key).saved
+            obj = state[key]
+            obj.reseed_for(saved, self.rank, self.world_size)  # type: ignore[attr-defined]
+        if reseeded:
+            self.events.emit("per_rank_reseeded", step=manifest.step, keys=reseeded,
+                             saved_world_size=manifest.world_size, world_size=self.world_size)
+        rest = {k: v for k, v in state.items() if k not in reseeded}
+        apply_state(rest, tree, step=manifest.step)
+        for k, v in rest.items():  # plain values were replaced in the copy
+            state[k] = v
+
+    def _check_drift(self, manifest: Manifest, current: dict[str, Any]) -> None:
+        if self.drift == "ignore" or not manifest.fingerprint:
+            self.last_drift = []
+            return
+        diffs = fingerprints.diff(manifest.fingerprint, current, allow=self.drift_allow)
+        self.last_drift = diffs
+        if not diffs:
+            return
+        lines = [d.line() for d in diffs]
+        self.events.emit("drift_found", step=manifest.step, differences=lines, policy=self.drift)
+        message = (
+            f"the run resuming from step {manifest.step} differs from the run that saved it "
+            f"({len(lines)} difference{'s' if len(lines) != 1 else ''}):\n  " + "\n  ".join(lines)
+        )
+        if self.drift == "fail":
+            raise DriftError(
+                message + "\nAllow expected differences with drift_allow=[...] or use drift='warn'."
+            )
+        import logging
+
+        logging.getLogger("elastic_resume").warning("%s", message)
+
     # -- queries ------------------------------------------------------------------------------
     def latest(self, *, full: bool = True) -> int | None:
         """The newest committed step that verifies (full: digests too), or None."""
+        self.wait()
         return self.store.latest(full=full)
 
     def committed_steps(self) -> list[int]:
         return self.store.committed_steps()
+
+
+@dataclass
+class _Reseed:
+    """A per-rank value that cannot be loaded as is after a world-size change."""
+
+    saved: Any
+
+
+def _wait_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:
+    """A background save still running at interpreter exit is finished, not abandoned."""
+    mgr = ref()
+    if mgr is not None and mgr._pending is not None:
+        step = mgr._pending_step
+        try:
+            mgr.wait()
+        except Exception as e:  # noqa: BLE001 - at exit, report rather than raise
+            mgr.events.emit("save_failed", step=step, errors=[f"background save failed: {e}"])

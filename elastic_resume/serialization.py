@@ -90,8 +90,9 @@ class EncodedFile:
 
 
 class _Encoder:
-    def __init__(self) -> None:
+    def __init__(self, *, to_cpu: bool = True) -> None:
         self.tensors: list[torch.Tensor] = []
+        self.to_cpu = to_cpu
 
     def tensor(self, t: torch.Tensor, path: str) -> int:
         if t.is_sparse or t.is_quantized or t.layout != torch.strided:
@@ -104,10 +105,8 @@ class _Encoder:
         if str(t.dtype).removeprefix("torch.") not in _DTYPES:
             raise StateError(f"{path}: dtype {t.dtype} is not supported in checkpoints")
         t = t.detach()
-        if t.device.type != "cpu":
-            t = t.to("cpu")
-        if not t.is_contiguous():
-            t = t.contiguous()
+        if self.to_cpu:
+            t = as_cpu_contiguous(t)
         self.tensors.append(t)
         return len(self.tensors) - 1
 
@@ -152,6 +151,24 @@ class _Encoder:
             "checkpointed; use tensors, numbers, strings, bytes, lists, tuples and dicts, or an "
             "object with state_dict()/load_state_dict()"
         )
+
+
+def as_cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def flatten(tree: Any, *, name: str = "state") -> tuple[Any, list[torch.Tensor]]:
+    """Split a tree into a JSON-able skeleton (tensors replaced by ``{"t": index}``) and the
+    list of (detached, untouched) tensors. Unsupported values raise StateError naming the path."""
+    enc = _Encoder(to_cpu=False)
+    return enc.encode(tree, name), enc.tensors
+
+
+def unflatten(skeleton: Any, tensors: list[torch.Tensor], *, where: str) -> Any:
+    """Inverse of ``flatten``."""
+    return _Decoder(tensors, where).decode(skeleton)
 
 
 def encode(tree: Any, *, name: str = "state") -> EncodedFile:

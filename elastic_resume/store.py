@@ -57,7 +57,7 @@ def new_attempt_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:10]
 
 
-def rank_file(attempt: str, rank: int, kind: str = "rank") -> str:
+def data_file(attempt: str, rank: int, kind: str = "rank") -> str:
     return f"{attempt}/{kind}-{rank:05d}.ert"
 
 
@@ -71,15 +71,23 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
+FILE_KINDS = ("rank", "shared")
+
+
 @dataclass(frozen=True)
 class FileEntry:
+    """One data file of a step. ``kind`` says who needs it: ``rank`` files hold one rank's own
+    state (read by that rank), ``shared`` files hold a slice of the replicated state (read by
+    every rank)."""
+
     path: str
     size: int
     digest: str
     rank: int | None = None
+    kind: str = "rank"
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "digest": self.digest, "rank": self.rank}
+        return {"path": self.path, "size": self.size, "digest": self.digest, "rank": self.rank, "kind": self.kind}
 
 
 @dataclass
@@ -123,8 +131,8 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
-    def files_for_rank(self, rank: int | None) -> list[FileEntry]:
-        return [f for f in self.files if f.rank == rank]
+    def files_of(self, kind: str, rank: int | None = None) -> list[FileEntry]:
+        return [f for f in self.files if f.kind == kind and (rank is None or f.rank == rank)]
 
     @classmethod
     def parse(cls, data: bytes, *, step: int, where: str) -> "Manifest":
@@ -171,14 +179,16 @@ class Manifest:
                     f"file entry {i} has unsafe path {path!r}: files must lie under "
                     f"'{attempt}/' inside the step (no '..', absolute paths or other buckets)"
                 )
-            size, digest, rank = f.get("size"), f.get("digest"), f.get("rank")
+            size, digest, rank, kind = f.get("size"), f.get("digest"), f.get("rank"), f.get("kind", "rank")
+            if kind not in FILE_KINDS:
+                raise bad(f"file {path} has unknown kind {kind!r}")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise bad(f"file {path} has invalid size {size!r}")
             if not isinstance(digest, str) or not digest.startswith(DIGEST_ALGO + ":"):
                 raise bad(f"file {path} has unsupported digest {digest!r}")
             if rank is not None and (not isinstance(rank, int) or rank < 0):
                 raise bad(f"file {path} has invalid rank {rank!r}")
-            files.append(FileEntry(path, size, digest, rank))
+            files.append(FileEntry(path, size, digest, rank, kind))
         if len({f.path for f in files}) != len(files):
             raise bad("manifest lists a file twice")
         created = doc.get("created")
@@ -345,6 +355,16 @@ class CheckpointStore:
                 "refusing to overwrite it (a second writer, or a resumed run saving a step it "
                 "already has). The existing checkpoint is untouched."
             ) from None
+
+    def supersede(self, step: int, *, keep_attempt: str) -> None:
+        """Make way for a new commit of ``step`` that this run decided not to use (it was corrupt
+        for some rank, or lies on a timeline that was rolled back): remove the old manifest,
+        then every attempt directory but ``keep_attempt`` (the new save's data, already written)."""
+        self.storage.delete(self.manifest_path(step))
+        stale = {rel.split("/", 1)[0] for rel in self.storage.list_tree(step_dir(step))}
+        for attempt in sorted(stale - {keep_attempt, MANIFEST_NAME}):
+            if "/" not in attempt and _ATTEMPT_RE.match(attempt):
+                self.storage.delete_tree(f"{step_dir(step)}/{attempt}")
 
     def retire(self, step: int) -> None:
         """Make a committed step invisible (manifest first, so no half-deleted step ever looks

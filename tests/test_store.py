@@ -275,3 +275,18 @@ def test_large_state_streams_through_multipart_on_s3(root, monkeypatch):
 def test_save_rejects_bad_step(root):
     with pytest.raises(Exception, match="step must be a non-negative integer"):
         manager(root).save(-1, {"x": 1})
+
+
+def test_resaving_a_step_that_restore_skipped_replaces_it(root):
+    mgr, states = saved_run(root, steps=(1, 2))
+    st = tamper.raw(root.url, root.storage_options)
+    tamper.flip_byte(st, tamper.data_files(st, 2)[0], 77)
+    mgr = manager(root, keep_last=None)
+    target = fresh_like()
+    assert mgr.restore(target) == 1
+    replacement = make_state(seed=42)
+    mgr.save(2, replacement)  # the corrupt step 2 gives way; no CommitConflictError
+    target = fresh_like()
+    assert manager(root).restore(target) == 2
+    assert_same(target, replacement)
+    assert manager(root).store.verify(2).ok
