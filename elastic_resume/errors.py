@@ -45,6 +45,11 @@ class CheckpointCorruptError(ElasticResumeError):
             where.append(f"file {file}")
         super().__init__(f"{', '.join(where) or 'checkpoint'}: {reason}")
 
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # Travels between ranks (torch.distributed.checkpoint gathers exceptions); rebuild it
+        # from its fields rather than from the formatted message.
+        return (type(self), (self.step, self.file, self.reason))
+
 
 class UnsafeCheckpointError(CheckpointCorruptError):
     """A data file holds something that could execute code on load (a pickle). It is refused."""

@@ -155,6 +155,7 @@ class _SaveJob:
     per_rank_tensors: list[torch.Tensor] = field(default_factory=list)
     fingerprint: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    sharded: dict[str, torch.Tensor] = field(default_factory=dict)  # DTensor leaves, by path
     error: BaseException | None = None  # a failure before writing (e.g. an unsupported value)
 
 
@@ -277,14 +278,20 @@ class CheckpointManager:
         """Everything that must happen before save() returns: take state_dicts, split them into
         skeleton and tensors, and (async) copy the tensors into the reusable staging buffers."""
         replicated, per_rank = snapshot_state(state)
-        rep_skel, rep_tensors = flatten(replicated, name="state")
+        sharded: dict[str, torch.Tensor] | None = {} if self.world_size > 1 else None
+        rep_skel, rep_tensors = flatten(replicated, name="state", sharded=sharded)
         pr_skel, pr_tensors = flatten(per_rank, name="state")
+        sharded = sharded or {}
         if blocking:
             rep_tensors = [as_cpu_contiguous(t) for t in rep_tensors]
             pr_tensors = [as_cpu_contiguous(t) for t in pr_tensors]
         else:
-            staged = self._stager.stage(rep_tensors + pr_tensors)
-            rep_tensors, pr_tensors = staged[: len(rep_tensors)], staged[len(rep_tensors) :]
+            locals_ = [dt.to_local() for dt in sharded.values()]
+            staged = self._stager.stage(rep_tensors + pr_tensors + locals_)
+            n, m = len(rep_tensors), len(pr_tensors)
+            rep_tensors, pr_tensors = staged[:n], staged[n : n + m]
+            sharded = {k: _restage_dtensor(dt, buf) for (k, dt), buf in zip(sharded.items(), staged[n + m :])}
+        job.sharded = sharded
         job.replicated_skeleton, job.replicated_tensors = rep_skel, rep_tensors
         job.per_rank_skeleton, job.per_rank_tensors = pr_skel, pr_tensors
         job.fingerprint = fingerprints.compute(
@@ -345,16 +352,34 @@ class CheckpointManager:
         shape_sig = digest_bytes(canonical_json([
             job.replicated_skeleton, [[list(t.shape), str(t.dtype)] for t in job.replicated_tensors]
         ]))
+        entries: list[FileEntry] = []
+        local_error: BaseException | None = None
         try:
             if job.error is not None:
                 raise job.error
             entries = self._write_my_files(job)
-            outcome: tuple[str, Any] = ("ok", [e.to_json() for e in entries], shape_sig)
-            local_error: BaseException | None = None
         except Exception as e:  # noqa: BLE001 - reported to every rank below, then raised
-            where = self.storage.display(f"{step_dir(step)}/{attempt}/")
-            outcome = ("error", f"rank {self.rank} failed writing under {where}: {e}", shape_sig)
             local_error = e
+        if self.world_size > 1:
+            # DCP's save is collective: run it on every rank or on none.
+            has = 1 if job.sharded else 0
+            ready, has_min, neg_has_max = self.group.all_reduce_min([0 if local_error else 1, has, -has])
+            if ready and has_min == 1:
+                from . import sharded
+
+                writer = sharded.StoreWriter(self.store, step, attempt, self.rank)
+                try:
+                    sharded.save_sharded(job.sharded, writer, self._process_group())
+                    entries += writer.entries
+                except (Exception, _dcp_exception()) as e:  # noqa: BLE001 - DCP reports every rank's failure everywhere
+                    local_error = e
+            elif ready and has_min != -neg_has_max:
+                local_error = StateError("sharded (DTensor) state is present on some ranks but not on others")
+        if local_error is None:
+            outcome: tuple[str, Any, str] = ("ok", [e.to_json() for e in entries], shape_sig)
+        else:
+            where = self.storage.display(f"{step_dir(step)}/{attempt}/")
+            outcome = ("error", f"rank {self.rank} failed writing under {where}: {_first_line(local_error)}", shape_sig)
         outcomes = self.group.all_gather_object(outcome)
         errors = [o[1] for o in outcomes if o[0] == "error"]
         sigs = {o[2] for o in outcomes}
@@ -456,7 +481,12 @@ class CheckpointManager:
                     step, None, f"shared files hold {len(tensors)} of {expected} replicated tensors"
                     + ("" if skeleton is not None else " and no state structure")
                 )
-            tree = unflatten(skeleton, [tensors[i] for i in range(expected)], where=step_dir(step))
+            if manifest.files_of("dcp-meta"):
+                # Sharded tensors are loaded after every rank agreed on this step (DCP's load is
+                # collective); until then the structure stays a skeleton.
+                tree: dict[str, Any] = {_SHARDED_SKELETON: (skeleton, [tensors[i] for i in range(expected)])}
+            else:
+                tree = unflatten(skeleton, [tensors[i] for i in range(expected)], where=step_dir(step))
             keys = manifest.extra.get("per_rank_keys", [])
             if keys:
                 own = manifest.files_of("rank", source)
@@ -495,6 +525,10 @@ class CheckpointManager:
             manifest, tree, file, why = self._load_candidate(cand, state)
             h = _manifest_hash(manifest) if tree is not None else 0
             ok, hmin, neg_hmax = self.group.all_reduce_min([1 if tree is not None else 0, h, -h])
+            if ok and hmin == -neg_hmax and tree is not None and _SHARDED_SKELETON in tree:
+                assert manifest is not None
+                file, why = self._load_sharded(manifest, state, tree)
+                ok = 0 if why else 1
             if ok and hmin == -neg_hmax:
                 assert tree is not None and manifest is not None
                 self._check_drift(manifest, current_fp)
@@ -521,6 +555,29 @@ class CheckpointManager:
             + "; ".join(f"step {s['step']}: {s['file'] or ''} {s['reason']}".replace("  ", " ") for s in skipped)
             + ". Inspect them with 'elastic-resume verify'; move the root aside to start fresh."
         )
+
+    def _load_sharded(self, manifest: Manifest, state: Mapping[str, Any], tree: dict[str, Any]) -> tuple[str | None, str | None]:
+        """Collective: load the DTensor leaves through DCP into the live state's own DTensors
+        (DCP reshards when the sharding changed), then finish the tree. DCP propagates any
+        rank's failure to all ranks, so every rank returns the same verdict."""
+        from . import sharded
+
+        skeleton, tensors = tree.pop(_SHARDED_SKELETON)
+        try:
+            sharded.init_optimizer_states(dict(state))
+            targets: dict[str, torch.Tensor] = {}
+            replicated, _ = snapshot_state(state)
+            flatten(replicated, name="state", sharded=targets)
+            sharded.load_sharded(targets, sharded.StoreReader(self.store, manifest), self._process_group())
+            tree.update(unflatten(skeleton, tensors, where=step_dir(manifest.step), sharded=targets))
+        except StateError:
+            raise
+        except (Exception, _dcp_exception()) as e:  # noqa: BLE001 - DCP wraps every rank's failure
+            return None, f"sharded state could not be loaded: {_first_line(e)}"
+        return None, None
+
+    def _process_group(self) -> Any:
+        return getattr(self.group, "group", None)
 
     def _apply(self, state: MutableMapping[str, Any], tree: dict[str, Any], manifest: Manifest) -> None:
         reseeded = [k for k, v in tree.items() if isinstance(v, _Reseed)]
@@ -568,11 +625,45 @@ class CheckpointManager:
         return self.store.committed_steps()
 
 
+_SHARDED_SKELETON = "\x00sharded-skeleton"
+
+
+def _dcp_exception() -> type[BaseException]:
+    """torch.distributed.checkpoint's CheckpointException derives from BaseException."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+def _first_line(e: BaseException) -> str:
+    """A one-line account of an error; for DCP's wrapper, the failing ranks' own errors."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for rank, wrapped in sorted(failures.items()):
+            inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+            parts.append(f"rank {rank}: {inner}")
+        return "; ".join(parts)[:1000]
+    text = str(e).strip()
+    for line in text.splitlines():
+        if "Error" in line or "error" in line:
+            return line.strip()[:500]
+    return text.splitlines()[0][:500] if text else type(e).__name__
+
+
 @dataclass
 class _Reseed:
     """A per-rank value that cannot be loaded as is after a world-size change."""
 
     saved: Any
+
+
+def _restage_dtensor(dt: torch.Tensor, local_copy: torch.Tensor) -> torch.Tensor:
+    """The same DTensor (mesh, placements, global shape) over a staged copy of its local shard."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local_copy, dt.device_mesh, dt.placements, run_check=False,  # type: ignore[attr-defined]
+                              shape=dt.shape, stride=dt.stride())
 
 
 def _wait_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:

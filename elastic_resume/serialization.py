@@ -89,10 +89,15 @@ class EncodedFile:
             yield memoryview(bytes(self.size - len(self.header) - pos))
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
+
+
 class _Encoder:
-    def __init__(self, *, to_cpu: bool = True) -> None:
+    def __init__(self, *, to_cpu: bool = True, sharded: dict[str, torch.Tensor] | None = None) -> None:
         self.tensors: list[torch.Tensor] = []
         self.to_cpu = to_cpu
+        self.sharded = sharded  # when given, DTensors are collected here instead of refused
 
     def tensor(self, t: torch.Tensor, path: str) -> int:
         if t.is_sparse or t.is_quantized or t.layout != torch.strided:
@@ -118,6 +123,9 @@ class _Encoder:
         if isinstance(value, float):
             return float(value)
         if isinstance(value, torch.Tensor):
+            if self.sharded is not None and _is_dtensor(value):
+                self.sharded[path] = value
+                return {"st": path}
             return {"t": self.tensor(value, path)}
         if isinstance(value, dict):
             return {
@@ -159,16 +167,22 @@ def as_cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def flatten(tree: Any, *, name: str = "state") -> tuple[Any, list[torch.Tensor]]:
+def flatten(
+    tree: Any, *, name: str = "state", sharded: dict[str, torch.Tensor] | None = None
+) -> tuple[Any, list[torch.Tensor]]:
     """Split a tree into a JSON-able skeleton (tensors replaced by ``{"t": index}``) and the
-    list of (detached, untouched) tensors. Unsupported values raise StateError naming the path."""
-    enc = _Encoder(to_cpu=False)
+    list of (detached, untouched) tensors. Unsupported values raise StateError naming the path.
+    With ``sharded``, DTensors are collected there by path (``{"st": path}`` in the skeleton):
+    they are saved through torch.distributed.checkpoint, which can reshard them."""
+    enc = _Encoder(to_cpu=False, sharded=sharded)
     return enc.encode(tree, name), enc.tensors
 
 
-def unflatten(skeleton: Any, tensors: list[torch.Tensor], *, where: str) -> Any:
+def unflatten(
+    skeleton: Any, tensors: list[torch.Tensor], *, where: str, sharded: dict[str, torch.Tensor] | None = None
+) -> Any:
     """Inverse of ``flatten``."""
-    return _Decoder(tensors, where).decode(skeleton)
+    return _Decoder(tensors, where, sharded or {}).decode(skeleton)
 
 
 def encode(tree: Any, *, name: str = "state") -> EncodedFile:
@@ -217,9 +231,10 @@ def sniff_unsafe(prefix: bytes) -> str | None:
 
 
 class _Decoder:
-    def __init__(self, tensors: list[torch.Tensor], where: str) -> None:
+    def __init__(self, tensors: list[torch.Tensor], where: str, sharded: dict[str, torch.Tensor] | None = None) -> None:
         self.tensors = tensors
         self.where = where
+        self.sharded = sharded or {}
 
     def fail(self, reason: str) -> CheckpointCorruptError:
         return CheckpointCorruptError(None, self.where, f"malformed data header: {reason}")
@@ -261,6 +276,10 @@ class _Decoder:
                 return torch.device(payload)
             if tag == "np":
                 return self.tensor(payload).numpy()
+            if tag == "st":
+                if payload not in self.sharded:
+                    raise self.fail(f"sharded tensor {payload!r} was not loaded")
+                return self.sharded[payload]
         raise self.fail(f"unknown node {str(node)[:80]}")
 
 

@@ -71,14 +71,15 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-FILE_KINDS = ("rank", "shared")
+FILE_KINDS = ("rank", "shared", "dcp", "dcp-meta")
 
 
 @dataclass(frozen=True)
 class FileEntry:
     """One data file of a step. ``kind`` says who needs it: ``rank`` files hold one rank's own
     state (read by that rank), ``shared`` files hold a slice of the replicated state (read by
-    every rank)."""
+    every rank), ``dcp`` files hold sharded (DTensor) state and ``dcp-meta`` its index (read
+    as torch.distributed.checkpoint's load plan says)."""
 
     path: str
     size: int

@@ -164,3 +164,37 @@ def test_drift_between_save_and_resume_is_reported(local_root, tmp_path):
                  "--drift-allow", "config.lr", "--drift-allow", "optimizer.*", "--drift-allow", "data",
                  "--lr", "0.01", "--data-description", "v2-augmented")
     assert r.returncode == 0, why(r)
+
+
+def run_fsdp(nproc: int, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           os.path.join(REPO, "tests", "helpers", "fsdp_job.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env=child_env({"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}))
+
+
+@pytest.mark.parametrize("blocking", ["1", "0"])
+def test_fsdp2_sharded_state_saves_and_reshards_on_restore(local_root, tmp_path, blocking):
+    ref = tmp_path / "ref.json"
+    r = run_fsdp(2, "save", "--root", local_root.url, "--out", str(ref), "--blocking", blocking)
+    assert r.returncode == 0, why(r)
+    kinds = Counter(f["kind"] for f in tamper.manifest_doc(tamper.raw(local_root.url), 3)["files"])
+    assert kinds["dcp"] == 2 and kinds["dcp-meta"] == 1
+    expected = json.loads(ref.read_text())
+    for nproc in (2, 4):  # same sharding, then resharded by DCP's planner
+        out = tmp_path / f"restored-{nproc}.json"
+        r = run_fsdp(nproc, "restore", "--root", local_root.url, "--out", str(out))
+        assert r.returncode == 0, why(r)
+        assert json.loads(out.read_text()) == expected
+
+
+def test_corrupt_shard_is_detected_on_every_rank(local_root, tmp_path):
+    r = run_fsdp(2, "save", "--root", local_root.url, "--out", str(tmp_path / "ref.json"))
+    assert r.returncode == 0, why(r)
+    st = tamper.raw(local_root.url)
+    shard = next(f["path"] for f in tamper.manifest_doc(st, 3)["files"] if f["kind"] == "dcp" and f["rank"] == 1)
+    tamper.flip_byte(st, f"{step_dir(3)}/{shard}", 200)
+    r = run_fsdp(2, "restore", "--root", local_root.url, "--out", str(tmp_path / "x.json"))
+    assert r.returncode != 0
+    assert r.stderr.count("NoCheckpointError") >= 2
+    assert "sharded state could not be loaded" in r.stderr and "digest mismatch" in r.stderr
