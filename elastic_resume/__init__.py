@@ -16,6 +16,7 @@ from .errors import (
     CommitConflictError,
     ConfigError,
     ElasticResumeError,
+    GaveUpError,
     NoCheckpointError,
     StateError,
     StorageError,
@@ -33,10 +34,22 @@ _LAZY = {
     "ResumableDistributedSampler": "data",
     "RNGState": "state",
     "PerRank": "state",
+    "SpikeGuard": "guard",
+    "RollbackPolicy": "policy",
+    "Threshold": "detectors",
+    "MovingAverageRatio": "detectors",
+    "EMARatio": "detectors",
+    "RobustZScore": "detectors",
+    "CUSUM": "detectors",
+    "NonFinite": "detectors",
+    "Plateau": "detectors",
 }
 
 if TYPE_CHECKING:
     from .data import ResumableDistributedSampler
+    from .detectors import CUSUM, EMARatio, MovingAverageRatio, NonFinite, Plateau, RobustZScore, Threshold
+    from .guard import SpikeGuard
+    from .policy import RollbackPolicy
     from .manager import CheckpointManager, DriftError
     from .state import PerRank, RNGState
     from .store import CheckpointStore, Manifest
@@ -49,6 +62,16 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CUSUM",
+    "EMARatio",
+    "GaveUpError",
+    "MovingAverageRatio",
+    "NonFinite",
+    "Plateau",
+    "RobustZScore",
+    "RollbackPolicy",
+    "SpikeGuard",
+    "Threshold",
     "CheckpointCorruptError",
     "CheckpointManager",
     "CheckpointSaveError",

@@ -99,6 +99,16 @@ class ResumableDistributedSampler(Sampler[int]):
         self.consumed = min(self.dataset_len, self.consumed + local_samples * self.num_replicas)
 
     @property
+    def position(self) -> int:
+        """Absolute position in the stream of epochs: ``epoch * len(dataset) + consumed``."""
+        return self.epoch * self.dataset_len + self.consumed
+
+    def seek(self, position: int) -> None:
+        """Jump to an absolute position (skipping data after a rollback); the next iterator
+        starts there."""
+        self.epoch, self.consumed = divmod(max(0, position), self.dataset_len)
+
+    @property
     def epoch_finished(self) -> bool:
         return self.consumed >= self.dataset_len - (self.dataset_len % self.num_replicas if self.drop_last else 0)
 

@@ -71,3 +71,10 @@ class NoCheckpointError(ElasticResumeError):
 class StateError(ElasticResumeError):
     """The training state given to save/restore does not fit the checkpoint (unsupported value
     type, missing key, shape mismatch); the message names the key path."""
+
+
+class GaveUpError(ElasticResumeError):
+    """The run cannot go on by itself: the rollback budget is spent, no checkpoint is old
+    enough to roll back to, or a detector asked to stop. Do not retry (exit code 76)."""
+
+    exit_code = 76

@@ -149,6 +149,7 @@ class _SaveJob:
     attempt: str
     metadata: dict[str, Any]
     started: float
+    health: dict[str, Any] = field(default_factory=dict)
     replicated_skeleton: Any = None
     replicated_tensors: list[torch.Tensor] = field(default_factory=list)
     per_rank_skeleton: Any = None
@@ -243,6 +244,7 @@ class CheckpointManager:
         *,
         metadata: Mapping[str, Any] | None = None,
         blocking: bool = True,
+        health: Mapping[str, Any] | None = None,
     ) -> Manifest | None:
         """Write ``state`` as checkpoint ``step`` on every rank and commit it.
 
@@ -257,7 +259,8 @@ class CheckpointManager:
             raise ConfigError(f"step must be a non-negative integer (got {step!r})")
         self.wait()
         started = time.perf_counter()
-        job = _SaveJob(step=step, attempt="", metadata=dict(metadata or {}), started=started)
+        job = _SaveJob(step=step, attempt="", metadata=dict(metadata or {}), started=started,
+                       health=dict(health or {}))
         try:
             self._prepare(job, state, blocking)
         except Exception as e:  # noqa: BLE001 - must still take part in the collectives below
@@ -396,7 +399,7 @@ class CheckpointManager:
         files = [FileEntry(**payload) for o in outcomes for payload in o[1]]
         manifest = Manifest(
             step=step, attempt=attempt, world_size=self.world_size, files=files,
-            metadata=job.metadata, fingerprint=job.fingerprint, extra=job.extra,
+            metadata=job.metadata, fingerprint=job.fingerprint, extra=job.extra, health=job.health,
         )
         commit_error = None
         if self.rank == 0:
@@ -584,7 +587,7 @@ class CheckpointManager:
         for key in reseeded:
             saved = tree.pop(key).saved
             obj = state[key]
-            obj.reseed_for(saved, self.rank, self.world_size)  # type: ignore[attr-defined]
+            obj.reshard(saved, self.rank, self.world_size)  # type: ignore[attr-defined]
         if reseeded:
             self.events.emit("per_rank_reseeded", step=manifest.step, keys=reseeded,
                              saved_world_size=manifest.world_size, world_size=self.world_size)
@@ -614,6 +617,35 @@ class CheckpointManager:
         import logging
 
         logging.getLogger("elastic_resume").warning("%s", message)
+
+    # -- rollback support ---------------------------------------------------------------------
+    def checkpoint_health(self) -> list[tuple[int, bool]]:
+        """Committed steps with their recorded health, the same list on every rank (rank 0
+        reads, then broadcasts). A step without a health record counts as healthy; a step
+        whose manifest does not validate is left out."""
+        self.wait()
+        found = None
+        if self.rank == 0:
+            found = []
+            for s in self.store.committed_steps():
+                try:
+                    m = self.store.read_manifest(s)
+                except CheckpointCorruptError:
+                    continue
+                found.append((s, bool(m.health.get("healthy", True))))
+        return self.group.broadcast_object(found)
+
+    def retire_newer_than(self, step: int, *, reason: str) -> list[int]:
+        """Remove every committed step newer than ``step`` (they lie on an abandoned timeline,
+        e.g. after a rollback); collective, so no rank runs ahead of the deletion."""
+        self.wait()
+        retired = None
+        if self.rank == 0:
+            retired = [s for s in self.store.committed_steps() if s > step]
+            for s in retired:
+                self.store.retire(s)
+                self.events.emit("checkpoint_retired", step=s, reason=reason)
+        return self.group.broadcast_object(retired)
 
     # -- queries ------------------------------------------------------------------------------
     def latest(self, *, full: bool = True) -> int | None:

@@ -83,7 +83,7 @@ class RNGState:
                     f"{torch.cuda.device_count()}"
                 )
 
-    def reseed_for(self, saved_any_rank: dict[str, Any], rank: int, world_size: int) -> None:
+    def reshard(self, saved_any_rank: dict[str, Any], rank: int, world_size: int) -> None:
         """Derive a fresh, deterministic stream for ``rank`` after a world-size change."""
         material = bytes(saved_any_rank["torch"].numpy().tobytes()) + f"/{rank}/{world_size}".encode()
         seed = int.from_bytes(hashlib.sha256(material).digest()[:8], "little")

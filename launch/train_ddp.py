@@ -9,8 +9,14 @@ scheduler, every RNG stream of every rank (dropout), and the sampler's global po
 killed at any point and restarted therefore continues bit-for-bit like a run that never stopped.
 Each rank appends ``{"rank", "step", "loss", "samples"}`` per step to ``--loss-log``.
 
-Fault injection for tests and demos: ``--die-at-steps 7,19`` SIGKILLs ``--die-rank`` once at each
-listed step (markers in ``--fault-dir`` remember which kills already happened).
+With ``--guard`` the loss-spike guard runs: local detectors, one vote per step, and in-process
+rollback with data skipping (``--margin``, ``--skip-after``, ``--lr-scale``, ``--budget``); a run
+that gives up exits 76.
+
+Fault injection for tests and demos (each fires once; markers in ``--fault-dir`` remember):
+``--die-at-steps 7,19`` SIGKILLs ``--die-rank`` at those steps; ``--spike-at-step``/``--nan-at-step``
+corrupt one rank's loss; ``--poison-samples A:B`` makes those samples always blow the loss up;
+``--die-in-rollback`` kills a rank in the middle of a rollback.
 """
 
 from __future__ import annotations
@@ -26,7 +32,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 
-from elastic_resume import CheckpointManager, PerRank, ResumableDistributedSampler, RNGState
+from elastic_resume import (
+    CheckpointManager,
+    GaveUpError,
+    NonFinite,
+    PerRank,
+    ResumableDistributedSampler,
+    RNGState,
+    RobustZScore,
+    RollbackPolicy,
+    SpikeGuard,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,17 +70,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ballast-mib", type=float, default=0.0,
                    help="per-rank ballast tensor of this size on --ballast-rank (fault injection: disk full)")
     p.add_argument("--ballast-rank", type=int, default=1)
+    g = p.add_argument_group("loss-spike guard")
+    g.add_argument("--guard", action="store_true", help="run the spike detectors, the vote and rollbacks")
+    g.add_argument("--margin", type=int, default=3, help="roll back to a healthy checkpoint this many steps before the spike")
+    g.add_argument("--skip-after", type=int, default=3, help="skip data through this many steps after the spike")
+    g.add_argument("--no-skip", action="store_true", help="roll back without skipping data")
+    g.add_argument("--lr-scale", type=float, default=1.0, help="multiply the LR by this after each rollback")
+    g.add_argument("--budget", type=int, default=3, help="rollbacks allowed before giving up (exit 76)")
+    g.add_argument("--restart-from-scratch", action="store_true", help="with no old-enough checkpoint, restart from step 0")
+    g.add_argument("--detector-window", type=int, default=20)
+    g.add_argument("--detector-z", type=float, default=8.0)
+    g.add_argument("--spike-at-step", type=int, help="multiply --spike-rank's loss by --spike-factor at this step (once)")
+    g.add_argument("--spike-rank", type=int, default=1)
+    g.add_argument("--spike-factor", type=float, default=1e4)
+    g.add_argument("--nan-at-step", type=int, help="make --nan-rank's loss NaN at this step (once)")
+    g.add_argument("--nan-rank", type=int, default=0)
+    g.add_argument("--poison-samples", help="A:B: samples with index in [A, B) always produce a huge loss")
+    g.add_argument("--poison-factor", type=float, default=1e3)
+    g.add_argument("--no-shuffle", action="store_true")
+    g.add_argument("--die-in-rollback", action="store_true", help="SIGKILL --die-rank in the middle of its first rollback")
     return p.parse_args(argv)
 
 
 def die_once(root: str, step: int, rank: int, args: argparse.Namespace) -> None:
-    if rank != args.die_rank or str(step) not in args.die_at_steps.split(","):
-        return
-    marker = os.path.join(args.fault_dir, f".killed-at-{step}")
-    if os.path.exists(marker):
-        return
-    open(marker, "w").close()
-    os.kill(os.getpid(), signal.SIGKILL)
+    if rank == args.die_rank and str(step) in args.die_at_steps.split(",") and once(args, f"killed-at-{step}"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.dataset_size, 16, generator=g)
     y = (x @ torch.randn(16, 1, generator=g)).tanh() + 0.05 * torch.randn(args.dataset_size, 1, generator=g)
     dataset = TensorDataset(torch.arange(args.dataset_size), x, y)
-    sampler = ResumableDistributedSampler(dataset, num_replicas=world, rank=rank, seed=args.seed)
+    sampler = ResumableDistributedSampler(dataset, num_replicas=world, rank=rank, seed=args.seed,
+                                          shuffle=not args.no_shuffle)
     # A generator of the loader's own: creating an iterator then draws from it, not from the
     # global RNG whose exact position is part of the checkpoint.
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, generator=torch.Generator())
@@ -107,7 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         config={"lr": args.lr, "hidden": args.hidden, "batch_size": args.batch_size, "seed": args.seed},
         data_description=args.data_description, drift=args.drift, drift_allow=args.drift_allow,
     )
-    restored = mgr.restore(state)
+    guard = None
+    if args.guard:
+        policy = RollbackPolicy(margin=args.margin, skip_after=args.skip_after, skip_data=not args.no_skip,
+                                lr_scale=args.lr_scale, budget=args.budget, restart_from_scratch=args.restart_from_scratch)
+        detectors = [NonFinite(watch="loss"), NonFinite(watch="grad_norm"),
+                     RobustZScore(window=args.detector_window, z=args.detector_z)]
+        guard = SpikeGuard(mgr, state, sampler=sampler, detectors=detectors, policy=policy,
+                           on_event=lambda e: fault_in_rollback(e, rank, args))
+        restored = guard.start() or None
+    else:
+        restored = mgr.restore(state)
     progress = state["progress"]
     if restored is not None and rank == 0:
         print(f"resumed from step {restored} at world size {world}", flush=True)
@@ -115,38 +156,83 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.restore_report, "a") as f:
             f.write(json.dumps({"rank": rank, "restored": restored}) + "\n")
 
+    def batches():  # endless, from wherever the sampler stands (after a restore or a skip)
+        while True:
+            sampler.set_epoch(sampler.epoch if not sampler.epoch_finished else sampler.epoch + 1)
+            yield from loader
+
+    poison = tuple(int(v) for v in args.poison_samples.split(":")) if args.poison_samples else None
     log = open(args.loss_log, "a") if args.loss_log else None
     step = progress["step"]
-    while step < args.steps:
-        sampler.set_epoch(sampler.epoch if not sampler.epoch_finished else sampler.epoch + 1)
-        for idx, xb, yb in loader:
+    stream = batches()
+    try:
+        while step < args.steps:
+            idx, xb, yb = next(stream)
+            if poison:  # a stretch of bad data: these samples always blow the loss up
+                bad = (idx >= poison[0]) & (idx < poison[1])
+                yb = torch.where(bad[:, None], yb * args.poison_factor, yb)
             loss = torch.nn.functional.mse_loss(ddp(xb), yb)
+            loss = inject(loss, step + 1, rank, args)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9 if guard is None else 10.0 * guard.clip_scale)
             optimizer.step()
             scheduler.step()
             step += 1
             if log:
                 log.write(json.dumps({"rank": rank, "world": world, "step": step, "epoch": sampler.epoch,
-                                      "loss": loss.item(), "samples": idx.tolist()}) + "\n")
+                                      "loss": loss.item(), "samples": idx.tolist(),
+                                      "rollbacks": guard.recovery.rollbacks if guard else 0}) + "\n")
                 log.flush()
             die_once(args.root, step, rank, args)
-            if step % args.save_every == 0 or step == args.steps or step == args.stop_at_step:
-                progress["step"] = step
+            save_now = step % args.save_every == 0 or step == args.steps or step == args.stop_at_step
+            if save_now:
+                state["progress"]["step"] = step
+            if guard is not None:
+                outcome = guard.step(step, loss.item(), grad_norm=grad_norm.item(), save=save_now,
+                                     blocking=not args.async_save)
+                if outcome.rolled_back:
+                    step = outcome.step
+                    stream = batches()
+                    continue
+            elif save_now:
                 mgr.save(step, state, metadata={"loss": loss.item()}, blocking=not args.async_save)
             if step == args.stop_at_step:
-                mgr.close()
-                if distributed:
-                    dist.destroy_process_group()
-                return 0
-            if step >= args.steps:
                 break
+    except GaveUpError as e:
+        mgr.close()
+        print(f"rank {rank}: gave up: {e}", file=sys.stderr, flush=True)
+        return GaveUpError.exit_code
     mgr.close()
-    if rank == 0:
-        print(f"finished at step {step}", flush=True)
+    if rank == 0 and step >= args.steps:
+        print(f"finished at step {step}, loss {loss.item():.6f}", flush=True)
     if distributed:
         dist.destroy_process_group()
     return 0
+
+
+def inject(loss: torch.Tensor, step: int, rank: int, args: argparse.Namespace) -> torch.Tensor:
+    """Fault injection: a loss spike or a NaN on one rank at one step (once per run)."""
+    for kind, at, who, factor in (("spike", args.spike_at_step, args.spike_rank, args.spike_factor),
+                                  ("nan", args.nan_at_step, args.nan_rank, float("nan"))):
+        if at == step and who == rank and once(args, f"{kind}-{step}"):
+            return loss * factor
+    return loss
+
+
+def once(args: argparse.Namespace, name: str) -> bool:
+    marker = os.path.join(args.fault_dir, f".fault-{name}")
+    if os.path.exists(marker):
+        return False
+    open(marker, "w").close()
+    return True
+
+
+def fault_in_rollback(event: dict, rank: int, args: argparse.Namespace) -> None:
+    """--die-in-rollback: SIGKILL this rank after the anchor was restored but before the
+    recovered anchor is committed (the most delicate moment of a rollback)."""
+    if args.die_in_rollback and event["event"] == "rollback_restored" and rank == args.die_rank and once(args, "rollback"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,298 @@
+"""Loss-spike detectors: plain objects fed floats, one verdict per value. No torch, no I/O.
+
+Each detector watches the loss or the gradient norm (``watch``), ignores its first ``warmup``
+values, and keeps the state it needs (windows, averages) in ``state_dict()`` so a resumed run
+judges exactly as the original would have. A value judged a spike is not absorbed into the
+statistics: a baseline must not learn to accept the very spike it reported.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+WATCH = ("loss", "grad_norm")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    spike: bool = False
+    stop: bool = False
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.spike or self.stop
+
+
+OK = Verdict()
+
+
+@dataclass(kw_only=True)
+class Detector:
+    """Base: subclasses implement ``_judge`` (and ``_absorb`` for stateful baselines)."""
+
+    watch: str = "loss"
+    warmup: int = 0
+    seen: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.watch not in WATCH:
+            raise ConfigError(f"{type(self).__name__}: watch must be one of {WATCH} (got {self.watch!r})")
+        if self.warmup < 0:
+            raise ConfigError(f"{type(self).__name__}: warmup must be >= 0 (got {self.warmup})")
+
+    @property
+    def name(self) -> str:
+        return f"{type(self).__name__}({self.watch})"
+
+    def update(self, value: float, step: int) -> Verdict:
+        verdict = OK
+        if math.isfinite(value) and self.seen >= self.warmup:
+            verdict = self._judge(value, step)
+        if not verdict.spike and math.isfinite(value):
+            self._absorb(value)
+        self.seen += 1
+        return verdict
+
+    def _judge(self, value: float, step: int) -> Verdict:
+        return OK
+
+    def _absorb(self, value: float) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = int(state["seen"])
+
+
+@dataclass(kw_only=True)
+class Threshold(Detector):
+    """Spike when the value exceeds ``max_value``."""
+
+    max_value: float
+
+    def _judge(self, value: float, step: int) -> Verdict:
+        if value > self.max_value:
+            return Verdict(spike=True, reason=f"{self.watch} {value:.6g} > threshold {self.max_value:.6g}")
+        return OK
+
+
+@dataclass(kw_only=True)
+class _Windowed(Detector):
+    window: int = 50
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window < 2:
+            raise ConfigError(f"{type(self).__name__}: window must be >= 2 (got {self.window})")
+        self.values: deque[float] = deque(maxlen=self.window)
+        self.warmup = max(self.warmup, self.window // 2)
+
+    def _absorb(self, value: float) -> None:
+        self.values.append(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "values": list(self.values)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.values = deque((float(v) for v in state["values"]), maxlen=self.window)
+
+
+@dataclass(kw_only=True)
+class MovingAverageRatio(_Windowed):
+    """Spike when the value exceeds ``ratio`` times the mean of the last ``window`` values."""
+
+    ratio: float = 2.0
+
+    def _judge(self, value: float, step: int) -> Verdict:
+        mean = statistics.fmean(self.values)
+        if mean > 0 and value > self.ratio * mean:
+            return Verdict(spike=True, reason=f"{self.watch} {value:.6g} > {self.ratio} x moving average {mean:.6g}")
+        return OK
+
+
+@dataclass(kw_only=True)
+class EMARatio(Detector):
+    """Spike when the value exceeds ``ratio`` times an exponential moving average."""
+
+    ratio: float = 2.0
+    alpha: float = 0.05
+    ema: float | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.alpha <= 1:
+            raise ConfigError(f"EMARatio: alpha must be in (0, 1] (got {self.alpha})")
+        self.warmup = max(self.warmup, 1)
+
+    def _judge(self, value: float, step: int) -> Verdict:
+        if self.ema is not None and self.ema > 0 and value > self.ratio * self.ema:
+            return Verdict(spike=True, reason=f"{self.watch} {value:.6g} > {self.ratio} x EMA {self.ema:.6g}")
+        return OK
+
+    def _absorb(self, value: float) -> None:
+        self.ema = value if self.ema is None else (1 - self.alpha) * self.ema + self.alpha * value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "ema": self.ema}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.ema = state["ema"]
+
+
+@dataclass(kw_only=True)
+class RobustZScore(_Windowed):
+    """Spike when (value - median) / (1.4826 * MAD) over the window exceeds ``z``: robust to the
+    occasional outlier and to slow trends that a mean/std would chase."""
+
+    z: float = 6.0
+    window: int = 100
+
+    def _judge(self, value: float, step: int) -> Verdict:
+        med = statistics.median(self.values)
+        mad = statistics.median(abs(v - med) for v in self.values) * 1.4826
+        scale = max(mad, 1e-12, abs(med) * 1e-3)
+        score = (value - med) / scale
+        if score > self.z:
+            return Verdict(spike=True, reason=f"{self.watch} {value:.6g} has robust z-score {score:.1f} > {self.z}")
+        return OK
+
+
+@dataclass(kw_only=True)
+class CUSUM(Detector):
+    """One-sided CUSUM on standardized deviations from an EMA baseline: fires on a sustained
+    upward shift that no single value would flag. ``k`` is the allowed slack and ``h`` the
+    decision threshold, both in standard deviations."""
+
+    k: float = 0.5
+    h: float = 8.0
+    alpha: float = 0.05
+    mean: float | None = field(default=None, init=False)
+    var: float = field(default=0.0, init=False)
+    s: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.warmup = max(self.warmup, 10)
+
+    def _judge(self, value: float, step: int) -> Verdict:
+        if self.mean is None:
+            return OK
+        std = math.sqrt(max(self.var, 1e-24)) or 1e-12
+        std = max(std, abs(self.mean) * 1e-3, 1e-12)
+        self.s = max(0.0, self.s + (value - self.mean) / std - self.k)
+        if self.s > self.h:
+            s, self.s = self.s, 0.0
+            return Verdict(spike=True, reason=f"{self.watch} drifted up: CUSUM {s:.1f} > {self.h}")
+        return OK
+
+    def _absorb(self, value: float) -> None:
+        if self.mean is None:
+            self.mean = value
+            return
+        delta = value - self.mean
+        self.mean += self.alpha * delta
+        self.var = (1 - self.alpha) * (self.var + self.alpha * delta * delta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "mean": self.mean, "var": self.var, "s": self.s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.mean, self.var, self.s = state["mean"], float(state["var"]), float(state["s"])
+
+
+@dataclass(kw_only=True)
+class NonFinite(Detector):
+    """NaN or Inf (in the loss or the gradient norm) is always a spike, warm-up or not."""
+
+    def update(self, value: float, step: int) -> Verdict:
+        self.seen += 1
+        if not math.isfinite(value):
+            return Verdict(spike=True, reason=f"{self.watch} is {value}")
+        return OK
+
+
+@dataclass(kw_only=True)
+class Plateau(Detector):
+    """"Loss still above ``above`` after ``after_steps`` steps": once, at the first step past
+    ``after_steps`` where it holds, either ask for a rollback (``action="rollback"``, usually
+    with a lower LR) or stop the run (``action="stop"``)."""
+
+    above: float
+    after_steps: int
+    action: str = "rollback"
+    fired: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.action not in ("rollback", "stop"):
+            raise ConfigError(f"Plateau: action must be 'rollback' or 'stop' (got {self.action!r})")
+
+    def update(self, value: float, step: int) -> Verdict:
+        self.seen += 1
+        if self.fired or step < self.after_steps or not math.isfinite(value) or value <= self.above:
+            return OK
+        self.fired = True
+        reason = f"{self.watch} {value:.6g} still above {self.above:.6g} after {step} steps"
+        return Verdict(spike=self.action == "rollback", stop=self.action == "stop", reason=reason)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "fired": self.fired}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.fired = bool(state["fired"])
+
+
+def default_detectors() -> list[Detector]:
+    """A conservative default: NaN/Inf anywhere, and a loss more than 3x its recent median-ish
+    baseline (robust z-score with a generous threshold)."""
+    return [NonFinite(watch="loss"), NonFinite(watch="grad_norm"), RobustZScore(window=50, z=8.0)]
+
+
+class DetectorBank:
+    """Runs a list of detectors on one step's values; reports the first firing verdict."""
+
+    checkpoint_per_rank = True  # each rank judges its own loss
+    reshardable = True
+
+    def __init__(self, detectors: list[Detector] | None = None) -> None:
+        self.detectors = list(detectors) if detectors is not None else default_detectors()
+
+    def update(self, step: int, loss: float, grad_norm: float | None = None) -> tuple[Verdict, str]:
+        spike = stop = None
+        for d in self.detectors:
+            value = loss if d.watch == "loss" else grad_norm
+            if value is None:
+                continue
+            v = d.update(float(value), step)
+            if v.stop and stop is None:
+                stop = (v, d.name)
+            elif v.spike and spike is None:
+                spike = (v, d.name)
+        return stop or spike or (OK, "")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"detectors": [[d.name, d.state_dict()] for d in self.detectors]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["detectors"]
+        names = [d.name for d in self.detectors]
+        if [n for n, _ in saved] != names:
+            raise ConfigError(f"detectors changed since the checkpoint: saved {[n for n, _ in saved]}, now {names}")
+        for d, (_, s) in zip(self.detectors, saved):
+            d.load_state_dict(s)
+
+    def reshard(self, saved_any_rank: dict[str, Any], rank: int, world_size: int) -> None:
+        """After a world-size change, start from rank 0's statistics (a warm baseline)."""
+        self.load_state_dict(saved_any_rank)

@@ -1,0 +1,268 @@
+"""SpikeGuard: the loss-spike guard for a plain PyTorch loop.
+
+A few lines around an existing loop::
+
+    guard = SpikeGuard(manager, state, sampler=sampler, policy=RollbackPolicy(margin=100, skip_after=200))
+    step = guard.start()                        # restore (or start at 0)
+    while step < total:
+        ... loss = train_step(next(batches)) ...
+        step += 1
+        outcome = guard.step(step, loss.item(), grad_norm=gn, save=step % 100 == 0)
+        if outcome.rolled_back:                 # every rank, same iteration
+            step, batches = outcome.step, iter(loader)
+
+Per step: local detectors (pure), then one small collective (the vote, read one step late by
+default), then the pure policy. A rollback happens in-process on every rank in the same
+iteration: newer checkpoints on the abandoned timeline are retired, the anchor is restored into
+the live objects, the bad data window is skipped, the LR optionally scaled, and the anchor is
+re-committed with the new recovery state so a requeue neither repeats nor forgets it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .data import ResumableDistributedSampler
+from .detectors import Detector, DetectorBank
+from .errors import GaveUpError
+from .manager import CheckpointManager
+from .policy import Action, Recovery, RollbackPolicy, decide
+from .vote import Quorum, Vote, VoteResult
+
+RECOVERY_KEY = "spike_guard"
+DETECTORS_KEY = "spike_detectors"
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    kind: str = "continue"  # continue | rollback | preempted
+    step: int | None = None  # after a rollback: the step training continues after
+
+    @property
+    def rolled_back(self) -> bool:
+        return self.kind == "rollback"
+
+    @property
+    def preempted(self) -> bool:
+        return self.kind == "preempted"
+
+
+CONTINUE = StepOutcome()
+
+
+def scale_learning_rate(state: MutableMapping[str, Any], factor: float) -> None:
+    """Multiply every optimizer's LR by ``factor``, including what schedulers recompute it from."""
+    if factor == 1.0:
+        return
+    for value in state.values():
+        if isinstance(value, torch.optim.Optimizer):
+            for group in value.param_groups:
+                group["lr"] = group["lr"] * factor
+                if "initial_lr" in group:
+                    group["initial_lr"] = group["initial_lr"] * factor
+        elif isinstance(value, torch.optim.lr_scheduler.LRScheduler):
+            value.base_lrs = [b * factor for b in value.base_lrs]
+            value._last_lr = [lr * factor for lr in value.get_last_lr()]  # keep get_last_lr() truthful
+
+
+class SpikeGuard:
+    """Detect loss spikes on every rank, agree in one collective, roll back in-process."""
+
+    def __init__(
+        self,
+        manager: CheckpointManager,
+        state: MutableMapping[str, Any],
+        *,
+        sampler: ResumableDistributedSampler | None = None,
+        detectors: list[Detector] | None = None,
+        policy: RollbackPolicy | None = None,
+        quorum: str | float = "any",
+        vote_every: int = 1,
+        lag: int = 1,
+        health_window: int = 10,
+        group: Any = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        if vote_every < 1:
+            raise ValueError(f"vote_every must be >= 1 (got {vote_every})")
+        self.manager = manager
+        self.state = state
+        self.sampler = sampler
+        self.policy = policy or RollbackPolicy()
+        self.bank = DetectorBank(detectors)
+        self.recovery = Recovery()
+        self.vote = Vote(quorum=Quorum(quorum), lag=lag, group=group)
+        self.vote_every = vote_every
+        self.health_window = health_window
+        self.on_event = on_event
+        state[RECOVERY_KEY] = self.recovery
+        state[DETECTORS_KEY] = self.bank
+        if self.policy.lr_scale != 1.0:
+            # The guard itself moves the LR; that is recovery, not drift between runs.
+            manager.drift_allow += ["optimizer.*.initial_lr", "optimizer.*.lr"]
+        self._flags = {"spike": False, "nonfinite": False, "stop": False}
+        self._preempt = False
+        self._last_loss = float("nan")
+        self._last_trouble: int | None = None
+        self._positions: dict[int, int] = {}
+
+    # -- events -------------------------------------------------------------------------------
+    def emit(self, event: str, **fields: Any) -> None:
+        record = self.manager.events.emit(event, **fields)
+        if self.on_event is not None:
+            self.on_event(record)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> int:
+        """Restore the newest verified checkpoint (0 if none). With ``restart_from_scratch``,
+        a fresh run first commits step 0 so there is always something to roll back to."""
+        restored = self.manager.restore(self.state)
+        if restored is None and self.policy.restart_from_scratch:
+            self.save(0)
+        return restored or 0
+
+    def request_save(self) -> None:
+        """Ask every rank to save at the next vote (preemption); set from a signal handler."""
+        self._preempt = True
+
+    @property
+    def clip_scale(self) -> float:
+        """Multiply your gradient-clipping threshold by this (lowered by rollbacks)."""
+        return self.recovery.clip_scale
+
+    def healthy(self, step: int) -> bool:
+        return self._last_trouble is None or step - self._last_trouble > self.health_window
+
+    def save(self, step: int, *, metadata: dict[str, Any] | None = None, blocking: bool = True) -> None:
+        meta = {"loss": self._last_loss, **(metadata or {})}
+        if self.sampler is not None:
+            meta["samples_seen"] = self.sampler.position
+        health = {"healthy": self.healthy(step), "last_trouble_step": self._last_trouble,
+                  "rollbacks": self.recovery.rollbacks}
+        self.manager.save(step, self.state, metadata=meta, blocking=blocking, health=health)
+
+    # -- the per-step check -------------------------------------------------------------------
+    def step(
+        self,
+        step: int,
+        loss: float,
+        grad_norm: float | None = None,
+        *,
+        save: bool = False,
+        blocking: bool = True,
+        metadata: dict[str, Any] | None = None,
+    ) -> StepOutcome:
+        """Feed this step's loss (and gradient norm); returns what every rank must do now.
+
+        ``save=True`` checkpoints this step, after reading this step's vote too (one extra wait
+        on save steps only), so a checkpoint is never taken, nor marked healthy, while a spike
+        it contains is still being counted."""
+        loss = float(loss)
+        self._last_loss = loss
+        verdict, name = self.bank.update(step, loss, None if grad_norm is None else float(grad_norm))
+        if verdict:
+            self._flags["spike"] |= verdict.spike
+            self._flags["stop"] |= verdict.stop
+            self._flags["nonfinite"] |= not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
+            self._last_trouble = step
+            self.emit("spike_detected", step=step, detector=name, reason=verdict.reason, loss=loss)
+        if self.sampler is not None:
+            self._positions[step] = self.sampler.position
+            self._positions.pop(step - 4 * (self.policy.skip_after + self.policy.margin + 8), None)
+        results: list[VoteResult | None] = []
+        if step % self.vote_every == 0 or save:
+            results.append(self.vote.submit(step, loss=loss, preempt=self._preempt, **self._flags))
+            self._flags = {"spike": False, "nonfinite": False, "stop": False}
+            self._preempt = False
+        if save:
+            results.append(self.vote.flush())
+        for result in results:
+            if result is not None:
+                outcome = self._act(result, now=step)
+                if outcome is not CONTINUE:
+                    return outcome
+        if save:
+            self.save(step, metadata=metadata, blocking=blocking)
+        return CONTINUE
+
+    def _act(self, result: VoteResult, now: int) -> StepOutcome:
+        if result.trouble:
+            self._last_trouble = max(self._last_trouble or 0, result.step)
+        action = decide(self.policy, result, None, self.recovery)
+        if action.kind == "needs_checkpoints":
+            action = decide(self.policy, result, self.manager.checkpoint_health(), self.recovery)
+        if result.spike or result.stop:
+            self.emit("vote_triggered", step=result.step, spikes=result.spikes, nonfinite=result.nonfinite,
+                      ranks=result.world_size, quorum=result.quorum, mean_loss=result.mean_loss, action=action.kind)
+        if action.kind == "continue":
+            if action.reason:
+                self.emit("spike_ignored", step=result.step, reason=action.reason)
+            return CONTINUE
+        if action.kind == "save":
+            self.vote.discard()
+            self.save(now)
+            self.emit("preemption_save", step=now)
+            return StepOutcome("preempted", now)
+        if action.kind == "stop":
+            self.vote.discard()
+            self.manager.wait()
+            self.emit("gave_up", step=result.step, reason=action.reason, rollbacks=self.recovery.rollbacks,
+                      budget=self.policy.budget)
+            raise GaveUpError(action.reason)
+        return self._rollback(action, now)
+
+    # -- rollback -----------------------------------------------------------------------------
+    def _skip_end(self, action: Action, now: int) -> int | None:
+        """Absolute sample position where data resumes: the position after step
+        ``skip_through_step``, extrapolated from the positions seen around the onset."""
+        if self.sampler is None or not self._positions or action.skip_through_step is None:
+            return None
+        onset = action.onset or now
+        known = sorted(s for s in self._positions if s <= max(onset, min(self._positions)))
+        at = known[-1] if known else min(self._positions)
+        pos = self._positions[at]
+        prev = self._positions.get(at - 1)
+        per_step = (pos - prev) if prev is not None else (self._positions[max(self._positions)] - pos) / max(1, max(self._positions) - at)
+        return int(pos + max(0, action.skip_through_step - at) * per_step)
+
+    def _rollback(self, action: Action, now: int) -> StepOutcome:
+        assert action.anchor is not None and action.onset is not None
+        self.vote.discard()
+        before = Recovery()
+        before.load_state_dict(self.recovery.state_dict())
+        skip_end = self._skip_end(action, now)
+        self.emit("rollback_started", from_step=action.onset, to_step=action.anchor, reason=action.reason)
+        self.manager.retire_newer_than(action.anchor, reason=f"rollback from a spike at step {action.onset}")
+        self.manager.superseded_steps.add(action.anchor)
+        self.manager.restore(self.state, step=action.anchor)
+        anchor_lr_scale = self.recovery.lr_scale  # what the anchor's optimizer already carries
+        start = self.sampler.position if self.sampler is not None else None
+        after = before
+        after.rollbacks += 1
+        after.lr_scale *= self.policy.lr_scale
+        after.clip_scale *= self.policy.clip_scale
+        after.cooldown_until = action.onset + self.policy.cooldown
+        window = [start, skip_end] if start is not None and skip_end is not None and skip_end > start else None
+        if window:
+            after.windows.append(window)
+        after.history.append({"onset": action.onset, "anchor": action.anchor, "skipped": window,
+                              "lr_scale": after.lr_scale, "reason": action.reason})
+        self.recovery.load_state_dict(after.state_dict())
+        scale_learning_rate(self.state, after.lr_scale / anchor_lr_scale)
+        if window and self.sampler is not None:
+            self.sampler.seek(window[1])
+            self.emit("data_skipped", start_sample=window[0], end_sample=window[1], samples=window[1] - window[0],
+                      through_step=action.skip_through_step)
+        self.emit("rollback_restored", step=action.anchor)
+        self._last_trouble = None
+        self._positions.clear()
+        self.save(action.anchor)  # re-commit the anchor with the recovery state and new position
+        self.emit("rollback", from_step=action.onset, to_step=action.anchor, skipped=window,
+                  lr_scale=after.lr_scale, rollbacks=after.rollbacks, budget=self.policy.budget,
+                  steps_lost=now - action.anchor)
+        return StepOutcome("rollback", action.anchor)
