@@ -164,6 +164,8 @@ class SpikeGuard:
         it contains is still being counted."""
         loss = float(loss)
         self._last_loss = loss
+        if self.recovery.cooldown_left > 0:
+            self.recovery.cooldown_left -= 1
         verdict, name = self.bank.update(step, loss, None if grad_norm is None else float(grad_norm))
         if verdict:
             self._flags["spike"] |= verdict.spike
@@ -246,7 +248,7 @@ class SpikeGuard:
         after.rollbacks += 1
         after.lr_scale *= self.policy.lr_scale
         after.clip_scale *= self.policy.clip_scale
-        after.cooldown_until = action.onset + self.policy.cooldown
+        after.cooldown_left = self.policy.cooldown
         window = [start, skip_end] if start is not None and skip_end is not None and skip_end > start else None
         if window:
             after.windows.append(window)

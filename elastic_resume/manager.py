@@ -583,6 +583,7 @@ class CheckpointManager:
         return getattr(self.group, "group", None)
 
     def _apply(self, state: MutableMapping[str, Any], tree: dict[str, Any], manifest: Manifest) -> None:
+        tree = {k: v for k, v in tree.items() if not (isinstance(v, _Reseed) and k not in state)}
         reseeded = [k for k, v in tree.items() if isinstance(v, _Reseed)]
         for key in reseeded:
             saved = tree.pop(key).saved

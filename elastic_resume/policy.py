@@ -32,7 +32,7 @@ class RollbackPolicy:
     budget: int = 3
     """Rollbacks allowed in the whole run; one more spike then stops it (exit code 76)."""
     cooldown: int = 0
-    """Steps after a rollback's onset during which new spikes are ignored."""
+    """Steps trained after a rollback during which new spikes are ignored."""
     restart_from_scratch: bool = False
     """When no healthy checkpoint is old enough: restart from step 0 (saved at start) instead of stopping."""
 
@@ -53,20 +53,20 @@ class Recovery:
     rollbacks: int = 0
     lr_scale: float = 1.0
     clip_scale: float = 1.0
-    cooldown_until: int = -1
+    cooldown_left: int = 0  # steps still to train before spikes count again
     windows: list[list[int]] = field(default_factory=list)  # skipped [start, end) global samples
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rollbacks": self.rollbacks, "lr_scale": self.lr_scale, "clip_scale": self.clip_scale,
-                "cooldown_until": self.cooldown_until, "windows": [list(w) for w in self.windows],
+                "cooldown_left": self.cooldown_left, "windows": [list(w) for w in self.windows],
                 "history": list(self.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rollbacks = int(state["rollbacks"])
         self.lr_scale = float(state["lr_scale"])
         self.clip_scale = float(state["clip_scale"])
-        self.cooldown_until = int(state["cooldown_until"])
+        self.cooldown_left = int(state["cooldown_left"])
         self.windows = [list(w) for w in state["windows"]]
         self.history = list(state["history"])
 
@@ -93,8 +93,8 @@ def decide(
     if not vote.spike:
         return Action("save" if vote.preempt else "continue")
     onset = vote.step
-    if onset <= recovery.cooldown_until:
-        return Action("continue", onset=onset, reason=f"spike at step {onset} ignored: cooling down until step {recovery.cooldown_until}")
+    if recovery.cooldown_left > 0:
+        return Action("continue", onset=onset, reason=f"spike at step {onset} ignored: cooling down for {recovery.cooldown_left} more steps")
     if recovery.rollbacks >= policy.budget:
         return Action("stop", onset=onset, reason=(
             f"loss spike at step {onset} ({vote.spikes} of {vote.world_size} ranks, {vote.nonfinite} non-finite) "
