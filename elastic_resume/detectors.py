@@ -171,13 +171,15 @@ class RobustZScore(_Windowed):
 class CUSUM(Detector):
     """One-sided CUSUM on standardized deviations from an EMA baseline: fires on a sustained
     upward shift that no single value would flag. ``k`` is the allowed slack and ``h`` the
-    decision threshold, both in standard deviations."""
+    decision threshold, both in standard deviations. The noise level comes from successive
+    differences (half their mean square), which a slowly falling loss curve does not inflate."""
 
     k: float = 0.5
     h: float = 8.0
     alpha: float = 0.05
     mean: float | None = field(default=None, init=False)
     var: float = field(default=0.0, init=False)
+    prev: float | None = field(default=None, init=False)
     s: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
@@ -197,18 +199,20 @@ class CUSUM(Detector):
 
     def _absorb(self, value: float) -> None:
         if self.mean is None:
-            self.mean = value
+            self.mean = self.prev = value
             return
-        delta = value - self.mean
-        self.mean += self.alpha * delta
-        self.var = (1 - self.alpha) * (self.var + self.alpha * delta * delta)
+        assert self.prev is not None
+        step_var = (value - self.prev) ** 2 / 2
+        self.var = step_var if self.var == 0.0 else (1 - self.alpha) * self.var + self.alpha * step_var
+        self.mean += self.alpha * (value - self.mean)
+        self.prev = value
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "mean": self.mean, "var": self.var, "s": self.s}
+        return {**super().state_dict(), "mean": self.mean, "var": self.var, "prev": self.prev, "s": self.s}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.mean, self.var, self.s = state["mean"], float(state["var"]), float(state["s"])
+        self.mean, self.var, self.prev, self.s = state["mean"], float(state["var"]), state["prev"], float(state["s"])
 
 
 @dataclass(kw_only=True)

@@ -263,7 +263,10 @@ class SpikeGuard:
         self.emit("rollback_restored", step=action.anchor)
         self._last_trouble = None
         self._positions.clear()
-        self.save(action.anchor)  # re-commit the anchor with the recovery state and new position
+        # Re-commit the anchor with the recovery state and the new data position, in the
+        # background: training goes on at once, and a crash before that commit only means the
+        # original anchor is found again and the same rollback is redone (never half of one).
+        self.save(action.anchor, blocking=False)
         self.emit("rollback", from_step=action.onset, to_step=action.anchor, skipped=window,
                   lr_scale=after.lr_scale, rollbacks=after.rollbacks, budget=self.policy.budget,
                   steps_lost=now - action.anchor)

@@ -1,0 +1,149 @@
+"""Detectors, the quorum and the rollback policy against known series and plain values."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from elastic_resume import CUSUM, EMARatio, MovingAverageRatio, NonFinite, Plateau, RobustZScore, Threshold
+from elastic_resume.detectors import DetectorBank
+from elastic_resume.errors import ConfigError
+from elastic_resume.policy import Recovery, RollbackPolicy, decide
+from elastic_resume.vote import Quorum, VoteResult
+
+
+def decaying(n: int, seed: int = 0, noise: float = 0.03) -> list[float]:
+    """A typical training curve: exponential decay with multiplicative noise."""
+    rng = random.Random(seed)
+    return [(2.0 * math.exp(-i / 150) + 0.5) * (1 + rng.gauss(0, noise)) for i in range(n)]
+
+
+def fired(detector, series) -> list[int]:
+    return [i for i, v in enumerate(series) if detector.update(v, i).spike]
+
+
+ALL = [
+    lambda: MovingAverageRatio(window=30, ratio=2.0),
+    lambda: EMARatio(alpha=0.05, ratio=2.0, warmup=10),
+    lambda: RobustZScore(window=50, z=8.0),
+    lambda: CUSUM(k=0.5, h=12.0),
+]
+
+
+@pytest.mark.parametrize("make", ALL)
+def test_quiet_on_a_normal_noisy_curve(make):
+    assert fired(make(), decaying(600)) == []
+
+
+@pytest.mark.parametrize("make", ALL[:3])
+def test_a_single_spike_fires_once_and_does_not_poison_the_baseline(make):
+    series = decaying(300)
+    series[200] *= 8
+    assert fired(make(), series) == [200]
+
+
+def test_slowly_rising_loss_does_not_fire_the_spike_detectors():
+    series = [1.0 + 0.002 * i for i in range(500)]  # +0.2% per step: drift, not a spike
+    for make in ALL[:3]:
+        assert fired(make(), series) == []
+
+
+def test_cusum_catches_a_sustained_shift_that_no_single_value_flags():
+    series = decaying(400, noise=0.01)
+    shifted = series[:250] + [v * 1.15 for v in series[250:]]  # +15%: below any ratio threshold
+    assert fired(MovingAverageRatio(window=30, ratio=2.0), shifted) == []
+    hits = fired(CUSUM(k=0.5, h=12.0), shifted)
+    assert hits and 250 <= hits[0] < 280
+
+
+def test_warmup_suppresses_early_verdicts():
+    d = Threshold(max_value=1.0, warmup=5)
+    assert fired(d, [10.0] * 5 + [10.0]) == [5]
+
+
+def test_non_finite_fires_always_even_in_warmup():
+    d = NonFinite(watch="grad_norm", warmup=100)
+    assert fired(d, [1.0, float("nan"), float("inf"), 1.0]) == [1, 2]
+    # other detectors ignore non-finite values instead of learning them
+    z = RobustZScore(window=10)
+    fired(z, [1.0] * 10 + [float("nan")] + [1.0] * 5)
+    assert all(math.isfinite(v) for v in z.values)
+
+
+def test_plateau_asks_once_for_rollback_or_stop():
+    d = Plateau(above=1.0, after_steps=100, action="stop")
+    verdicts = [d.update(2.0, s) for s in range(95, 110)]
+    assert [v.stop for v in verdicts].count(True) == 1 and verdicts[5].stop
+    d = Plateau(above=1.0, after_steps=10)
+    assert d.update(0.5, 20).spike is False and d.update(1.5, 21).spike is True
+
+
+def test_detector_state_round_trips_so_a_resume_judges_identically():
+    series = decaying(300)
+    series[250] *= 8
+    for make in ALL:
+        a = make()
+        for i, v in enumerate(series[:200]):
+            a.update(v, i)
+        b = make()
+        b.load_state_dict(a.state_dict())
+        assert [a.update(v, i).spike for i, v in enumerate(series[200:], 200)] == \
+               [b.update(v, i).spike for i, v in enumerate(series[200:], 200)]
+
+
+def test_bank_reports_stop_before_spike_and_refuses_changed_detector_list():
+    bank = DetectorBank([NonFinite(), Plateau(above=0, after_steps=0, action="stop")])
+    verdict, name = bank.update(1, float("nan"))
+    assert verdict.spike and name == "NonFinite(loss)"
+    verdict, name = bank.update(2, 5.0)
+    assert verdict.stop and name.startswith("Plateau")
+    with pytest.raises(ConfigError, match="detectors changed"):
+        DetectorBank([NonFinite()]).load_state_dict(bank.state_dict())
+
+
+def test_bad_detector_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="watch must be one of"):
+        Threshold(max_value=1, watch="lr")
+    with pytest.raises(ConfigError, match="window must be >= 2"):
+        MovingAverageRatio(window=1)
+    with pytest.raises(ConfigError, match="action must be"):
+        Plateau(above=1, after_steps=1, action="explode")
+
+
+@pytest.mark.parametrize("rule, world, needed", [("any", 8, 1), ("majority", 8, 5), ("majority", 3, 2),
+                                                 (0.25, 8, 2), (1.0, 4, 4)])
+def test_quorum(rule, world, needed):
+    assert Quorum(rule).needed(world) == needed
+
+
+def vote(step=50, spikes=1, nonfinite=0, world=4, quorum=1, preempt=0, stop=0):
+    return VoteResult(step=step, world_size=world, mean_loss=1.0, spikes=spikes, nonfinite=nonfinite,
+                      preempt=preempt, stop=stop, quorum=quorum)
+
+
+def test_policy_picks_newest_healthy_anchor_before_the_margin():
+    policy = RollbackPolicy(margin=10, skip_after=20)
+    cps = [(0, True), (20, True), (30, True), (40, False), (45, True)]
+    assert decide(policy, vote(), None, Recovery()).kind == "needs_checkpoints"
+    a = decide(policy, vote(step=50), cps, Recovery())
+    assert (a.kind, a.anchor, a.skip_through_step) == ("rollback", 30, 70)  # 40 unhealthy, 45 too close
+
+
+def test_policy_quorum_budget_cooldown_and_no_anchor():
+    policy = RollbackPolicy(margin=10, budget=2, cooldown=5)
+    assert decide(policy, vote(spikes=1, quorum=3), [(0, True)], Recovery()).kind == "continue"
+    assert decide(policy, vote(spikes=0, nonfinite=1, quorum=3), [(0, True)], Recovery()).kind == "rollback"
+    spent = Recovery(rollbacks=2)
+    a = decide(policy, vote(), [(0, True)], spent)
+    assert a.kind == "stop" and "budget of 2 is spent" in a.reason
+    assert decide(policy, vote(), [(0, True)], Recovery(cooldown_left=3)).kind == "continue"
+    a = decide(policy, vote(step=5), [(0, True)], Recovery())
+    assert a.kind == "stop" and "no healthy checkpoint at or before step -5" in a.reason
+    a = decide(RollbackPolicy(margin=10, restart_from_scratch=True), vote(step=5), [(0, True)], Recovery())
+    assert (a.kind, a.anchor) == ("rollback", 0)
+    assert decide(policy, vote(spikes=0, preempt=1), None, Recovery()).kind == "save"
+    assert decide(policy, vote(spikes=0, stop=1), None, Recovery()).kind == "stop"
+    with pytest.raises(ConfigError):
+        RollbackPolicy(lr_scale=0)
