@@ -1,0 +1,195 @@
+"""Spike-guard benchmark, ratios measured side by side in one run:
+
+  step time with the vote / without it, DDP-like loop, 2 ranks (gloo)   goal <= 1.02
+  in-process rollback time / raw read of the same checkpoint bytes      goal <= 1.3
+  a poisoned-data recovery: time lost to the in-process rollback vs restarting the job (a new
+  process: import, process group, restore) from the same checkpoint, also in steps
+
+Usage: python benchmarks/bench_guard.py [--mib 128] [--steps 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from elastic_resume import CheckpointManager, ResumableDistributedSampler, RollbackPolicy, SpikeGuard  # noqa: E402
+from elastic_resume.guard import StepOutcome  # noqa: E402
+
+WORK = os.path.abspath(os.environ.get("BENCH_DIR", ".bench"))
+
+
+def _vote_rank(rank: int, port: int, steps: int, root: str, out: "mp.Queue[tuple[float, float]]") -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256))
+    ddp = DDP(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    state = {"model": model, "optimizer": opt}
+    guard = SpikeGuard(CheckpointManager(root, keep_last=1), state)
+    x = torch.randn(64, 256)
+
+    def train_step() -> float:
+        loss = ddp(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    for _ in range(20):
+        train_step()
+    plain, voted = [], []
+    step = 0
+    for block in range(steps // 50):
+        for _ in range(50):
+            t = time.perf_counter()
+            loss = train_step()
+            if block % 2:
+                step += 1
+                guard.step(step, loss)
+                voted.append(time.perf_counter() - t)
+            else:
+                plain.append(time.perf_counter() - t)
+    if rank == 0:
+        out.put((statistics.median(voted), statistics.median(plain)))
+    dist.destroy_process_group()
+
+
+def vote_overhead(steps: int) -> tuple[float, float]:
+    from tests.conftest import free_port
+
+    root = tempfile.mkdtemp(dir=WORK)
+    ctx = mp.get_context("spawn")
+    q: mp.Queue[tuple[float, float]] = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_vote_rank, args=(r, port, steps, os.path.join(root, "ckpt"), q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    result = q.get(timeout=600)
+    for p in procs:
+        p.join(timeout=60)
+    shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+def drop_caches() -> None:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        pass
+
+
+def raw_read_all(root: str) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb", buffering=0) as f:
+                while f.read(16 << 20):
+                    pass
+
+
+def rollback_vs_read(mib: int, reps: int) -> tuple[float, float]:
+    """A real SpikeGuard rollback (vote, policy, retire, restore, skip, background re-commit)
+    against reading the anchor's bytes raw. Cold cache for both."""
+    root = tempfile.mkdtemp(dir=WORK)
+    torch.manual_seed(0)
+    n = (mib << 20) // 4 // 2
+    model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(n // 4)) for _ in range(4)])
+    opt = torch.optim.Adam(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    data = list(range(4096))
+    sampler = ResumableDistributedSampler(data, num_replicas=1, rank=0)
+    state = {"model": model, "optimizer": opt, "sampler": sampler}
+    mgr = CheckpointManager(os.path.join(root, "ckpt"), keep_last=2)
+    guard = SpikeGuard(mgr, state, sampler=sampler, policy=RollbackPolicy(margin=5, skip_after=5, budget=10**6),
+                       lag=0)
+    rollback_s, read_s = [], []
+    step = 0
+    for rep in range(reps):
+        for _ in range(30 if rep == 0 else 20):  # after a rollback, training goes on from step 10
+            step += 1
+            it = iter(sampler)
+            next(it)
+            out = guard.step(step, 1.0 + 0.01 * (step % 3), save=step == 10)
+            assert out == StepOutcome()
+        anchor_dir = [d for d in os.listdir(os.path.join(root, "ckpt")) if d.startswith("step-")]
+        drop_caches()
+        t = time.perf_counter()
+        raw_read_all(os.path.join(root, "ckpt", sorted(anchor_dir)[-1]))
+        read_s.append(time.perf_counter() - t)
+        drop_caches()
+        t = time.perf_counter()
+        out = guard.step(step + 1, 1e6)  # the spike
+        rollback_s.append(time.perf_counter() - t)
+        assert out.rolled_back and out.step == 10
+        step = out.step
+        mgr.wait()
+        guard.recovery.cooldown_left = 0
+    mgr.close()
+    shutil.rmtree(root, ignore_errors=True)
+    return statistics.median(rollback_s), statistics.median(read_s)
+
+
+def restart_cost(root_mib: int) -> float:
+    """Seconds for a fresh process to come back: interpreter, import torch and the library,
+    restore the same checkpoint (what restarting the job costs at the least, before any
+    scheduler or rendezvous delay)."""
+    root = tempfile.mkdtemp(dir=WORK)
+    ckpt = os.path.join(root, "ckpt")
+    state = {"w": torch.randn((root_mib << 20) // 4)}
+    CheckpointManager(ckpt).save(1, state)
+    code = ("import torch; from elastic_resume import CheckpointManager; "
+            f"CheckpointManager({ckpt!r}).restore({{'w': None}})")
+    drop_caches()
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=REPO))
+    seconds = time.perf_counter() - t
+    shutil.rmtree(root, ignore_errors=True)
+    return seconds
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mib", type=int, default=128)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+    os.makedirs(WORK, exist_ok=True)
+    torch.set_num_threads(1)
+    print(f"# spike-guard benchmark  torch {torch.__version__}")
+    voted, plain = vote_overhead(args.steps)
+    print(f"step with vote / without (2 ranks, gloo, vote read one step late)  {voted / plain:.3f}   "
+          f"({voted * 1e3:.2f} ms vs {plain * 1e3:.2f} ms)", flush=True)
+    rb, rd = rollback_vs_read(args.mib, args.reps)
+    print(f"in-process rollback / raw read of the checkpoint ({args.mib} MiB, cold cache)  {rb / rd:.3f}   "
+          f"({rb:.3f}s vs {rd:.3f}s)", flush=True)
+    rs = restart_cost(args.mib)
+    print(f"recovery from poisoned data: in-process rollback {rb:.2f}s vs restarting the job {rs:.2f}s "
+          f"({rs / rb:.1f}x); at {plain * 1e3:.1f} ms/step that is {rb / plain:.0f} vs {rs / plain:.0f} steps of "
+          "training time, plus the steps between the anchor and the spike, which both pay")
+    shutil.rmtree(WORK, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
