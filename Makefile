@@ -29,6 +29,8 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_store.py
+	$(BIN)/python benchmarks/bench_manager.py
+	$(BIN)/python benchmarks/bench_guard.py
 
 clean:
 	rm -rf $(VENV) demo-run .bench .pytest_cache
