@@ -25,19 +25,20 @@ import torch.multiprocessing as mp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.common import drop_caches, run_ranks  # noqa: E402
 from elastic_resume import CheckpointManager, ResumableDistributedSampler, RollbackPolicy, SpikeGuard  # noqa: E402
 from elastic_resume.guard import StepOutcome  # noqa: E402
 
 WORK = os.path.abspath(os.environ.get("BENCH_DIR", ".bench"))
 
 
-def _vote_rank(rank: int, port: int, steps: int, root: str, out: "mp.Queue[tuple[float, float]]") -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+def _vote_rank(rank: int, world: int, port: int, root: str, steps: int, out: "mp.Queue[tuple[float, float]]") -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256))
     ddp = DDP(model)
@@ -73,29 +74,7 @@ def _vote_rank(rank: int, port: int, steps: int, root: str, out: "mp.Queue[tuple
 
 
 def vote_overhead(steps: int) -> tuple[float, float]:
-    from tests.conftest import free_port
-
-    root = tempfile.mkdtemp(dir=WORK)
-    ctx = mp.get_context("spawn")
-    q: mp.Queue[tuple[float, float]] = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_vote_rank, args=(r, port, steps, os.path.join(root, "ckpt"), q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    result = q.get(timeout=600)
-    for p in procs:
-        p.join(timeout=60)
-    shutil.rmtree(root, ignore_errors=True)
-    return result
-
-
-def drop_caches() -> None:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass
+    return run_ranks(_vote_rank, 2, WORK, steps)
 
 
 def raw_read_all(root: str) -> None:

@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import run_ranks  # noqa: E402
 from elastic_resume import CheckpointManager  # noqa: E402
 
 WORK = os.path.abspath(os.environ.get("BENCH_DIR", ".bench"))
@@ -135,20 +136,7 @@ def _rank_save(rank: int, world: int, port: int, root: str, mib: int, reps: int,
 
 
 def save_time(world: int, mib: int, reps: int) -> tuple[float, float]:
-    from tests.conftest import free_port
-
-    root = tempfile.mkdtemp(dir=WORK)
-    ctx = mp.get_context("spawn")
-    q: mp.Queue[tuple[float, float]] = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank_save, args=(r, world, port, os.path.join(root, "ckpt"), mib, reps, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    result = q.get(timeout=600)
-    for p in procs:
-        p.join(timeout=120)
-    shutil.rmtree(root, ignore_errors=True)
-    return result
+    return run_ranks(_rank_save, world, WORK, mib, reps)
 
 
 def main() -> int:

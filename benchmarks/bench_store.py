@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import drop_caches  # noqa: E402
 from elastic_resume import CheckpointManager  # noqa: E402
 from elastic_resume.serialization import tensor_bytes  # noqa: E402
 
@@ -41,17 +42,6 @@ def timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
-
-
-def drop_caches() -> bool:
-    """Evict the page cache where allowed (root on a real kernel), so reads hit the disk."""
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def raw_write(path: str, tensor: torch.Tensor) -> None:

@@ -44,7 +44,7 @@ from .errors import (
 )
 from .events import EventLog
 from .serialization import as_cpu_contiguous, decode, encode, flatten, unflatten
-from .state import PerRank, is_per_rank
+from .state import is_per_rank
 from .storage import digest_bytes, open_storage
 from .store import CheckpointStore, FileEntry, Manifest, canonical_json, data_file, new_attempt_id, step_dir
 

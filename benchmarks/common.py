@@ -1,0 +1,46 @@
+"""Helpers shared by the benchmarks: cache dropping and running a function on N gloo ranks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+def drop_caches() -> bool:
+    """Evict the page cache where allowed (root on a real kernel), so reads hit the disk."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_ranks(target: Callable[..., None], world: int, work: str, *args: Any) -> Any:
+    """Start ``world`` spawned processes running ``target(rank, world, port, root, *args, queue)``
+    with a fresh checkpoint root; return what rank 0 puts on the queue."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.conftest import free_port
+
+    root = tempfile.mkdtemp(dir=work)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, os.path.join(root, "ckpt"), *args, queue))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        return queue.get(timeout=600)
+    finally:
+        for p in procs:
+            p.join(timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
