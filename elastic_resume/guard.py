@@ -110,6 +110,7 @@ class SpikeGuard:
         self._last_loss = float("nan")
         self._last_trouble: int | None = None
         self._positions: dict[int, int] = {}
+        self._committed: list[tuple[int, bool]] = []  # (step, healthy) of this run's timeline
 
     # -- events -------------------------------------------------------------------------------
     def emit(self, event: str, **fields: Any) -> None:
@@ -122,9 +123,22 @@ class SpikeGuard:
         """Restore the newest verified checkpoint (0 if none). With ``restart_from_scratch``,
         a fresh run first commits step 0 so there is always something to roll back to."""
         restored = self.manager.restore(self.state)
+        self._committed = self.manager.checkpoint_health()
         if restored is None and self.policy.restart_from_scratch:
             self.save(0)
         return restored or 0
+
+    def _protect_anchor(self, step: int) -> None:
+        """Keep out of retention's reach every checkpoint a spike at ``step`` or later could roll
+        back to: the newest healthy one at least ``margin`` steps old (today's anchor) and the
+        healthy ones younger than that (tomorrow's anchors)."""
+        limit = step - self.policy.margin
+        healthy = [s for s, ok in self._committed if ok]
+        old = [s for s in healthy if s <= limit]
+        keep = {s for s in healthy if s > limit} | ({max(old)} if old else set())
+        if self.policy.restart_from_scratch and 0 in healthy:
+            keep.add(0)
+        self.manager.protected_steps = keep
 
     def request_save(self) -> None:
         """Ask every rank to save at the next vote (preemption); set from a signal handler."""
@@ -144,6 +158,8 @@ class SpikeGuard:
             meta["samples_seen"] = self.sampler.position
         health = {"healthy": self.healthy(step), "last_trouble_step": self._last_trouble,
                   "rollbacks": self.recovery.rollbacks}
+        self._committed = [(s, ok) for s, ok in self._committed if s != step] + [(step, health["healthy"])]
+        self._protect_anchor(step)
         self.manager.save(step, self.state, metadata=meta, blocking=blocking, health=health)
 
     # -- the per-step check -------------------------------------------------------------------
@@ -240,6 +256,7 @@ class SpikeGuard:
         skip_end = self._skip_end(action, now)
         self.emit("rollback_started", from_step=action.onset, to_step=action.anchor, reason=action.reason)
         self.manager.retire_newer_than(action.anchor, reason=f"rollback from a spike at step {action.onset}")
+        self._committed = [(s, ok) for s, ok in self._committed if s <= action.anchor]
         self.manager.superseded_steps.add(action.anchor)
         self.manager.restore(self.state, step=action.anchor)
         anchor_lr_scale = self.recovery.lr_scale  # what the anchor's optimizer already carries

@@ -147,3 +147,24 @@ def test_policy_quorum_budget_cooldown_and_no_anchor():
     assert decide(policy, vote(spikes=0, stop=1), None, Recovery()).kind == "stop"
     with pytest.raises(ConfigError):
         RollbackPolicy(lr_scale=0)
+
+
+def test_retention_keeps_the_rollback_anchor_alive(tmp_path):
+    """keep_last=1 would delete every older step; the anchors a spike needs survive, and the
+    rollback reaches one (single process, the same guard the distributed tests drive)."""
+    import torch
+
+    from elastic_resume import CheckpointManager, SpikeGuard
+
+    model = torch.nn.Linear(2, 1)
+    state = {"model": model, "progress": {"step": 0}}
+    mgr = CheckpointManager(tmp_path / "ckpt", keep_last=1)
+    guard = SpikeGuard(mgr, state, detectors=[NonFinite()], policy=RollbackPolicy(margin=5, skip_data=False), lag=0)
+    assert guard.start() == 0
+    for step in range(1, 11):
+        assert not guard.step(step, 1.0, save=step % 2 == 0).rolled_back
+    # 4: today's anchor (newest healthy step at least 5 steps old); 6 and 8: tomorrow's; 2 is gone
+    assert mgr.committed_steps() == [10, 8, 6, 4]
+    outcome = guard.step(11, float("nan"))
+    assert outcome.rolled_back and outcome.step == 6
+    mgr.close()
