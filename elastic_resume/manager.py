@@ -43,7 +43,7 @@ from .errors import (
     StorageError,
 )
 from .events import EventLog
-from .serialization import as_cpu_contiguous, decode, encode, flatten, unflatten
+from .serialization import as_cpu_contiguous, encode, flatten, unflatten
 from .state import is_per_rank
 from .storage import digest_bytes, open_storage
 from .store import CheckpointStore, FileEntry, Manifest, canonical_json, data_file, new_attempt_id, step_dir
@@ -443,11 +443,7 @@ class CheckpointManager:
         tensors: dict[int, torch.Tensor] = {}
         for entry in entries:
             where = self.storage.display(f"{step_dir(manifest.step)}/{entry.path}")
-            buf = self.store.read_file(manifest, entry)
-            try:
-                part = decode(buf, where=where)
-            except CheckpointCorruptError as e:
-                raise CheckpointCorruptError(manifest.step, where, e.reason) from None
+            part = self.store.read_tree(manifest, entry)
             if not isinstance(part, dict) or not isinstance(part.get("tensors"), dict):
                 raise CheckpointCorruptError(manifest.step, where, "data file does not hold a state")
             if part.get("skeleton") is not None:

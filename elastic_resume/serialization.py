@@ -283,15 +283,8 @@ class _Decoder:
         raise self.fail(f"unknown node {str(node)[:80]}")
 
 
-def decode(buf: torch.Tensor, *, where: str) -> Any:
-    """Rebuild the tree from a file's bytes held in a uint8 tensor. Tensors are views into
-    ``buf`` (no copy). ``where`` names the file in errors."""
-
-    def fail(reason: str) -> CheckpointCorruptError:
-        return CheckpointCorruptError(None, where, reason)
-
-    size = buf.numel()
-    head = bytes(tensor_bytes(buf[: min(size, 16)]))
+def _check_header(head: bytes, size: int, where: str) -> int:
+    """Validate the first 16 bytes; return the JSON header's length."""
     if not head.startswith(MAGIC):
         unsafe = sniff_unsafe(head)
         if unsafe:
@@ -299,20 +292,23 @@ def decode(buf: torch.Tensor, *, where: str) -> Any:
                 None, where, f"holds {unsafe}; elastic-resume never unpickles checkpoint data, "
                 "since loading a pickle can execute arbitrary code"
             )
-        raise fail("not an elastic-resume data file (bad magic bytes)")
+        raise CheckpointCorruptError(None, where, "not an elastic-resume data file (bad magic bytes)")
     if size < 16:
-        raise fail("truncated header")
+        raise CheckpointCorruptError(None, where, "truncated header")
     (hlen,) = _LEN.unpack(head[8:16])
     if hlen > _HEADER_LIMIT or 16 + hlen > size:
-        raise fail(f"header length {hlen} exceeds file size {size}")
-    try:
-        header = json.loads(bytes(tensor_bytes(buf[16 : 16 + hlen])))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise fail(f"header is not valid JSON ({e})") from None
+        raise CheckpointCorruptError(None, where, f"header length {hlen} exceeds file size {size}")
+    return hlen
+
+
+def _tensor_table(header: Any, size: int, data_start: int, where: str) -> list[tuple[torch.dtype, list[int], int, int]]:
+    """(dtype, shape, absolute offset, nbytes) per tensor, bounds-checked against the file."""
+    def fail(reason: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(None, where, reason)
+
     if not isinstance(header, dict) or header.get("version") != 1:
         raise fail(f"unknown data format version {header.get('version') if isinstance(header, dict) else header!r}")
-    data_start = _align(16 + hlen)
-    tensors = []
+    table = []
     for i, entry in enumerate(header.get("tensors", [])):
         try:
             dtype = _DTYPES[entry["dtype"]]
@@ -328,11 +324,53 @@ def decode(buf: torch.Tensor, *, where: str) -> Any:
         itemsize = torch.empty((), dtype=dtype).element_size()
         if nbytes != numel * itemsize or offset < 0 or offset % ALIGN:
             raise fail(f"tensor entry {i} has inconsistent size or offset")
-        start = data_start + offset
-        if start + nbytes > size:
+        if data_start + offset + nbytes > size:
             raise fail(f"tensor entry {i} extends past the end of the file")
-        if numel == 0:
-            tensors.append(torch.empty(shape, dtype=dtype))
-        else:
-            tensors.append(buf[start : start + nbytes].view(dtype).view(shape))
+        table.append((dtype, shape, data_start + offset, nbytes))
+    return table
+
+
+def decode_stream(stream: Any, *, where: str) -> Any:
+    """Rebuild the tree while reading the file once, front to back: each tensor is read straight
+    into storage of its own (no shared buffer for loaded objects to alias and keep alive, no
+    copy). ``stream`` is a storage ByteStream; the caller checks its digest afterwards."""
+    size = stream.size
+    head = bytearray(min(16, size))
+    stream.readinto_exact(memoryview(head))
+    hlen = _check_header(bytes(head), size, where)
+    raw = bytearray(hlen)
+    stream.readinto_exact(memoryview(raw))
+    try:
+        header = json.loads(bytes(raw))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointCorruptError(None, where, f"header is not valid JSON ({e})") from None
+    table = _tensor_table(header, size, _align(16 + hlen), where)
+    order = sorted(range(len(table)), key=lambda i: table[i][2])
+    tensors: list[torch.Tensor | None] = [None] * len(table)
+    for i in order:
+        dtype, shape, offset, nbytes = table[i]
+        if offset < stream.pos:
+            raise CheckpointCorruptError(None, where, f"tensor entry {i} overlaps another")
+        stream.skip(offset - stream.pos)
+        t = torch.empty(shape, dtype=dtype)
+        if nbytes:
+            stream.readinto_exact(tensor_bytes(t))
+        tensors[i] = t
+    return _Decoder(tensors, where).decode(header.get("tree"))  # type: ignore[arg-type]
+
+
+def decode(buf: torch.Tensor, *, where: str) -> Any:
+    """Rebuild the tree from a file's bytes already in memory (a uint8 tensor). Tensors are
+    views into ``buf`` (no copy); used where the consumer copies them out at once (DCP shards).
+    ``where`` names the file in errors."""
+    size = buf.numel()
+    hlen = _check_header(bytes(tensor_bytes(buf[: min(size, 16)])), size, where)
+    try:
+        header = json.loads(bytes(tensor_bytes(buf[16 : 16 + hlen])))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointCorruptError(None, where, f"header is not valid JSON ({e})") from None
+    tensors = [
+        torch.empty(shape, dtype=dtype) if nbytes == 0 else buf[offset : offset + nbytes].view(dtype).view(shape)
+        for dtype, shape, offset, nbytes in _tensor_table(header, size, _align(16 + hlen), where)
+    ]
     return _Decoder(tensors, where).decode(header.get("tree"))

@@ -62,32 +62,69 @@ class ReadResult:
     digest: str
 
 
-class _Sink:
-    """Where bytes of a read go: into one preallocated tensor (a load), or through a small
-    reusable buffer that is only hashed (verification, which must not need the file's size in
-    memory). torch is imported only for loads, so the CLI's verify starts fast."""
+class ByteStream:
+    """A file read front to back exactly once, every byte hashed as it arrives. Callers fill
+    memory of their choosing (one big buffer, or each tensor's own storage) with
+    ``readinto_exact`` and end with ``finish``, which checks nothing is left and returns the
+    digest. Backends implement ``_fill``."""
 
-    def __init__(self, size: int, keep: bool) -> None:
+    def __init__(self, where: str, size: int) -> None:
+        self.where = where
+        self.size = size
+        self.pos = 0
         self.hasher = new_hasher()
-        if keep:
-            import torch
 
-            self.buffer: "torch.Tensor | None" = torch.empty(size, dtype=torch.uint8)
-            from .serialization import tensor_bytes
+    def readinto_exact(self, mv: memoryview) -> None:
+        if self.pos + len(mv) > self.size:
+            raise _short_read(self.where, self.size, self.pos + len(mv))
+        done = 0
+        while done < len(mv):
+            chunk = mv[done : done + READ_CHUNK]
+            self._fill(chunk)
+            self.hasher.update(chunk)
+            done += len(chunk)
+        self.pos += len(mv)
 
-            self.view = tensor_bytes(self.buffer)
-        else:
-            self.buffer = None
-            self.scratch = memoryview(bytearray(min(size, READ_CHUNK) or 1))
+    def skip(self, n: int) -> None:
+        """Read (and hash) ``n`` bytes that nobody needs: padding, or the rest of a bad file."""
+        scratch = memoryview(bytearray(min(max(n, 1), READ_CHUNK)))
+        while n > 0:
+            take = min(n, len(scratch))
+            self.readinto_exact(scratch[:take])
+            n -= take
 
-    def target(self, start: int, end: int) -> memoryview:
-        """Memory to read bytes [start, end) into."""
-        if self.buffer is not None:
-            return self.view[start:end]
-        return self.scratch[: end - start]
+    def finish(self) -> str:
+        if self.pos < self.size:
+            self.skip(self.size - self.pos)
+        self._check_end()
+        return format_digest(self.hasher)
 
-    def result(self) -> ReadResult:
-        return ReadResult(self.buffer, format_digest(self.hasher))
+    def read_all(self, keep: bool) -> ReadResult:
+        """The whole file into one new uint8 tensor (``keep``), or only its digest."""
+        if not keep:
+            return ReadResult(None, self.finish())
+        import torch
+
+        from .serialization import tensor_bytes
+
+        buf = torch.empty(self.size, dtype=torch.uint8)
+        self.readinto_exact(tensor_bytes(buf))
+        return ReadResult(buf, self.finish())
+
+    def _fill(self, mv: memoryview) -> None:
+        raise NotImplementedError
+
+    def _check_end(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "ByteStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 class Storage(Protocol):
@@ -100,6 +137,7 @@ class Storage(Protocol):
     def makedirs(self, rel: str) -> None: ...
     def write_atomic(self, rel: str, chunks: Iterable[memoryview], size: int | None = None) -> WriteResult: ...
     def write_create_only(self, rel: str, data: bytes) -> None: ...
+    def open_stream(self, rel: str, expected_size: int | None = None) -> ByteStream: ...
     def read(self, rel: str, expected_size: int | None = None, *, keep: bool = True) -> ReadResult: ...
     def read_small(self, rel: str) -> bytes: ...
     def exists(self, rel: str) -> bool: ...
@@ -264,36 +302,25 @@ class LocalStorage:
                 os.unlink(tmp)
         self._fsync_dir(os.path.dirname(self._p(rel)))
 
-    def read(self, rel: str, expected_size: int | None = None, *, keep: bool = True) -> ReadResult:
-        """Read a file in one pass, hashing as bytes arrive; ``keep=False`` only hashes."""
-        path = self._p(rel)
+    def open_stream(self, rel: str, expected_size: int | None = None) -> ByteStream:
         try:
-            with open(path, "rb", buffering=0) as f:
-                actual = os.fstat(f.fileno()).st_size
-                size = actual if expected_size is None else expected_size
-                if actual < size:
-                    raise _short_read(self.display(rel), actual, size)
-                if actual > size:
-                    raise _long_read(self.display(rel), actual, size)
-                with contextlib.suppress(AttributeError, OSError):
-                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                sink = _Sink(size, keep)
-                pos = 0
-                while pos < size:
-                    end = min(size, pos + READ_CHUNK)
-                    target = sink.target(pos, end)
-                    n = f.readinto(target)
-                    if not n:
-                        raise _short_read(self.display(rel), pos, size)
-                    sink.hasher.update(target[:n])
-                    pos += n
+            return _LocalStream(self._p(rel), self.display(rel), expected_size)
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, f"{self.display(rel)} is missing") from None
         except SizeMismatchError:
             raise
         except OSError as e:
             raise self._error("read", rel, e) from None
-        return sink.result()
+
+    def read(self, rel: str, expected_size: int | None = None, *, keep: bool = True) -> ReadResult:
+        """Read a file in one pass, hashing as bytes arrive; ``keep=False`` only hashes."""
+        with self.open_stream(rel, expected_size) as stream:
+            try:
+                return stream.read_all(keep)
+            except SizeMismatchError:
+                raise
+            except OSError as e:
+                raise self._error("read", rel, e) from None
 
     def read_small(self, rel: str) -> bytes:
         try:
@@ -517,54 +544,29 @@ class S3Storage:
         except Exception as e:  # noqa: BLE001
             raise self._error("commit", rel, e) from None
 
-    def read(self, rel: str, expected_size: int | None = None, *, keep: bool = True) -> ReadResult:
-        """Ranged GETs run concurrently (a bounded window); bytes are hashed in file order as
-        parts complete and, for a load, land in one preallocated buffer."""
-        key = self._key(rel)
-        fs = self.fs
+    def open_stream(self, rel: str, expected_size: int | None = None) -> ByteStream:
         try:
-            actual = fs.size(self._p(rel))
-            size = actual if expected_size is None else expected_size
-            if actual < size:
-                raise _short_read(self.display(rel), actual, size)
-            if actual > size:
-                raise _long_read(self.display(rel), actual, size)
-            sink = _Sink(0 if not keep else size, keep)
-
-            async def fetch(start: int, end: int) -> bytes:
-                resp = await fs._call_s3("get_object", Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
-                try:
-                    data = await resp["Body"].read()
-                finally:
-                    resp["Body"].close()
-                if len(data) != end - start:
-                    raise _short_read(self.display(rel), start + len(data), size)
-                return data
-
-            ranges = iter([(s, min(size, s + self.PART_SIZE)) for s in range(0, size, self.PART_SIZE)])
-            pending: deque[tuple[int, int, Any]] = deque()
-
-            def submit() -> None:
-                nxt = next(ranges, None)
-                if nxt is not None:
-                    pending.append((*nxt, asyncio.run_coroutine_threadsafe(fetch(*nxt), fs.loop)))
-
-            for _ in range(self.MAX_IN_FLIGHT):
-                submit()
-            while pending:
-                start, end, fut = pending.popleft()
-                data = fut.result()
-                sink.hasher.update(data)
-                if sink.buffer is not None:
-                    sink.target(start, end)[:] = data
-                submit()
+            actual = self.fs.size(self._p(rel))
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, f"{self.display(rel)} is missing") from None
-        except (SizeMismatchError, StorageError):
-            raise
         except Exception as e:  # noqa: BLE001
             raise self._error("read", rel, e) from None
-        return sink.result()
+        size = actual if expected_size is None else expected_size
+        if actual < size:
+            raise _short_read(self.display(rel), actual, size)
+        if actual > size:
+            raise _long_read(self.display(rel), actual, size)
+        return _S3Stream(self, rel, size)
+
+    def read(self, rel: str, expected_size: int | None = None, *, keep: bool = True) -> ReadResult:
+        """Ranged GETs run concurrently (a bounded window); bytes are hashed in file order."""
+        with self.open_stream(rel, expected_size) as stream:
+            try:
+                return stream.read_all(keep)
+            except (SizeMismatchError, StorageError):
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise self._error("read", rel, e) from None
 
     def read_small(self, rel: str) -> bytes:
         try:
@@ -619,3 +621,96 @@ class S3Storage:
         # No lock service on plain S3. Prune is safe without one: it only deletes steps older
         # than what it keeps, never the newest committed step, and deleting twice is harmless.
         return contextlib.nullcontext()
+
+
+class _LocalStream(ByteStream):
+    def __init__(self, path: str, where: str, expected_size: int | None) -> None:
+        self.f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        try:
+            actual = os.fstat(self.f.fileno()).st_size
+            size = actual if expected_size is None else expected_size
+            if actual < size:
+                raise _short_read(where, actual, size)
+            if actual > size:
+                raise _long_read(where, actual, size)
+            with contextlib.suppress(AttributeError, OSError):
+                os.posix_fadvise(self.f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except BaseException:
+            self.f.close()
+            raise
+        super().__init__(where, size)
+
+    def _fill(self, mv: memoryview) -> None:
+        done = 0
+        while done < len(mv):
+            n = self.f.readinto(mv[done:])
+            if not n:
+                raise _short_read(self.where, self.pos + done, self.size)
+            done += n
+
+    def _check_end(self) -> None:
+        if self.f.read(1):
+            raise _long_read(self.where, os.fstat(self.f.fileno()).st_size, self.size)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _S3Stream(ByteStream):
+    """Parts of PART_SIZE fetched by ranged GETs, MAX_IN_FLIGHT ahead of the reader."""
+
+    def __init__(self, storage: S3Storage, rel: str, size: int) -> None:
+        super().__init__(storage.display(rel), size)
+        self.storage, self.key = storage, storage._key(rel)
+        part = storage.PART_SIZE
+        self.ranges = iter([(s, min(size, s + part)) for s in range(0, size, part)])
+        self.pending: deque[Any] = deque()
+        self.current = memoryview(b"")
+        self.offset = 0
+        for _ in range(storage.MAX_IN_FLIGHT):
+            self._submit()
+
+    def _submit(self) -> None:
+        nxt = next(self.ranges, None)
+        if nxt is None:
+            return
+        start, end = nxt
+        fs, bucket, key, where, total = self.storage.fs, self.storage.bucket, self.key, self.where, self.size
+
+        async def fetch() -> bytes:
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+            try:
+                data = await resp["Body"].read()
+            finally:
+                resp["Body"].close()
+            if len(data) != end - start:
+                raise _short_read(where, start + len(data), total)
+            return data
+
+        self.pending.append(asyncio.run_coroutine_threadsafe(fetch(), fs.loop))
+
+    def _fill(self, mv: memoryview) -> None:
+        done = 0
+        while done < len(mv):
+            if self.offset >= len(self.current):
+                if not self.pending:
+                    raise _short_read(self.where, self.pos + done, self.size)
+                try:
+                    self.current = memoryview(self.pending.popleft().result())
+                except FileNotFoundError:
+                    raise FileNotFoundError(errno.ENOENT, f"{self.where} is missing") from None
+                except (SizeMismatchError, StorageError):
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    raise StorageError(errno.EIO, f"cannot read {self.where}: {redact(str(e), self.storage.options)}") from None
+                self.offset = 0
+                self._submit()
+            n = min(len(mv) - done, len(self.current) - self.offset)
+            mv[done : done + n] = self.current[self.offset : self.offset + n]
+            self.offset += n
+            done += n
+
+    def close(self) -> None:
+        for fut in self.pending:
+            fut.cancel()
+        self.pending.clear()

@@ -391,6 +391,33 @@ class CheckpointStore:
             )
         return result.buffer
 
+    def read_tree(self, manifest: Manifest, entry: FileEntry) -> Any:
+        """Read and decode one data file in a single pass, each tensor into storage of its
+        own. When decoding fails the rest is still read, so a damaged file is reported by its
+        digest (the root cause) and an intact but unreadable one by what is wrong with it."""
+        from .serialization import decode_stream
+
+        rel = f"{step_dir(manifest.step)}/{entry.path}"
+        where = self.storage.display(rel)
+        try:
+            with self.storage.open_stream(rel, expected_size=entry.size) as stream:
+                try:
+                    tree, problem = decode_stream(stream, where=where), None
+                except CheckpointCorruptError as e:
+                    tree, problem = None, e
+                digest = stream.finish()
+        except FileNotFoundError:
+            raise CheckpointCorruptError(manifest.step, where, "listed in the manifest but missing") from None
+        except SizeMismatchError as e:
+            raise CheckpointCorruptError(manifest.step, where, e.strerror or str(e)) from None
+        if digest != entry.digest:
+            raise CheckpointCorruptError(
+                manifest.step, where, f"digest mismatch (recorded {entry.digest}, read {digest})"
+            )
+        if problem is not None:
+            raise type(problem)(manifest.step, where, problem.reason)
+        return tree
+
     # -- verification ------------------------------------------------------------------------
     def verify(self, step: int, *, full: bool = True, listing: StepListing | None = None) -> StepReport:
         """Quick: the manifest validates and every file is present with its size. Full: digests
