@@ -32,7 +32,7 @@ from elastic_resume.guard import StepOutcome  # noqa: E402
 WORK = os.path.abspath(os.environ.get("BENCH_DIR", ".bench"))
 
 
-def _vote_rank(rank: int, world: int, port: int, root: str, steps: int, out: "mp.Queue[tuple[float, float]]") -> None:
+def _vote_rank(rank: int, world: int, port: int, root: str, steps_total: int, out: "mp.Queue[dict[str, float]]") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -44,7 +44,8 @@ def _vote_rank(rank: int, world: int, port: int, root: str, steps: int, out: "mp
     ddp = DDP(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     state = {"model": model, "optimizer": opt}
-    guard = SpikeGuard(CheckpointManager(root, keep_last=1), state)
+    mgr = CheckpointManager(root, keep_last=1)
+    guards = {k: SpikeGuard(mgr, dict(state), vote_every=k) for k in (1, 10)}
     x = torch.randn(64, 256)
 
     def train_step() -> float:
@@ -56,24 +57,25 @@ def _vote_rank(rank: int, world: int, port: int, root: str, steps: int, out: "mp
 
     for _ in range(20):
         train_step()
-    plain, voted = [], []
-    step = 0
-    for block in range(steps // 50):
-        for _ in range(50):
+    times: dict[str, list[float]] = {"plain": [], "every 1": [], "every 10": []}
+    steps = {1: 0, 10: 0}
+    modes = list(times)
+    for block in range(steps_total // 25):
+        mode = modes[block % 3]  # interleaved blocks, so drift hits every mode alike
+        for _ in range(25):
             t = time.perf_counter()
             loss = train_step()
-            if block % 2:
-                step += 1
-                guard.step(step, loss)
-                voted.append(time.perf_counter() - t)
-            else:
-                plain.append(time.perf_counter() - t)
+            if mode != "plain":
+                k = int(mode.split()[1])
+                steps[k] += 1
+                guards[k].step(steps[k], loss)
+            times[mode].append(time.perf_counter() - t)
     if rank == 0:
-        out.put((statistics.median(voted), statistics.median(plain)))
+        out.put({m: statistics.median(v) for m, v in times.items()})
     dist.destroy_process_group()
 
 
-def vote_overhead(steps: int) -> tuple[float, float]:
+def vote_overhead(steps: int) -> dict[str, float]:
     return run_ranks(_vote_rank, 2, WORK, steps)
 
 
@@ -150,15 +152,17 @@ def restart_cost(root_mib: int) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mib", type=int, default=128)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
     os.makedirs(WORK, exist_ok=True)
     torch.set_num_threads(1)
     print(f"# spike-guard benchmark  torch {torch.__version__}")
-    voted, plain = vote_overhead(args.steps)
-    print(f"step with vote / without (2 ranks, gloo, vote read one step late)  {voted / plain:.3f}   "
-          f"({voted * 1e3:.2f} ms vs {plain * 1e3:.2f} ms)", flush=True)
+    t = vote_overhead(args.steps)
+    plain = t["plain"]
+    for mode in ("every 1", "every 10"):
+        print(f"step with vote {mode} step(s) / without (2 ranks, gloo, read one vote late)  {t[mode] / plain:.3f}   "
+              f"({t[mode] * 1e3:.2f} ms vs {plain * 1e3:.2f} ms)", flush=True)
     rb, rd = rollback_vs_read(args.mib, args.reps)
     print(f"in-process rollback / raw read of the checkpoint ({args.mib} MiB, cold cache)  {rb / rd:.3f}   "
           f"({rb:.3f}s vs {rd:.3f}s)", flush=True)

@@ -85,7 +85,7 @@ class SpikeGuard:
         vote_every: int = 1,
         lag: int = 1,
         health_window: int = 10,
-        group: Any = None,
+        group: Any = "auto",
         on_event: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if vote_every < 1:

@@ -4,8 +4,12 @@ Each rank puts its loss and its local verdicts into one small tensor
 ``[loss_sum, spike, nonfinite, preempt, stop]`` and one ``all_reduce(SUM)`` combines them; every
 rank then derives the same decision from the same reduced numbers. With ``lag=1`` (default) the
 reduction is launched asynchronously and read at the next check, so its latency hides behind a
-training step instead of stalling it. The tensor lives on the training backend's device (CUDA for
-NCCL, CPU for gloo) and rides the default process group, the one the step already uses.
+training step instead of stalling it.
+
+Where it runs: under NCCL, on the default process group with the tensor on the current CUDA
+device (one tiny kernel on the stream the step already uses). Under gloo, on a gloo group of its
+own: gloo runs a group's collectives one after another, so on the default group the vote would
+queue in front of the next step's gradient all-reduce and add its round trip to every step.
 """
 
 from __future__ import annotations
@@ -68,15 +72,19 @@ class Vote:
     """One small all_reduce per check. ``submit`` returns the result of the check ``lag`` checks
     ago (or None while none is due)."""
 
-    def __init__(self, *, quorum: Quorum | str | float = "any", lag: int = 1, group: Any = None) -> None:
+    def __init__(self, *, quorum: Quorum | str | float = "any", lag: int = 1, group: Any = "auto") -> None:
         if lag not in (0, 1):
             raise ConfigError(f"vote lag must be 0 (read at once) or 1 (read at the next check), got {lag}")
         self.quorum = quorum if isinstance(quorum, Quorum) else Quorum(quorum)
         self.lag = lag
-        self.group = group
         import torch.distributed as dist
 
         self._dist = dist if dist.is_available() and dist.is_initialized() else None
+        if group == "auto":
+            group = None
+            if self._dist and self._dist.get_world_size() > 1 and self._dist.get_backend() != "nccl":
+                group = self._dist.new_group(backend="gloo")  # collective: every rank builds its guard
+        self.group = group
         self.world_size = self._dist.get_world_size(group) if self._dist else 1
         self.device = torch.device("cpu")
         if self._dist and self._dist.get_backend(group) == "nccl":
