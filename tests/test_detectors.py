@@ -168,3 +168,21 @@ def test_retention_keeps_the_rollback_anchor_alive(tmp_path):
     outcome = guard.step(11, float("nan"))
     assert outcome.rolled_back and outcome.step == 6
     mgr.close()
+
+
+def test_preemption_flag_rides_the_vote_and_saves_at_that_step(tmp_path):
+    import torch
+
+    from elastic_resume import CheckpointManager, SpikeGuard
+
+    state = {"model": torch.nn.Linear(2, 1)}
+    mgr = CheckpointManager(tmp_path / "ckpt")
+    guard = SpikeGuard(mgr, state, lag=0)
+    guard.start()
+    assert guard.step(1, 1.0).kind == "continue"
+    guard.request_save()  # what the launcher's signal handler does
+    outcome = guard.step(2, 1.0)
+    assert outcome.preempted and outcome.step == 2
+    assert mgr.committed_steps() == [2]
+    assert guard.step(3, 1.0).kind == "continue"  # the flag is consumed by the vote
+    mgr.close()
