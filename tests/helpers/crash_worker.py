@@ -18,6 +18,11 @@ import sys
 
 import torch
 
+# Imported once in the zygote so that forked writers start saving at once; importing creates no
+# event loop or connection, so nothing unsafe crosses the fork.
+import elastic_resume.manager  # noqa: E402,F401
+import s3fs  # noqa: E402,F401
+
 torch.set_num_threads(1)
 
 
