@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping, MutableMapping
@@ -229,7 +228,6 @@ class CheckpointManager:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[Manifest] | None = None
         self._pending_step: int | None = None
-        self._lock = threading.Lock()
         # Rank 0 creates the root and proves it can write before any training happens, so a
         # bad root fails in the first second rather than at the first save an hour in.
         if self.rank == 0:

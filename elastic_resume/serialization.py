@@ -73,7 +73,6 @@ class EncodedFile:
     tensors: list[torch.Tensor] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
     size: int = 0
-    data_nbytes: int = 0
 
     def chunks(self) -> Iterator[memoryview]:
         yield memoryview(self.header)
@@ -217,7 +216,6 @@ def encode(tree: Any, *, name: str = "state") -> EncodedFile:
         tensors=enc.tensors,
         offsets=offsets,
         size=len(header) + data_nbytes,
-        data_nbytes=data_nbytes,
     )
 
 
