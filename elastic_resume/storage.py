@@ -196,6 +196,17 @@ def _check_rel(rel: str) -> str:
     return rel
 
 
+def _read_whole(storage: Any, rel: str, expected_size: int | None, keep: bool) -> ReadResult:
+    """Both backends' ``read``: the whole file through its ByteStream, errors named by path."""
+    with storage.open_stream(rel, expected_size) as stream:
+        try:
+            return stream.read_all(keep)
+        except (SizeMismatchError, StorageError, FileNotFoundError):
+            raise
+        except Exception as e:  # noqa: BLE001 - every other failure becomes one clear StorageError
+            raise storage._error("read", rel, e) from None
+
+
 class LocalStorage:
     """A directory on a POSIX file system."""
 
@@ -209,8 +220,9 @@ class LocalStorage:
     def _p(self, rel: str) -> str:
         return os.path.join(self.root, _check_rel(rel)) if rel else self.root
 
-    def _error(self, action: str, rel: str, e: OSError) -> StorageError:
-        return StorageError(e.errno or 0, f"cannot {action} {self.display(rel)}: {e.strerror or e}")
+    def _error(self, action: str, rel: str, e: BaseException) -> StorageError:
+        reason = getattr(e, "strerror", None) or e
+        return StorageError(getattr(e, "errno", None) or 0, f"cannot {action} {self.display(rel)}: {reason}")
 
     def ensure_root(self, *, create: bool, probe_write: bool) -> None:
         if not os.path.isdir(self.root):
@@ -314,13 +326,7 @@ class LocalStorage:
 
     def read(self, rel: str, expected_size: int | None = None, *, keep: bool = True) -> ReadResult:
         """Read a file in one pass, hashing as bytes arrive; ``keep=False`` only hashes."""
-        with self.open_stream(rel, expected_size) as stream:
-            try:
-                return stream.read_all(keep)
-            except SizeMismatchError:
-                raise
-            except OSError as e:
-                raise self._error("read", rel, e) from None
+        return _read_whole(self, rel, expected_size, keep)
 
     def read_small(self, rel: str) -> bytes:
         try:
@@ -559,14 +565,8 @@ class S3Storage:
         return _S3Stream(self, rel, size)
 
     def read(self, rel: str, expected_size: int | None = None, *, keep: bool = True) -> ReadResult:
-        """Ranged GETs run concurrently (a bounded window); bytes are hashed in file order."""
-        with self.open_stream(rel, expected_size) as stream:
-            try:
-                return stream.read_all(keep)
-            except (SizeMismatchError, StorageError):
-                raise
-            except Exception as e:  # noqa: BLE001
-                raise self._error("read", rel, e) from None
+        """Read a file in one pass, hashing as bytes arrive; ``keep=False`` only hashes."""
+        return _read_whole(self, rel, expected_size, keep)
 
     def read_small(self, rel: str) -> bytes:
         try:
