@@ -23,6 +23,10 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .events import EventLog
+from .preemption import EXIT_PREEMPTED
+
+#: Exit code of a run that gave up (spike budget spent, nothing verifiable): do not retry.
+EXIT_GAVE_UP = GaveUpError.exit_code
 
 __version__ = "0.1.0"
 
@@ -65,6 +69,8 @@ __all__ = [
     "CUSUM",
     "EMARatio",
     "GaveUpError",
+    "EXIT_PREEMPTED",
+    "EXIT_GAVE_UP",
     "MovingAverageRatio",
     "NonFinite",
     "Plateau",

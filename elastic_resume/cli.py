@@ -221,7 +221,7 @@ def _pos_int(flag: str):  # type: ignore[no-untyped-def]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="elastic-resume",
-        description="Inspect, verify and prune elastic-resume checkpoints (local paths, file:// or s3:// roots).",
+        description="Launch resumable training; inspect, verify and prune its checkpoints (local paths, file:// or s3:// roots).",
         epilog="Exit codes: 0 ok, 1 none found or corruption found, 2 bad usage or root, "
         "75 preempted after a committed save (requeue), 76 gave up (do not retry).",
     )
@@ -257,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
+    help = "summarize a run from its event logs: restarts, rollbacks, preemptions, goodput"
+    p = sub.add_parser("report", help=help, description=help)
+    p.add_argument("paths", metavar="PATH", nargs="+", help="event log files or directories of *.jsonl")
+    p.add_argument("--plot", metavar="PNG", help="also draw the loss curve with restarts and rollbacks marked")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_report)
+
+    sub.add_parser("launch", help="run a training script like torchrun, with resume, preemption and requeue "
+                                  "(takes torchrun's flags; see 'elastic-resume launch --help')")
+    sub.add_parser("doctor", help="show what 'launch' detects here (Slurm, Kubernetes) and what it would run")
+
     p = add("prune", "delete old checkpoints, keeping the newest N (and milestones)")
     p.add_argument("--keep", type=_pos_int("--keep"), required=True, help="number of newest committed steps to keep")
     p.add_argument("--keep-every", type=_pos_int("--keep-every"), help="also keep steps divisible by this")
@@ -266,7 +277,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import load_events, plot, summarize
+
+    events = load_events(args.paths)
+    if not events:
+        raise ConfigError(f"no events in {', '.join(args.paths)}")
+    summary = summarize(events)
+    if args.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        print(summary.text())
+    if args.plot:
+        plot(events, summary, args.plot)
+        if not args.json:
+            print(f"  {'plot':<18} {args.plot}")
+    return EXIT_OK
+
+
+# Commands that take torchrun's flags, parsed by torchrun's own parser (see launcher.py).
+_PASSTHROUGH = ("launch", "doctor")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _PASSTHROUGH:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        from . import launcher
+
+        return launcher.main(argv[1:]) if argv[0] == "launch" else launcher.doctor(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

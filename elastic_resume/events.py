@@ -65,15 +65,29 @@ class EventLog:
         if logger.isEnabledFor(level):
             details = " ".join(f"{k}={v}" for k, v in record.items() if k not in ("ts", "event"))
             logger.log(level, "%s %s", event, details)
-        if self.path is not None:
-            line = (json.dumps(record, sort_keys=False) + "\n").encode()
-            with self._lock:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                try:
-                    os.write(fd, line)
-                finally:
-                    os.close(fd)
+        self._append(record)
         return record
+
+    def record(self, event: str, **fields: Any) -> None:
+        """Append to the file only, without logging: for high-rate events (one per training
+        step) that feed ``elastic-resume report`` but would flood a console."""
+        if self.path is not None:
+            record: dict[str, Any] = {"ts": round(time.time(), 6), "event": event}
+            if self.rank is not None:
+                record["rank"] = self.rank
+            record.update({k: jsonable(v) for k, v in fields.items()})
+            self._append(record)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        line = (json.dumps(record, sort_keys=False) + "\n").encode()
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
 
 
 def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

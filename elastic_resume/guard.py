@@ -21,12 +21,14 @@ re-committed with the new recovery state so a requeue neither repeats nor forget
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from . import preemption
 from .data import ResumableDistributedSampler
 from .detectors import Detector, DetectorBank
 from .errors import GaveUpError
@@ -111,6 +113,9 @@ class SpikeGuard:
         self._last_trouble: int | None = None
         self._positions: dict[int, int] = {}
         self._committed: list[tuple[int, bool]] = []  # (step, healthy) of this run's timeline
+        self._step_clock: float | None = None
+        # SIGUSR1/SIGTERM now ask for a save through the vote instead of killing the process.
+        preemption.register_consumer()
 
     # -- events -------------------------------------------------------------------------------
     def emit(self, event: str, **fields: Any) -> None:
@@ -126,6 +131,7 @@ class SpikeGuard:
         self._committed = self.manager.checkpoint_health()
         if restored is None and self.policy.restart_from_scratch:
             self.save(0)
+        self._step_clock = time.monotonic()
         return restored or 0
 
     def _protect_anchor(self, step: int) -> None:
@@ -180,6 +186,7 @@ class SpikeGuard:
         it contains is still being counted."""
         loss = float(loss)
         self._last_loss = loss
+        self._record_step(step, loss)
         if self.recovery.cooldown_left > 0:
             self.recovery.cooldown_left -= 1
         verdict, name = self.bank.update(step, loss, None if grad_norm is None else float(grad_norm))
@@ -194,7 +201,8 @@ class SpikeGuard:
             self._positions.pop(step - 4 * (self.policy.skip_after + self.policy.margin + 8), None)
         results: list[VoteResult | None] = []
         if step % self.vote_every == 0 or save:
-            results.append(self.vote.submit(step, loss=loss, preempt=self._preempt, **self._flags))
+            preempt = self._preempt or preemption.requested() is not None
+            results.append(self.vote.submit(step, loss=loss, preempt=preempt, **self._flags))
             self._flags = {"spike": False, "nonfinite": False, "stop": False}
             self._preempt = False
         if save:
@@ -207,6 +215,16 @@ class SpikeGuard:
         if save:
             self.save(step, metadata=metadata, blocking=blocking)
         return CONTINUE
+
+    def _record_step(self, step: int, loss: float) -> None:
+        """One line per step in the event file (rank 0): the loss curve and the step times that
+        ``elastic-resume report`` turns into a plot and a goodput figure."""
+        now = time.monotonic()
+        seconds = None if self._step_clock is None else now - self._step_clock
+        self._step_clock = now
+        if self.manager.rank == 0:
+            self.manager.events.record("step", step=step, loss=loss,
+                                       seconds=None if seconds is None else round(seconds, 6))
 
     def _act(self, result: VoteResult, now: int) -> StepOutcome:
         if result.trouble:
@@ -224,7 +242,8 @@ class SpikeGuard:
         if action.kind == "save":
             self.vote.discard()
             self.save(now)
-            self.emit("preemption_save", step=now)
+            self.emit("preemption_save", step=now, signal=(preemption.requested() or {}).get("signal"))
+            preemption.clear()
             return StepOutcome("preempted", now)
         if action.kind == "stop":
             self.vote.discard()
@@ -287,4 +306,5 @@ class SpikeGuard:
         self.emit("rollback", from_step=action.onset, to_step=action.anchor, skipped=window,
                   lr_scale=after.lr_scale, rollbacks=after.rollbacks, budget=self.policy.budget,
                   steps_lost=now - action.anchor)
+        self._step_clock = time.monotonic()
         return StepOutcome("rollback", action.anchor)

@@ -45,9 +45,22 @@ from .events import EventLog
 from .serialization import as_cpu_contiguous, encode, flatten, unflatten
 from .state import is_per_rank
 from .storage import digest_bytes, open_storage
-from .store import CheckpointStore, FileEntry, Manifest, canonical_json, data_file, new_attempt_id, step_dir
+from .store import (
+    CheckpointStore,
+    FileEntry,
+    Manifest,
+    canonical_json,
+    data_file,
+    new_attempt_id,
+    plan_resume,
+    step_dir,
+)
 
 DRIFT_POLICIES = ("warn", "fail", "ignore")
+#: Resumes from one step, without a newer commit in between, before restore falls back to an
+#: older step (the launcher sets the variable from ``--er-max-resumes-per-step``; 0 disables).
+MAX_RESUMES_ENV = "ER_MAX_RESUMES_PER_STEP"
+DEFAULT_MAX_RESUMES_PER_STEP = 3
 
 
 class DriftError(ConfigError):
@@ -192,6 +205,7 @@ class CheckpointManager:
         data_description: Any = None,
         drift: str = "warn",
         drift_allow: Iterable[str] = (),
+        max_resumes_per_step: int | None = None,
     ) -> None:
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             raise ConfigError(f"keep_last must be a positive integer or None (got {keep_last!r})")
@@ -219,6 +233,13 @@ class CheckpointManager:
         self.drift = drift
         self.drift_allow = list(drift_allow)
         self.protected_steps: set[int] = set()
+        if max_resumes_per_step is None:
+            raw = os.environ.get(MAX_RESUMES_ENV, str(DEFAULT_MAX_RESUMES_PER_STEP))
+            try:
+                max_resumes_per_step = int(raw)
+            except ValueError:
+                raise ConfigError(f"{MAX_RESUMES_ENV}={raw!r} is not an integer") from None
+        self.max_resumes_per_step = max_resumes_per_step
         # Committed steps every rank agreed not to use (skipped as unloadable by restore); a new
         # save of such a step replaces it instead of failing as a double commit.
         self.superseded_steps: set[int] = set()
@@ -511,9 +532,8 @@ class CheckpointManager:
         started = time.perf_counter()
         current_fp = fingerprints.compute(state, world_size=self.world_size, config=self.config,
                                           data_description=self.data_description)
-        candidates = self.group.broadcast_object(
-            (self.store.committed_steps() if step is None else [step]) if self.rank == 0 else None
-        )
+        candidates = self.group.broadcast_object(self._candidates() if self.rank == 0 and step is None
+                                                 else [step] if self.rank == 0 else None)
         if not candidates:
             self.events.emit("restore_none", root=self.storage.display(), reason="no committed checkpoint")
             return None
@@ -552,6 +572,25 @@ class CheckpointManager:
             + "; ".join(f"step {s['step']}: {s['file'] or ''} {s['reason']}".replace("  ", " ") for s in skipped)
             + ". Inspect them with 'elastic-resume verify'; move the root aside to start fresh."
         )
+
+    def _candidates(self) -> list[int]:
+        """Rank 0: committed steps to try, newest first, minus crash-looping ones; counts this
+        resume against the step it will try first (before loading: a crash during the load
+        is a crash too)."""
+        committed = self.store.committed_steps()
+        if not committed or self.read_only:
+            return committed
+        counts = self.store.resume_counts()
+        candidates, dropped = plan_resume(committed, counts, self.max_resumes_per_step)
+        for s in dropped:
+            self.events.emit("resume_crash_loop", step=s, resumes=counts.get(s, 0), limit=self.max_resumes_per_step,
+                             reason=f"resumed {counts.get(s, 0)} times from step {s} without committing a newer step; "
+                                    "falling back to an older one")
+        try:
+            self.store.record_resume(candidates[0], counts, committed)
+        except (StorageError, OSError) as e:
+            self.events.emit("save_failed", step=candidates[0], errors=[f"could not record the resume: {e}"])
+        return candidates
 
     def _load_sharded(self, manifest: Manifest, state: Mapping[str, Any], tree: dict[str, Any]) -> tuple[str | None, str | None]:
         """Collective: load the DTensor leaves through DCP into the live state's own DTensors

@@ -35,6 +35,8 @@ MANIFEST_NAME = "MANIFEST.json"
 MANIFEST_FORMAT = "elastic-resume-manifest"
 MANIFEST_VERSION = 1
 STEP_PREFIX = "step-"
+#: Root-level file counting resumes per step, for the crash-loop fallback.
+RESUME_LOG = "resume-attempts.json"
 STEP_DIGITS = 12
 PRUNE_LOCK = ".prune.lock"
 
@@ -321,6 +323,27 @@ class CheckpointStore:
         listing = self.scan()
         return [s for s in sorted(listing, reverse=True) if listing[s].committed]
 
+    # -- crash-loop memory -------------------------------------------------------------------
+    def resume_counts(self) -> dict[int, int]:
+        """How many times a run resumed from each step (``resume-attempts.json``; rank 0 writes
+        it). A missing or unreadable file counts as none: it only steers a fallback, never
+        decides what is valid."""
+        try:
+            doc = json.loads(self.storage.read_small(RESUME_LOG))
+            return {int(k): int(v) for k, v in doc.get("resumes", {}).items()}
+        except (FileNotFoundError, StorageError, ValueError, AttributeError, TypeError):
+            return {}
+
+    def record_resume(self, step: int, counts: dict[int, int], still_there: list[int]) -> dict[int, int]:
+        """Count one more resume from ``step``; steps no longer committed are forgotten."""
+        keep = set(still_there)
+        new = {s: n for s, n in counts.items() if s in keep}
+        new[step] = new.get(step, 0) + 1
+        data = json.dumps({"format": "elastic-resume-resumes", "resumes": {str(k): v for k, v in sorted(new.items())}},
+                          indent=1).encode()
+        self.storage.write_atomic(RESUME_LOG, [memoryview(data)], size=len(data))
+        return new
+
     # -- manifest ----------------------------------------------------------------------------
     def manifest_path(self, step: int) -> str:
         return f"{step_dir(step)}/{MANIFEST_NAME}"
@@ -500,3 +523,16 @@ class CheckpointStore:
                 self.storage.delete_tree(step_dir(step))
                 self.events.emit("incomplete_deleted", step=step)
             return plan
+
+
+def plan_resume(candidates: Sequence[int], counts: dict[int, int], max_resumes: int) -> tuple[list[int], list[int]]:
+    """Pure. Newest-first candidates minus the steps that were resumed from ``max_resumes``
+    times already without the run ever committing anything newer (a crash loop: something in
+    the next steps kills the job every time). The oldest candidate is never dropped, so a run
+    always has somewhere to start; ``max_resumes <= 0`` disables the fallback."""
+    cands = list(candidates)
+    if max_resumes <= 0 or not cands:
+        return cands, []
+    dropped = [s for s in cands[:-1] if counts.get(s, 0) >= max_resumes]
+    return [s for s in cands if s not in dropped], dropped
+

@@ -26,6 +26,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 
 from elastic_resume import (
+    EXIT_PREEMPTED,
     CheckpointManager,
     GaveUpError,
     NonFinite,
@@ -59,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--async-save", action="store_true")
     p.add_argument("--keep-last", type=int, default=3)
     p.add_argument("--stop-at-step", type=int, help="save and exit cleanly after this step")
+    p.add_argument("--step-seconds", type=float, default=0.0, help="sleep this long per step (a slower model)")
     p.add_argument("--die-at-steps", default="", help="comma-separated steps at which --die-rank SIGKILLs itself once")
     p.add_argument("--die-rank", type=int, default=1)
     p.add_argument("--fault-dir", default=".", help="where markers of kills already done are kept")
@@ -121,6 +124,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.Linear(16, args.hidden), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(args.hidden, 1)
     )
     ddp = DDP(model) if distributed else model
+    if distributed:
+        # DDP lays its gradient buckets out anew after its first backward. With more than two
+        # ranks the layout decides the order in which gloo/NCCL add the ranks' gradients, so a
+        # resumed process's first step would round differently from the same step in a run
+        # that never stopped. One throw-away backward (no dropout, zero gradients, no update)
+        # settles the layout before the first real step, in every run alike.
+        model.eval()
+        ddp(x[:1]).sum().mul(0.0).backward()
+        model.zero_grad(set_to_none=True)
+        model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1.0 + 0.01 * s))
     progress = {"step": 0}
@@ -185,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                                       "rollbacks": guard.recovery.rollbacks if guard else 0}) + "\n")
                 log.flush()
             die_once(args.root, step, rank, args)
+            if args.step_seconds:
+                time.sleep(args.step_seconds)
             save_now = step % args.save_every == 0 or step == args.steps or step == args.stop_at_step
             if save_now:
                 state["progress"]["step"] = step
@@ -195,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
                     step = outcome.step
                     stream = batches()
                     continue
+                if outcome.preempted:  # every rank saved this step; the launcher requeues
+                    mgr.close()
+                    print(f"rank {rank}: preempted, saved step {step}", flush=True)
+                    return EXIT_PREEMPTED
             elif save_now:
                 mgr.save(step, state, metadata={"loss": loss.item()}, blocking=not args.async_save)
             if step == args.stop_at_step:

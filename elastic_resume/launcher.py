@@ -1,0 +1,421 @@
+"""``elastic-resume launch``: torchrun's launcher plus what a long training job needs.
+
+It is torchrun underneath: the same argument parser (``torch.distributed.run.get_args_parser``,
+so every torchrun flag and ``PET_*`` variable works), the same rendezvous and the same
+``LocalElasticAgent`` restarting the worker group. On top of it:
+
+* defaults from the scheduler (:mod:`elastic_resume.env`: Slurm, Kubernetes), restarts on by
+  default, and rendezvous keep-alives that drop a dead node in about 3 s instead of ~45 s;
+* ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: without it, gloo restarts on torch 2.13 fail with
+  "connectFullMesh: Connection refused";
+* workers run under :mod:`elastic_resume.worker` (they die with the launcher, and preemption
+  signals become a flag the spike vote carries);
+* preemption: SIGUSR1 or SIGTERM to the launcher is forwarded to the workers as SIGUSR1; they
+  save at the next step boundary and exit 75; the launcher waits at most ``--er-grace`` seconds,
+  requeues the Slurm job once (from the first node) and exits 75;
+* exit codes are a contract: 0 done, 75 preempted (safe to requeue), 76 gave up (the spike
+  guard's budget is spent, or nothing verifiable to resume from): never restarted, because a
+  restart would fail the same way;
+* events (restarts with their cause, preemptions, the workers' saves, rollbacks and step
+  losses) go to one JSONL file per node, and a summary is printed at the end
+  (``elastic-resume report`` makes the same summary and a plot from the files).
+
+The agent hooks used (``_monitor_workers``, ``_restart_workers``, ``_start_workers`` and
+``_remaining_restarts``) are internals of torch's ``SimpleElasticAgent``; torch is pinned and the
+launcher tests exercise each of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import env as envmod
+from .errors import ConfigError
+from .events import EVENT_LOG_ENV, EventLog
+from .manager import MAX_RESUMES_ENV
+from .preemption import EXIT_PREEMPTED
+
+EXIT_GAVE_UP = 76
+EXIT_FAILED = 1
+LAUNCHER_PID_ENV = "ER_LAUNCHER_PID"
+RUN_ID_ENV = "ER_RUN_ID"
+#: torchrun's agent turns these into an exception that kills the workers at once; SIGTERM and
+#: SIGUSR1 are ours (a save first).
+AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+
+
+@dataclass
+class LaunchPlan:
+    """Everything a launch will do, decided before anything starts (``doctor`` prints it)."""
+
+    detected: envmod.Detected
+    args: argparse.Namespace
+    config: Any  # torch.distributed.launcher.api.LaunchConfig
+    cmd: str
+    cmd_args: list[str]
+    event_log: str
+    grace_s: float
+    requeue: str
+    worker_env: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> list[tuple[str, str]]:
+        c = self.config
+        d = self.detected
+        return [
+            ("platform", d.platform + (f" (job {d.job_id})" if d.job_id else "")),
+            ("scheduler restarts so far", str(d.restart_count)),
+            ("nodes", f"{c.min_nodes}" if c.min_nodes == c.max_nodes else f"{c.min_nodes}:{c.max_nodes} (elastic)"),
+            ("node rank", str(self.args.node_rank) if c.rdzv_backend == "static" else
+             f"{d.node_rank if d.node_rank is not None else '-'} from the scheduler (the rendezvous assigns ranks)"),
+            ("processes per node", str(c.nproc_per_node)),
+            ("rendezvous", f"{c.rdzv_backend} at {c.rdzv_endpoint or '-'} id {c.run_id}"),
+            ("rendezvous settings", ", ".join(f"{k}={v}" for k, v in sorted(c.rdzv_configs.items()))),
+            ("worker-group restarts allowed", str(c.max_restarts)),
+            ("preemption", f"SIGUSR1/SIGTERM -> save at the next step, wait up to {self.grace_s:g} s, "
+                           + ("requeue with scontrol, " if self.will_requeue else "")
+                           + f"exit {EXIT_PREEMPTED}"),
+            ("event log", self.event_log),
+            ("worker command", " ".join([self.cmd, *self.cmd_args])),
+            *[(f"env {k}", v) for k, v in sorted(self.worker_env.items())],
+            *[("note", n) for n in d.notes],
+        ]
+
+    @property
+    def will_requeue(self) -> bool:
+        if self.requeue == "never":
+            return False
+        return self.detected.requeue_with_scontrol and (self.requeue == "always" or self.detected.is_first_node)
+
+
+def add_own_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("elastic-resume (also from ER_* variables)")
+    g.add_argument("--er-event-log", default=os.environ.get(EVENT_LOG_ENV),
+                   help="JSONL file for this node's events (default: elastic-resume-logs/<run id>/<host>-<pid>.jsonl)")
+    g.add_argument("--er-grace", type=float, default=float(os.environ.get("ER_GRACE_SECONDS", "120")),
+                   help="seconds the workers get to save after a preemption signal (default 120; keep it under "
+                        "Slurm's --signal lead time and Kubernetes' terminationGracePeriodSeconds)")
+    g.add_argument("--er-requeue", choices=["auto", "always", "never"], default=os.environ.get("ER_REQUEUE", "auto"),
+                   help="after a preemption under Slurm: auto = 'scontrol requeue' from the first node (default)")
+    g.add_argument("--er-max-resumes-per-step", type=int, default=int(os.environ.get(MAX_RESUMES_ENV, "3")),
+                   help="resumes from the same step, with no newer commit in between, before restore falls back "
+                        "to an older verified step (a crash loop); 0 disables (default 3)")
+    g.add_argument("--er-no-fast-failure-detection", action="store_true",
+                   help="keep torchrun's rendezvous timeouts instead of detecting a dead node in ~3 s")
+    g.add_argument("--er-no-summary", action="store_true", help="do not print the run summary at the end")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    parser.prog = "elastic-resume launch"
+    parser.description = "torchrun with verified resume, preemption saves and requeue (all torchrun flags work)"
+    add_own_options(parser)
+    return parser
+
+
+def _standalone(args: argparse.Namespace) -> None:
+    """torchrun's own single-node shortcut (``torch.distributed.run.run`` does this too)."""
+    from torch.distributed.run import parse_min_max_nnodes
+
+    if args.standalone:
+        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+    elif args.rdzv_backend == "static" and not args.rdzv_endpoint and args.master_port is None:
+        if parse_min_max_nnodes(args.nnodes)[1] == 1:
+            args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+    if args.master_port is None:
+        args.master_port = 29500
+
+
+def plan_launch(argv: list[str], *, check_script: bool = True, script_optional: bool = False) -> LaunchPlan:
+    """Parse ``argv`` as torchrun would, with the detected defaults in place. The detected
+    defaults go into ``os.environ`` as ``PET_*`` variables (only where none is set) because
+    torchrun's parser takes its defaults from there."""
+    detected = envmod.detect(os.environ)
+    for key, value in detected.torchrun_defaults().items():
+        os.environ.setdefault(key, value)
+    parser = build_parser()
+    if script_optional:
+        for action in parser._actions:
+            if action.dest == "training_script":
+                action.nargs, action.default = "?", "SCRIPT"
+    args = parser.parse_args(argv)
+    if args.run_path:
+        raise ConfigError("--run-path runs the script inside the launcher; elastic-resume launch needs worker "
+                          "processes it can signal: drop --run-path")
+    if check_script and not args.no_python and not args.module and not os.path.isfile(args.training_script):
+        raise ConfigError(f"training script {args.training_script!r} not found")
+    if args.er_grace <= 0:
+        raise ConfigError(f"--er-grace must be positive (got {args.er_grace})")
+    _standalone(args)
+    from torch.distributed.run import config_from_args
+
+    try:
+        config, cmd, cmd_args = config_from_args(args)
+    except (AssertionError, ValueError) as e:
+        raise ConfigError(f"bad launch flags: {e}") from None
+    assert isinstance(cmd, str)
+    if not args.no_python:
+        # python -u [-m] SCRIPT ARGS  ->  python -u -m elastic_resume.worker [-m] SCRIPT ARGS
+        cmd_args = [cmd_args[0], "-m", "elastic_resume.worker", *cmd_args[1:]]
+    if config.rdzv_backend == "c10d" and not args.er_no_fast_failure_detection:
+        for key, value in envmod.FAST_RDZV_CONF.items():
+            config.rdzv_configs.setdefault(key, value)
+    config.signals_to_handle = AGENT_SIGNALS
+    event_log = args.er_event_log or os.path.join(
+        "elastic-resume-logs", str(config.run_id or "local"), f"{socket.gethostname()}-{os.getpid()}.jsonl")
+    worker_env = {
+        EVENT_LOG_ENV: os.path.abspath(event_log),
+        LAUNCHER_PID_ENV: str(os.getpid()),
+        RUN_ID_ENV: str(config.run_id),
+        MAX_RESUMES_ENV: str(args.er_max_resumes_per_step),
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    }
+    return LaunchPlan(detected=detected, args=args, config=config, cmd=cmd, cmd_args=list(cmd_args),
+                      event_log=os.path.abspath(event_log), grace_s=args.er_grace, requeue=args.er_requeue,
+                      worker_env=worker_env)
+
+
+# -- running --------------------------------------------------------------------------------------
+def _describe_failures(failures: dict[int, Any]) -> list[dict[str, Any]]:
+    out = []
+    for rank, f in sorted(failures.items()):
+        code = f.exitcode
+        item: dict[str, Any] = {"rank": rank, "exitcode": code}
+        if code is not None and code < 0:
+            try:
+                item["signal"] = signal.Signals(-code).name
+            except ValueError:
+                pass
+        out.append(item)
+    return out
+
+
+class _PreemptedBeforeStart(Exception):
+    """A preemption signal arrived while no workers were running (rendezvous): nothing to save."""
+
+
+class Launch:
+    """One launcher process: the agent, its hooks, the signals, the exit code."""
+
+    def __init__(self, plan: LaunchPlan) -> None:
+        self.plan = plan
+        self.events = EventLog(plan.event_log)
+        self.agent: Any = None
+        self.started = time.time()
+        self.preempt_at: float | None = None
+        self.preempt_signal: str | None = None
+        self.outcome: str | None = None  # gave_up | preempted | preempt_timeout
+        self.last_failure: list[dict[str, Any]] | None = None
+        self.generation = 0
+        self.node = socket.gethostname()
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self.events.emit(event, node=self.node, pid=os.getpid(), **fields)
+
+    # -- signals ------------------------------------------------------------------------------
+    def on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.preempt_at is not None:
+            self.emit("preemption_signal_repeated", signal=name)
+            return
+        self.preempt_at, self.preempt_signal = time.monotonic(), name
+        pids = self._worker_pids()
+        self.emit("preemption_requested", signal=name, grace_s=self.plan.grace_s, workers=len(pids))
+        if not pids:
+            raise _PreemptedBeforeStart(name)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+
+    def _worker_pids(self) -> list[int]:
+        pcontext = getattr(self.agent, "_pcontext", None)
+        if pcontext is None:
+            return []
+        try:
+            return [p for p in pcontext.pids().values() if p]
+        except Exception:  # a context half torn down during a restart
+            return []
+
+    # -- agent hooks --------------------------------------------------------------------------
+    def on_started(self, worker_group: Any) -> None:
+        self.generation += 1
+        spec = worker_group.spec
+        self.emit("workers_started", generation=self.generation, group_rank=worker_group.group_rank,
+                  group_world_size=worker_group.group_world_size, local_world_size=spec.local_world_size,
+                  world_size=worker_group.group_world_size * spec.local_world_size if worker_group.group_world_size else None)
+        if self.preempt_at is not None:  # a signal came during the restart: pass it on at once
+            for pid in self._worker_pids():
+                os.kill(pid, signal.SIGUSR1)
+
+    def on_monitor(self, result: Any) -> Any:
+        from torch.distributed.elastic.agent.server.api import RunResult, WorkerState
+
+        if result.state == WorkerState.FAILED:
+            failures = _describe_failures(result.failures)
+            codes = {f["exitcode"] for f in failures}
+            if EXIT_GAVE_UP in codes:
+                self.outcome = "gave_up"
+            elif self.preempt_at is not None or EXIT_PREEMPTED in codes:
+                self.outcome = "preempted" if EXIT_PREEMPTED in codes else "preempt_failed"
+            self.last_failure = failures
+            if self.outcome is not None:
+                self.agent._remaining_restarts = 0  # never restart after these
+            self.emit("workers_failed", generation=self.generation, failures=failures,
+                      restarts_left=self.agent._remaining_restarts)
+        elif result.state == WorkerState.HEALTHY and self.preempt_at is not None:
+            if time.monotonic() - self.preempt_at > self.plan.grace_s:
+                self.outcome = "preempt_timeout"
+                self.agent._remaining_restarts = 0
+                self.emit("preemption_grace_expired", grace_s=self.plan.grace_s)
+                return RunResult(state=WorkerState.FAILED)
+        return result
+
+    def on_restart(self) -> None:
+        cause = {"failures": self.last_failure} if self.last_failure else {"cause": "membership change"}
+        self.emit("restart", generation=self.generation, **cause)
+        self.last_failure = None
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self) -> int:
+        os.environ.update(self.plan.worker_env)
+        self.emit("launch_started", platform=self.plan.detected.platform, job_id=self.plan.detected.job_id,
+                  scheduler_restarts=self.plan.detected.restart_count, run_id=self.plan.config.run_id,
+                  nnodes=f"{self.plan.config.min_nodes}:{self.plan.config.max_nodes}",
+                  nproc_per_node=self.plan.config.nproc_per_node, cmd=[self.plan.cmd, *self.plan.cmd_args])
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self.on_signal)
+        code, reason = self._run_agent()
+        if code == EXIT_PREEMPTED and self.plan.will_requeue:
+            self._requeue()
+        self.emit("launch_finished", exit_code=code, reason=reason, seconds=round(time.time() - self.started, 3))
+        if not self.plan.args.er_no_summary:
+            from .report import load_events, summarize
+
+            print(summarize(load_events([self.plan.event_log])).text(), file=sys.stderr, flush=True)
+        return code
+
+    def _run_agent(self) -> tuple[int, str]:
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+        try:
+            result = self._make_agent().run()
+        except _PreemptedBeforeStart as e:
+            return EXIT_PREEMPTED, f"{e} before the workers started: nothing to save"
+        except SignalException as e:
+            return 128 + int(e.sigval), f"stopped by {signal.Signals(e.sigval).name}"
+        except Exception as e:  # rendezvous timeouts, a closed rendezvous, ...
+            self.emit("launch_error", error=f"{type(e).__name__}: {e}")
+            print(f"elastic-resume launch: {type(e).__name__}: {e}", file=sys.stderr)
+            return EXIT_FAILED, f"{type(e).__name__}: {e}"
+        if not result.is_failed():
+            return 0, "finished"
+        if self.outcome == "gave_up":
+            return EXIT_GAVE_UP, "gave up (exit 76 from a worker: not retried)"
+        if self.outcome == "preempted":
+            return EXIT_PREEMPTED, f"preempted by {self.preempt_signal or 'a worker'} after a committed save"
+        if self.outcome in ("preempt_timeout", "preempt_failed"):
+            # Still safe to requeue: checkpoints are atomic, the next run resumes from the last one.
+            return EXIT_PREEMPTED, (f"preempted by {self.preempt_signal}; the workers did not save within "
+                                    f"{self.plan.grace_s:g} s" if self.outcome == "preempt_timeout"
+                                    else f"preempted by {self.preempt_signal}; the workers failed before saving")
+        if result.failures:
+            print(ChildFailedError(name=self.plan.args.training_script, failures=result.failures).format_msg(),
+                  file=sys.stderr)
+        return EXIT_FAILED, "workers failed and no restarts are left"
+
+    def _make_agent(self) -> Any:
+        from torch.distributed.elastic.agent.server.api import WorkerSpec
+        from torch.distributed.elastic.rendezvous import RendezvousParameters
+        from torch.distributed.elastic.rendezvous import registry as rdzv_registry
+        from torch.distributed.launcher.api import _get_addr_and_port
+
+        config = self.plan.config
+        if not config.run_id:
+            config.run_id = str(uuid.uuid4().int)
+        os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle
+        params = RendezvousParameters(backend=config.rdzv_backend, endpoint=config.rdzv_endpoint,
+                                      run_id=config.run_id, min_nodes=config.min_nodes, max_nodes=config.max_nodes,
+                                      local_addr=config.local_addr, **config.rdzv_configs)
+        master_addr, master_port = _get_addr_and_port(params)
+        spec = WorkerSpec(
+            role=config.role, local_world_size=config.nproc_per_node, entrypoint=self.plan.cmd,
+            args=tuple(self.plan.cmd_args), rdzv_handler=rdzv_registry.get_rendezvous_handler(params),
+            max_restarts=config.max_restarts, monitor_interval=config.monitor_interval,
+            master_addr=master_addr, master_port=master_port, local_addr=config.local_addr,
+        )
+        self.agent = _agent_class()(spec=spec, logs_specs=config.logs_specs, start_method=config.start_method,
+                                    log_line_prefix_template=config.log_line_prefix_template, launch=self)
+        return self.agent
+
+    def _requeue(self) -> None:
+        job = self.plan.detected.job_id
+        try:
+            r = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True, timeout=60)
+            ok = r.returncode == 0
+            self.emit("requeued" if ok else "requeue_failed", job_id=job,
+                      **({} if ok else {"error": (r.stderr or r.stdout).strip()}))
+        except (OSError, subprocess.TimeoutExpired) as e:
+            self.emit("requeue_failed", job_id=job, error=str(e))
+
+
+def _agent_class() -> type:
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    class ResumeAgent(LocalElasticAgent):
+        """torch's agent, with the launcher told about starts, failures and restarts."""
+
+        def __init__(self, *args: Any, launch: Launch, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._launch = launch
+
+        def _start_workers(self, worker_group: Any) -> dict[int, Any]:
+            pids = super()._start_workers(worker_group)
+            self._launch.on_started(worker_group)
+            return pids
+
+        def _monitor_workers(self, worker_group: Any) -> Any:
+            return self._launch.on_monitor(super()._monitor_workers(worker_group))
+
+        def _restart_workers(self, worker_group: Any) -> None:
+            self._launch.on_restart()
+            super()._restart_workers(worker_group)
+
+    return ResumeAgent
+
+
+def main(argv: list[str]) -> int:
+    try:
+        plan = plan_launch(argv)
+    except ConfigError as e:
+        print(f"elastic-resume launch: {e}", file=sys.stderr)
+        return 2
+    return Launch(plan).run()
+
+
+def doctor(argv: list[str]) -> int:
+    """Print what was detected and what ``launch`` with these flags would do; start nothing.
+    The script may be left out (``elastic-resume doctor --nproc-per-node 4``)."""
+    logging.getLogger("torch.distributed").setLevel(logging.ERROR)  # torchrun's OMP_NUM_THREADS banner
+    try:
+        plan = plan_launch(argv, check_script=False, script_optional=True)
+    except ConfigError as e:
+        print(f"elastic-resume doctor: {e}", file=sys.stderr)
+        return 2
+    width = max(len(k) for k, _ in plan.describe())
+    for key, value in plan.describe():
+        print(f"{key:<{width}}  {value}")
+    return 0

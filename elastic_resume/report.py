@@ -1,0 +1,283 @@
+"""``elastic-resume report``: what happened in a run, from its JSONL event files.
+
+The launcher writes one file per node; the workers append to it (saves, restores, votes,
+rollbacks, and one ``step`` line per training step from rank 0). From those lines this module
+works out the loss curve that survived (a step done again after a restart or a rollback replaces
+the earlier one, which was work thrown away), the restarts with their cause and the time to the
+first step after them, rollbacks and skipped data, preemptions, checkpoints, and goodput:
+useful step time (the surviving steps' durations) divided by wall time (the union of the
+launcher sessions).
+
+Pure functions over event dictionaries, except :func:`load_events` (reads files) and
+:func:`plot` (writes a PNG with matplotlib, the ``report`` extra).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .events import read_events
+
+
+def load_events(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """Every event from the given files and directories (``*.jsonl`` below them), by time."""
+    files: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += sorted(glob.glob(os.path.join(p, "**", "*.jsonl"), recursive=True))
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise ConfigError(f"event log {p!r} not found")
+    events: list[dict[str, Any]] = []
+    for f in files:
+        events += read_events(f)
+    events.sort(key=lambda e: e.get("ts", 0.0))
+    return events
+
+
+def _rank0(e: dict[str, Any]) -> bool:
+    return e.get("rank") in (0, None)
+
+
+@dataclass
+class Summary:
+    wall_s: float = 0.0
+    sessions: int = 0
+    useful_s: float = 0.0
+    steps_final: int = 0
+    steps_executed: int = 0
+    last_step: int | None = None
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) that survived
+    abandoned: list[list[tuple[int, float]]] = field(default_factory=list)  # thrown-away segments
+    restarts: list[dict[str, Any]] = field(default_factory=list)
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    preemptions: list[dict[str, Any]] = field(default_factory=list)
+    saves: int = 0
+    save_bytes: int = 0
+    save_seconds: list[float] = field(default_factory=list)
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    exits: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def goodput(self) -> float | None:
+        return self.useful_s / self.wall_s if self.wall_s > 0 and self.steps_final else None
+
+    @property
+    def lost_s(self) -> float:
+        return max(0.0, self.wall_s - self.useful_s)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "wall_s": round(self.wall_s, 3), "useful_s": round(self.useful_s, 3), "lost_s": round(self.lost_s, 3),
+            "goodput": None if self.goodput is None else round(self.goodput, 4), "sessions": self.sessions,
+            "steps_final": self.steps_final, "steps_executed": self.steps_executed, "last_step": self.last_step,
+            "restarts": self.restarts, "rollbacks": self.rollbacks, "preemptions": self.preemptions,
+            "checkpoints": {"committed": self.saves, "bytes": self.save_bytes,
+                            "median_seconds": round(statistics.median(self.save_seconds), 4) if self.save_seconds else None},
+            "problems": self.problems, "exits": self.exits,
+        }
+
+    def text(self) -> str:
+        lines = [f"elastic-resume run summary ({self.sessions} launcher session{'s' * (self.sessions != 1)})"]
+
+        def row(key: str, value: str) -> None:
+            lines.append(f"  {key:<18} {value}")
+
+        row("wall time", f"{self.wall_s:.1f} s")
+        if self.steps_final:
+            row("steps", f"{self.steps_final} kept (up to step {self.last_step}), {self.steps_executed} executed")
+            row("goodput", f"{100 * (self.goodput or 0):.1f}% ({self.useful_s:.1f} s of useful step time, "
+                           f"{self.lost_s:.1f} s lost)")
+        else:
+            row("steps", "no step events (SpikeGuard records them)")
+        row("restarts", str(len(self.restarts)) if self.restarts else "none")
+        for r in self.restarts:
+            rec = f", first step {r['recover_s']:.1f} s after the failure" if r.get("recover_s") is not None else ""
+            resumed = f" -> resumed from step {r['resumed_from']}" if r.get("resumed_from") is not None else ""
+            row("", f"{r['cause']}{resumed}{rec}")
+        row("rollbacks", str(len(self.rollbacks)) if self.rollbacks else "none")
+        for r in self.rollbacks:
+            skipped = f", skipped samples {r['skipped'][0]}-{r['skipped'][1]}" if r.get("skipped") else ""
+            row("", f"spike at step {r['from_step']} -> back to step {r['to_step']}{skipped}")
+        row("preemptions", str(len(self.preemptions)) if self.preemptions else "none")
+        for p in self.preemptions:
+            row("", f"{p['signal']} -> " + (f"saved step {p['saved_step']}" if p.get("saved_step") is not None
+                                             else "no save"))
+        med = f", median {statistics.median(self.save_seconds):.2f} s" if self.save_seconds else ""
+        row("checkpoints", f"{self.saves} committed ({self.save_bytes / 2**20:.1f} MiB){med}")
+        row("problems", "none" if not self.problems else "")
+        for p in self.problems:
+            row("", f"{p['event']}: " + ", ".join(f"{k}={v}" for k, v in p.items() if k not in ("event", "ts")))
+        if self.exits:
+            row("exit", "; ".join(f"{e['exit_code']} ({e['reason']})" for e in self.exits[-1:]))
+        return "\n".join(lines)
+
+
+_PROBLEMS = ("corruption_found", "restore_fallback", "resume_crash_loop", "gave_up", "save_failed",
+             "launch_error", "preemption_grace_expired", "requeue_failed", "drift_found")
+
+
+def _wall(events: list[dict[str, Any]]) -> tuple[float, int]:
+    """Union of the launcher sessions' intervals (or first to last event without a launcher)."""
+    sessions: dict[tuple[Any, Any], list[float]] = {}
+    for e in events:
+        if e.get("event") == "launch_started":
+            sessions[(e.get("node"), e.get("pid"))] = [e["ts"], e["ts"]]
+        elif (e.get("node"), e.get("pid")) in sessions:
+            sessions[(e.get("node"), e.get("pid"))][1] = e["ts"]
+    if not sessions:
+        ts = [e["ts"] for e in events if "ts" in e]
+        return ((max(ts) - min(ts)) if ts else 0.0), 0
+    # The workers' last lines come after the launcher's: extend each session to the last event
+    # before the next session starts.
+    spans = sorted(sessions.values())
+    starts = [s for s, _ in spans] + [float("inf")]
+    for i, span in enumerate(spans):
+        later = [e["ts"] for e in events if span[0] <= e["ts"] < starts[i + 1]]
+        span[1] = max(span[1], max(later, default=span[1]))
+    total, cur_start, cur_end = 0.0, None, None
+    for s, e in spans:
+        if cur_end is None or s > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start  # type: ignore[operator]
+            cur_start, cur_end = s, e
+        else:
+            cur_end = max(cur_end, e)
+    if cur_end is not None:
+        total += cur_end - cur_start  # type: ignore[operator]
+    return total, len(spans)
+
+
+def _cause(failures: list[dict[str, Any]] | None) -> str:
+    if not failures:
+        return "membership change (a node joined or left)"
+    parts = []
+    for f in failures:
+        how = f"killed by {f['signal']}" if f.get("signal") else f"exit {f['exitcode']}"
+        parts.append(f"rank {f['rank']} {how}")
+    return ", ".join(parts)
+
+
+def summarize(events: Iterable[dict[str, Any]]) -> Summary:
+    events = sorted(events, key=lambda e: e.get("ts", 0.0))
+    s = Summary()
+    s.wall_s, s.sessions = _wall(events)
+    timeline: dict[int, tuple[float, float | None]] = {}  # step -> (loss, seconds)
+    abandoned: list[list[tuple[int, float]]] = []
+    failed_at: float | None = None
+    pending_restarts: list[dict[str, Any]] = []
+    last_restart_ts = -1e18
+    for e in events:
+        kind = e.get("event")
+        if kind == "step" and _rank0(e):
+            step = int(e["step"])
+            s.steps_executed += 1
+            dropped = sorted(k for k in timeline if k >= step)
+            if dropped:
+                abandoned.append([(k, timeline[k][0]) for k in dropped])
+                for k in dropped:
+                    del timeline[k]
+            loss = e.get("loss")
+            timeline[step] = (float(loss) if isinstance(loss, (int, float)) else float("nan"), e.get("seconds"))
+            for r in pending_restarts:
+                if r.get("recover_s") is None and r.get("_failed_ts") is not None:
+                    r["recover_s"] = round(e["ts"] - r["_failed_ts"], 3)
+            pending_restarts = []
+        elif kind == "workers_failed":
+            failed_at = e["ts"] if failed_at is None else failed_at
+        elif kind == "restart":
+            # Every node's agent restarts for the same incident; count it once.
+            if e["ts"] - last_restart_ts > 15.0:
+                r = {"ts": e["ts"], "node": e.get("node"), "cause": _cause(e.get("failures")),
+                     "_failed_ts": failed_at or e["ts"], "recover_s": None, "resumed_from": None}
+                s.restarts.append(r)
+                pending_restarts.append(r)
+            last_restart_ts = e["ts"]
+            failed_at = None
+        elif kind in ("restored", "restore_none") and _rank0(e) and pending_restarts:
+            pending_restarts[-1]["resumed_from"] = e.get("step", 0) if kind == "restored" else 0
+        elif kind == "rollback" and _rank0(e):
+            s.rollbacks.append({k: e.get(k) for k in ("from_step", "to_step", "skipped", "steps_lost", "lr_scale")})
+        elif kind == "preemption_requested":
+            if not s.preemptions or e["ts"] - s.preemptions[-1]["ts"] > 30.0:
+                s.preemptions.append({"ts": e["ts"], "signal": e.get("signal"), "saved_step": None})
+        elif kind == "preemption_save" and _rank0(e):
+            if s.preemptions:
+                s.preemptions[-1]["saved_step"] = e.get("step")
+            else:
+                s.preemptions.append({"ts": e["ts"], "signal": e.get("signal") or "api", "saved_step": e.get("step")})
+        elif kind == "save_committed" and _rank0(e):
+            s.saves += 1
+            s.save_bytes += int(e.get("bytes") or 0)
+            if isinstance(e.get("seconds"), (int, float)):
+                s.save_seconds.append(float(e["seconds"]))
+        elif kind in _PROBLEMS and (_rank0(e) or kind in ("corruption_found", "save_failed")):
+            s.problems.append({k: v for k, v in e.items() if k not in ("pid",)})
+        elif kind == "launch_finished":
+            s.exits.append({"node": e.get("node"), "exit_code": e.get("exit_code"), "reason": e.get("reason")})
+    for r in s.restarts:
+        r.pop("_failed_ts", None)
+        r["ts"] = time.strftime("%H:%M:%S", time.localtime(r["ts"]))
+    for p in s.preemptions:
+        p["ts"] = time.strftime("%H:%M:%S", time.localtime(p["ts"]))
+    s.curve = sorted((k, v[0]) for k, v in timeline.items())
+    s.abandoned = abandoned
+    s.steps_final = len(timeline)
+    s.last_step = max(timeline) if timeline else None
+    s.useful_s = sum(sec for _, sec in timeline.values() if isinstance(sec, (int, float)))
+    return s
+
+
+def plot(events: list[dict[str, Any]], summary: Summary, path: str) -> None:
+    """Loss curve (kept steps), thrown-away steps in grey, restarts, rollbacks, skipped data."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("the plot needs matplotlib: pip install 'elastic-resume[report]'") from None
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+    for i, seg in enumerate(summary.abandoned):
+        ax.plot([p[0] for p in seg], [p[1] for p in seg], color="0.7", lw=1,
+                label="steps thrown away (redone)" if i == 0 else None)
+    if summary.curve:
+        ax.plot([p[0] for p in summary.curve], [p[1] for p in summary.curve], color="tab:blue", lw=1.4, label="loss (kept)")
+    for i, r in enumerate(summary.restarts):
+        if r.get("resumed_from") is not None:
+            ax.axvline(r["resumed_from"], color="tab:red", ls="--", lw=1, label="restart (resumed here)" if i == 0 else None)
+    for i, r in enumerate(summary.rollbacks):
+        ax.axvline(r["from_step"], color="tab:orange", ls=":", lw=1.2, label="spike (rolled back)" if i == 0 else None)
+        ax.annotate("", xy=(r["to_step"], 0.5), xytext=(r["from_step"], 0.5), xycoords=("data", "axes fraction"),
+                    arrowprops={"arrowstyle": "->", "color": "tab:orange"})
+    skips = [e for e in events if e.get("event") == "data_skipped" and _rank0(e)]
+    rolls = summary.rollbacks
+    for i, (sk, rb) in enumerate(zip(skips, rolls)):
+        if sk.get("through_step") is not None:
+            ax.axvspan(rb["from_step"], sk["through_step"], color="tab:orange", alpha=0.15,
+                       label="data skipped" if i == 0 else None)
+    for i, p in enumerate(summary.preemptions):
+        if p.get("saved_step") is not None:
+            ax.axvline(p["saved_step"], color="tab:green", ls="-.", lw=1, label="preemption save" if i == 0 else None)
+    finite = [v for _, v in summary.curve if v == v and abs(v) != float("inf")]
+    if finite and max(finite) > 0 and max(finite) / max(min(finite), 1e-12) > 100:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (rank 0)")
+    good = f", goodput {100 * summary.goodput:.0f}%" if summary.goodput is not None else ""
+    ax.set_title(f"{len(summary.restarts)} restart(s), {len(summary.rollbacks)} rollback(s), "
+                 f"{len(summary.preemptions)} preemption(s){good}")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,60 @@
+"""``python -m elastic_resume.worker SCRIPT ARGS`` (or ``-m MODULE ARGS``): what the launcher runs
+in each worker process before the training script.
+
+It does three things, then runs the script exactly as ``python SCRIPT`` would (same
+``sys.argv``, ``sys.path[0]`` and ``__main__``):
+
+* asks the kernel to SIGKILL this worker when the launcher dies (``PR_SET_PDEATHSIG``), so a
+  SIGKILLed launcher leaves no orphan holding GPUs or ports; a restarted launcher then resumes
+  from the last verified checkpoint;
+* installs the preemption handlers (:mod:`elastic_resume.preemption`) at once, so a signal that
+  arrives while the script is still importing is not lost;
+* checks that the launcher is still its parent (it may have died before the prctl).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import runpy
+import signal
+import sys
+
+from . import preemption
+
+LAUNCHER_PID_ENV = "ER_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_launcher() -> None:
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(launcher):  # it died before the prctl took effect
+        os._exit(1)
+
+
+def main(argv: list[str]) -> None:
+    if not argv or (argv[0] == "-m" and len(argv) < 2):
+        sys.stderr.write("usage: python -m elastic_resume.worker SCRIPT [ARGS] | -m MODULE [ARGS]\n")
+        raise SystemExit(2)
+    _die_with_launcher()
+    preemption.install()
+    if argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]
+        sys.path[0] = os.getcwd()
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        script = argv[0]
+        sys.argv = list(argv)
+        sys.path[0] = os.path.dirname(os.path.abspath(script))
+        runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
