@@ -264,6 +264,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_report)
 
+    help = "print an sbatch script that runs 'elastic-resume launch' on every node, with requeue on preemption"
+    p = sub.add_parser("sbatch", help=help, description=help)
+    p.add_argument("--job-name", default="train")
+    p.add_argument("--nodes", type=_pos_int("--nodes"), default=2)
+    p.add_argument("--min-nodes", type=_pos_int("--min-nodes"), help="go on with this many nodes after a node failure")
+    p.add_argument("--nproc-per-node", type=_pos_int("--nproc-per-node"), default=8)
+    p.add_argument("--gpus-per-node", type=_nonneg_int("--gpus-per-node"), default=8, help="0 for CPU-only nodes")
+    p.add_argument("--cpus-per-task", type=_pos_int("--cpus-per-task"))
+    p.add_argument("--time", default="24:00:00")
+    p.add_argument("--signal-lead", type=_pos_int("--signal-lead"), default=300,
+                   help="seconds before the time limit Slurm sends USR1 (default 300)")
+    p.add_argument("--grace", type=_pos_int("--grace"), help="seconds the workers get to save (default: lead minus 20%%)")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--log", default="logs/%x-%j.out", help="sbatch --output pattern (appended across requeues)")
+    p.add_argument("--rdzv-port", type=_pos_int("--rdzv-port"), default=29400)
+    p.add_argument("--launcher", default="elastic-resume", help="command that runs elastic-resume on the nodes")
+    p.add_argument("--setup", action="append", default=[], help="shell line run before srun (repeatable)")
+    p.add_argument("-o", "--output", help="write the script here instead of stdout")
+    p.add_argument("script", metavar="SCRIPT")
+    p.add_argument("script_args", metavar="ARGS", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_sbatch)
+
     sub.add_parser("launch", help="run a training script like torchrun, with resume, preemption and requeue "
                                   "(takes torchrun's flags; see 'elastic-resume launch --help')")
     sub.add_parser("doctor", help="show what 'launch' detects here (Slurm, Kubernetes) and what it would run")
@@ -292,6 +315,24 @@ def cmd_report(args: argparse.Namespace) -> int:
         plot(events, summary, args.plot)
         if not args.json:
             print(f"  {'plot':<18} {args.plot}")
+    return EXIT_OK
+
+
+def cmd_sbatch(args: argparse.Namespace) -> int:
+    from .slurm import SbatchOptions, render_sbatch
+
+    text = render_sbatch(SbatchOptions(
+        script=args.script, script_args=tuple(args.script_args), job_name=args.job_name, nodes=args.nodes,
+        min_nodes=args.min_nodes, nproc_per_node=args.nproc_per_node, gpus_per_node=args.gpus_per_node or None,
+        cpus_per_task=args.cpus_per_task, time=args.time, signal_lead_s=args.signal_lead, grace_s=args.grace,
+        partition=args.partition, account=args.account, output=args.log, rdzv_port=args.rdzv_port,
+        launcher=args.launcher, setup=tuple(args.setup),
+    ))
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
     return EXIT_OK
 
 
