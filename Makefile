@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast bench install services clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python launch/demo.py
 
-test: $(STAMP)
+# Slurm and munge for the real-Slurm test (Debian packages; the tests start the daemons).
+services:
+	sh scripts/install-services.sh
+
+test: $(STAMP) services
 	$(BIN)/python -m pytest -v --durations=15
 
 test-fast: $(STAMP)
@@ -31,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_manager.py
 	$(BIN)/python benchmarks/bench_guard.py
+	$(BIN)/python benchmarks/bench_launcher.py
 
 clean:
-	rm -rf $(VENV) demo-run .bench .pytest_cache
+	rm -rf $(VENV) demo-run .bench .pytest_cache elastic-resume-logs

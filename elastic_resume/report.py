@@ -97,7 +97,7 @@ class Summary:
             row("goodput", f"{100 * (self.goodput or 0):.1f}% ({self.useful_s:.1f} s of useful step time, "
                            f"{self.lost_s:.1f} s lost)")
         else:
-            row("steps", "no step events (SpikeGuard records them)")
+            row("steps", "no step lines in these logs (SpikeGuard on rank 0 records them, in rank 0's node log)")
         row("restarts", str(len(self.restarts)) if self.restarts else "none")
         for r in self.restarts:
             rec = f", first step {r['recover_s']:.1f} s after the failure" if r.get("recover_s") is not None else ""
@@ -175,6 +175,7 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
     failed_at: float | None = None
     pending_restarts: list[dict[str, Any]] = []
     last_restart_ts = -1e18
+    commits: set[tuple[Any, Any]] = set()
     for e in events:
         kind = e.get("event")
         if kind == "step" and _rank0(e):
@@ -214,7 +215,9 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
                 s.preemptions[-1]["saved_step"] = e.get("step")
             else:
                 s.preemptions.append({"ts": e["ts"], "signal": e.get("signal") or "api", "saved_step": e.get("step")})
-        elif kind == "save_committed" and _rank0(e):
+        elif kind == "save_committed" and (e.get("step"), e.get("attempt")) not in commits:
+            # Every rank reports the same commit; a node's log may lack rank 0's line.
+            commits.add((e.get("step"), e.get("attempt")))
             s.saves += 1
             s.save_bytes += int(e.get("bytes") or 0)
             if isinstance(e.get("seconds"), (int, float)):

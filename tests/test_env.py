@@ -144,7 +144,7 @@ def test_report_keeps_the_surviving_timeline_and_computes_goodput():
         ev(14.6, "data_skipped", rank=0, through_step=9),
         *[ev(15 + s - 7, "step", rank=0, step=s, loss=0.1, seconds=1.0) for s in range(7, 11)],  # 7-10
         ev(18.5, "save_committed", rank=0, step=10, bytes=2**20, seconds=0.5),
-        ev(18.6, "save_committed", rank=1, step=10, bytes=2**20, seconds=0.5),
+        ev(18.6, "save_committed", rank=1, step=10, bytes=2**20, seconds=0.5),  # same commit, rank 1
         ev(20, "launch_finished", node="n", pid=1, exit_code=0, reason="finished"),
     ]
     s = summarize(events)
