@@ -159,11 +159,14 @@ def _wall(events: list[dict[str, Any]]) -> tuple[float, int]:
 def _cause(failures: list[dict[str, Any]] | None) -> str:
     if not failures:
         return "membership change (a node joined or left)"
+    # When one worker dies, the agent stops the others with SIGTERM: those are consequences.
+    root = [f for f in failures if f.get("signal") != "SIGTERM"] or failures
     parts = []
-    for f in failures:
+    for f in root:
         how = f"killed by {f['signal']}" if f.get("signal") else f"exit {f['exitcode']}"
         parts.append(f"rank {f['rank']} {how}")
-    return ", ".join(parts)
+    stopped = len(failures) - len(root)
+    return ", ".join(parts) + (f" ({stopped} other worker{'s' * (stopped > 1)} stopped by the agent)" if stopped else "")
 
 
 def summarize(events: Iterable[dict[str, Any]]) -> Summary:

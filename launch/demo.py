@@ -1,11 +1,17 @@
-"""The README's demo: train, get SIGKILLed mid-run, resume, and prove nothing was lost.
+"""The README's demo (``make demo``): a two-process DDP run under ``elastic-resume launch`` that
+survives a killed worker and a loss spike, then shows what verification and the report see.
 
-1. Train ``train_simple.py`` uninterrupted (the reference).
-2. Train the same run again, SIGKILL it mid-training (a node dying), start it again: it resumes
-   from the newest verified checkpoint, and every step's loss equals the reference, bit for bit.
-3. Flip one byte in the newest checkpoint: ``verify`` names the file, and a resume falls back to
-   the previous step instead of loading damaged weights.
-Everything happens under ./demo-run on local disk.
+1. Reference: the run uninterrupted.
+2. The same run with faults: worker rank 1 is SIGKILLed at step 23 (the launcher restarts the
+   workers, which resume from the newest verified checkpoint, step 20), and rank 1's loss spikes
+   at step 45 (both ranks agree through the vote, roll back in-process to step 40, skip the
+   bad data and go on). Every step before the spike matches the reference bit for bit, the
+   steps redone after the kill included.
+3. One flipped byte in the newest checkpoint: ``verify`` names the file, a resume would fall
+   back to the step before.
+4. ``elastic-resume report``: restarts, rollbacks, goodput, and a PNG of the loss curve.
+
+Everything is written under ./demo-run on local disk.
 """
 
 from __future__ import annotations
@@ -13,93 +19,98 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.abspath(os.environ.get("DEMO_DIR", "demo-run"))
 CLI = [sys.executable, "-m", "elastic_resume.cli"]
-STEPS, SAVE_EVERY, KILL_AT = 300, 25, 140
+STEPS, SAVE_EVERY, KILL_AT, SPIKE_AT = 60, 5, 23, 45
 
 
-def train(root: str, loss_log: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "train_simple.py"), "--root", root, "--steps", str(STEPS),
-         "--save-every", str(SAVE_EVERY), "--loss-log", loss_log],
-        start_new_session=True,
-    )
+def launch(root: str, loss_log: str, *faults: str, events: str | None = None) -> int:
+    cmd = [*CLI, "launch", "--standalone", "--nproc-per-node=2", "--monitor-interval=0.2"]
+    if events:
+        cmd.append(f"--er-event-log={events}")
+    else:
+        cmd.append("--er-no-summary")
+    cmd += [os.path.join(HERE, "train_ddp.py"), "--root", root, "--steps", str(STEPS), "--save-every", str(SAVE_EVERY),
+            "--guard", "--detector-z", "20", "--loss-log", loss_log, "--fault-dir", OUT, *faults]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # torchrun's own log lines (worker failures it handles) go to the file; our summary stays.
+    with open(os.path.join(OUT, "launcher.log"), "a") as log:
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.PIPE, text=True)
+        summary = proc.stderr.split("elastic-resume run summary")
+        log.write(summary[0])
+    if len(summary) > 1:
+        print("elastic-resume run summary" + summary[1], end="", flush=True)
+    return proc.returncode
 
 
-def losses(path: str) -> dict[int, list[float]]:
-    out: dict[int, list[float]] = {}
+def losses(path: str) -> dict[tuple[int, int], list[float]]:
+    """Per (rank, step), the losses logged before any rollback (steps redone after a rollback
+    train on other data, by design)."""
+    out: dict[tuple[int, int], list[float]] = {}
     with open(path) as f:
         for line in f:
             rec = json.loads(line)
-            out.setdefault(rec["step"], []).append(rec["loss"])
+            if rec["rollbacks"] == 0:
+                out.setdefault((rec["rank"], rec["step"]), []).append(rec["loss"])
     return out
-
-
-def last_step(path: str) -> int:
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        lines = f.read().splitlines()
-    return json.loads(lines[-1])["step"] if lines else 0
 
 
 def banner(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
 
+def cli(*args: str, check: bool = True) -> str:
+    return subprocess.run([*CLI, *args], check=check, capture_output=True, text=True).stdout
+
+
 def main() -> int:
     shutil.rmtree(OUT, ignore_errors=True)
     os.makedirs(OUT)
     ref_root, ref_log = os.path.join(OUT, "reference"), os.path.join(OUT, "reference-loss.jsonl")
-    root, log = os.path.join(OUT, "ckpt"), os.path.join(OUT, "loss.jsonl")
+    root, log, events = os.path.join(OUT, "ckpt"), os.path.join(OUT, "loss.jsonl"), os.path.join(OUT, "events.jsonl")
 
-    banner(f"1. reference run: {STEPS} steps, checkpoint every {SAVE_EVERY}")
-    if train(ref_root, ref_log).wait() != 0:
+    banner(f"1. reference: 2 processes, {STEPS} steps, checkpoint every {SAVE_EVERY}")
+    if launch(ref_root, ref_log) != 0:
+        print(f"FAIL: the reference run failed; see {OUT}/launcher.log")
         return 1
 
-    banner(f"2. same run, SIGKILLed after step {KILL_AT}, then started again")
-    proc = train(root, log)
-    while last_step(log) < KILL_AT and proc.poll() is None:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    latest = subprocess.run([*CLI, "latest", root], check=True, capture_output=True, text=True).stdout.strip()
-    print(f"killed at step {last_step(log)}; newest verified checkpoint: step {latest}", flush=True)
-    if train(root, log).wait() != 0:
+    banner(f"2. the same run; worker rank 1 is SIGKILLed at step {KILL_AT}, its loss spikes at step {SPIKE_AT}")
+    rc = launch(root, log, "--die-at-steps", str(KILL_AT), "--die-rank", "1", "--spike-at-step", str(SPIKE_AT),
+                "--spike-rank", "1", events=events)
+    if rc != 0:
+        print(f"FAIL: exit code {rc}; see {OUT}/launcher.log")
         return 1
-
     ref, got = losses(ref_log), losses(log)
-    mismatched = [s for s in ref if any(v != ref[s][0] for v in got.get(s, [None]))]
-    replayed = sum(len(v) - 1 for v in got.values())
-    print(f"{len(ref)} steps compared, {replayed} re-run after the resume, {len(mismatched)} differ")
-    if mismatched:
-        print(f"FAIL: losses differ at steps {mismatched[:10]}")
+    before_spike = [k for k in ref if k[1] < SPIKE_AT]
+    differ = [k for k in before_spike if any(v != ref[k][0] for v in got.get(k, [None]))]
+    redone = sum(len(got[k]) - 1 for k in before_spike if k in got)
+    print(f"steps before the spike: {len(before_spike) // 2} per rank, {redone // 2} redone after the kill, "
+          f"{len(differ)} differ from the reference")
+    if differ or not redone:
+        print(f"FAIL: losses differ at (rank, step) {differ[:10]}")
         return 1
-    print("every step's loss equals the uninterrupted run, bit for bit")
+    print("every loss before the spike equals the uninterrupted run, bit for bit")
 
     banner("3. one flipped byte in the newest checkpoint")
-    listing = json.loads(subprocess.run([*CLI, "ls", root, "--json"], check=True, capture_output=True, text=True).stdout)
-    newest = listing[0]["step"]
-    manifest = json.loads(subprocess.run([*CLI, "inspect", root, str(newest), "--json"], check=True,
-                                         capture_output=True, text=True).stdout)
+    newest = json.loads(cli("ls", root, "--json"))[0]["step"]
+    manifest = json.loads(cli("inspect", root, str(newest), "--json"))
     victim = os.path.join(root, f"step-{newest:012d}", manifest["files"][0]["path"])
     with open(victim, "r+b") as f:
         f.seek(os.path.getsize(victim) // 2)
         b = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([b[0] ^ 0x10]))
-    subprocess.run([*CLI, "verify", root])
-    latest = subprocess.run([*CLI, "latest", root], check=True, capture_output=True, text=True).stdout.strip()
-    print(f"a resume would now pick step {latest}")
-    banner("elastic-resume ls --full")
-    subprocess.run([*CLI, "ls", "--full", root], check=True)
-    print(f"\ndemo OK: outputs under {OUT}")
+    print(cli("verify", root, check=False), end="")
+    print(f"a resume would now pick step {cli('latest', root).strip()} instead of {newest}")
+
+    banner("4. elastic-resume report")
+    plot = os.path.join(OUT, "loss.png")
+    print(cli("report", events, "--plot", plot), end="")
+    print(f"\ndemo OK: outputs under {OUT} (open {plot})")
     return 0
 
 

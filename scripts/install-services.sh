@@ -13,7 +13,7 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 echo "install-services: installing slurm-wlm and munge (Debian packages)" >&2
-apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null; } \
+apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q slurm-wlm munge >/dev/null; } \
     || echo "install-services: apt-get failed; the Slurm test will be skipped" >&2
 exit 0
