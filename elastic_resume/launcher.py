@@ -218,6 +218,7 @@ class Launch:
         self.outcome: str | None = None  # gave_up | preempted | preempt_timeout
         self.last_failure: list[dict[str, Any]] | None = None
         self.generation = 0
+        self.phase = "starting"  # starting -> running (workers started once) -> done
         self.node = socket.gethostname()
 
     def emit(self, event: str, **fields: Any) -> None:
@@ -232,7 +233,7 @@ class Launch:
         self.preempt_at, self.preempt_signal = time.monotonic(), name
         pids = self._worker_pids()
         self.emit("preemption_requested", signal=name, grace_s=self.plan.grace_s, workers=len(pids))
-        if not pids:
+        if self.phase == "starting":  # still in the first rendezvous: nothing to save, stop now
             raise _PreemptedBeforeStart(name)
         for pid in pids:
             try:
@@ -252,6 +253,7 @@ class Launch:
     # -- agent hooks --------------------------------------------------------------------------
     def on_started(self, worker_group: Any) -> None:
         self.generation += 1
+        self.phase = "running"
         spec = worker_group.spec
         self.emit("workers_started", generation=self.generation, group_rank=worker_group.group_rank,
                   group_world_size=worker_group.group_world_size, local_world_size=spec.local_world_size,
@@ -311,16 +313,23 @@ class Launch:
         from torch.distributed.elastic.multiprocessing.api import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+        agent, signalled = None, False
         try:
-            result = self._make_agent().run()
+            agent = self._make_agent()
+            result = agent.run()
         except _PreemptedBeforeStart as e:
             return EXIT_PREEMPTED, f"{e} before the workers started: nothing to save"
         except SignalException as e:
+            signalled = True  # like torchrun: keep the rendezvous open for the other nodes
             return 128 + int(e.sigval), f"stopped by {signal.Signals(e.sigval).name}"
         except Exception as e:  # rendezvous timeouts, a closed rendezvous, ...
             self.emit("launch_error", error=f"{type(e).__name__}: {e}")
             print(f"elastic-resume launch: {type(e).__name__}: {e}", file=sys.stderr)
             return EXIT_FAILED, f"{type(e).__name__}: {e}"
+        finally:
+            self.phase = "done"
+            if agent is not None and not signalled:
+                self._close_rendezvous(agent)
         if not result.is_failed():
             return 0, "finished"
         if self.outcome == "gave_up":
@@ -336,6 +345,14 @@ class Launch:
             print(ChildFailedError(name=self.plan.args.training_script, failures=result.failures).format_msg(),
                   file=sys.stderr)
         return EXIT_FAILED, "workers failed and no restarts are left"
+
+    def _close_rendezvous(self, agent: Any) -> None:
+        """As torchrun does when its agent ends (except on a signal): close this run's
+        rendezvous so agents on other nodes stop waiting for this one."""
+        try:
+            agent._worker_group.spec.rdzv_handler.shutdown()
+        except Exception as e:  # already closed by another node, or its store is gone
+            self.emit("rendezvous_close_failed", error=str(e))
 
     def _make_agent(self) -> Any:
         from torch.distributed.elastic.agent.server.api import WorkerSpec

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -98,7 +99,8 @@ def test_failed_write_on_one_rank_fails_every_rank_and_commits_nothing(tmp_path)
                      "--ballast-rank", "1", timeout=120)
         assert r.returncode != 0
         text = r.stdout + r.stderr
-        assert "checkpoint step 5 was not committed: rank 1 failed writing" in text
+        # Rank 1 fills the disk; rank 0's small file may or may not still fit, so rank 0 may fail too.
+        assert re.search(r"checkpoint step 5 was not committed: [^\n]*rank 1 failed writing", text)
         assert "No space left on device" in text
         assert text.count("CheckpointSaveError") >= 2  # raised on both ranks, nobody hung
         assert CheckpointStore(tamper.raw(root)).committed_steps() == []

@@ -32,6 +32,13 @@ def standalone(tmp_path, *args: str, nproc: int = 2, flags: tuple[str, ...] = ()
                         *flags, args=("--root", str(tmp_path / "ckpt"), "--fault-dir", str(tmp_path), *args))
 
 
+def start_guarded(tmp_path, steps: int, save_every: int):
+    """A guarded 2-worker run with slow steps, started in the background: (cmd, events, proc)."""
+    cmd = standalone(tmp_path, "--steps", str(steps), "--save-every", str(save_every), "--guard", "--step-seconds",
+                     "0.05", "--restore-report", str(tmp_path / "restored.jsonl"))
+    return cmd, str(tmp_path / "events.jsonl"), start(cmd, str(tmp_path / "launch.log"))
+
+
 def wait_for_listener(port: int, proc, timeout: float = 60) -> None:
     import socket
 
@@ -132,10 +139,7 @@ def test_gave_up_exit_76_is_never_retried(tmp_path):
 
 
 def test_sigusr1_twice_saves_once_exits_75_and_the_rerun_resumes(tmp_path):
-    events = str(tmp_path / "events.jsonl")
-    cmd = standalone(tmp_path, "--steps", "60", "--save-every", "50", "--guard", "--step-seconds", "0.05",
-                     "--restore-report", str(tmp_path / "restored.jsonl"))
-    p = start(cmd, str(tmp_path / "launch.log"))
+    cmd, events, p = start_guarded(tmp_path, steps=60, save_every=50)
     try:
         wait_event(events, lambda e: e["event"] == "step" and e["step"] >= 5, proc=p)
         p.send_signal(signal.SIGUSR1)
@@ -181,10 +185,7 @@ def test_sigterm_to_the_whole_step_during_a_save(tmp_path):
 
 
 def test_sigkilled_launcher_takes_its_workers_along_and_a_relaunch_resumes(tmp_path):
-    events = str(tmp_path / "events.jsonl")
-    cmd = standalone(tmp_path, "--steps", "40", "--save-every", "4", "--guard", "--step-seconds", "0.05",
-                     "--restore-report", str(tmp_path / "restored.jsonl"))
-    p = start(cmd, str(tmp_path / "launch.log"))
+    cmd, events, p = start_guarded(tmp_path, steps=40, save_every=4)
     try:
         wait_event(events, lambda e: e["event"] == "save_committed" and e["step"] >= 8, proc=p)
         workers = children(p.pid)
