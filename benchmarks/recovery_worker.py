@@ -2,7 +2,7 @@
 loop, checkpointed either with elastic-resume (``--mode er``: CheckpointManager, async saves
 spread over the ranks, verified restore) or the way a plain torchrun script does it
 (``--mode plain``: rank 0 ``torch.save`` to a temp file + rename, a barrier, ``torch.load`` at
-start). Every rank appends timestamps to ``--log``: process start, process group ready, state
+start). Every rank appends timestamps to ``--timeline``: process start, process group ready, state
 restored, and each step (the same ``step`` lines ``elastic-resume report`` reads)."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--mode", choices=["er", "plain"], required=True)
     p.add_argument("--root", required=True)
-    p.add_argument("--log", required=True)
+    p.add_argument("--timeline", required=True, help="JSONL file of timestamps")
     p.add_argument("--steps", type=int, default=10**9)
     p.add_argument("--save-every", type=int, default=20)
     p.add_argument("--width", type=int, default=8192)
@@ -34,7 +34,7 @@ def main() -> int:
     torch.set_num_threads(1)
 
     def log(event: str, **kw) -> None:
-        with open(args.log, "a") as f:
+        with open(args.timeline, "a") as f:
             f.write(json.dumps({"ts": time.time(), "event": event, "rank": rank, "pid": os.getpid(), **kw}) + "\n")
 
     log("process_start", at=T_START)
@@ -45,12 +45,14 @@ def main() -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     progress = {"step": 0}
     state = {"model": model, "optimizer": opt, "progress": progress}
+    log("model_ready")
     mgr = None
     if args.mode == "er":
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from elastic_resume import CheckpointManager
 
         mgr = CheckpointManager(args.root, keep_last=2)
+        log("manager_ready")
         mgr.restore(state)
         progress = state["progress"]
     else:

@@ -97,16 +97,29 @@ class LaunchPlan:
         return self.detected.requeue_with_scontrol and (self.requeue == "always" or self.detected.is_first_node)
 
 
+def _number(kind: type, env: str):  # type: ignore[no-untyped-def]
+    """argparse type for a flag whose default comes from ``env`` (string defaults are converted
+    too, so a bad variable gets the same one-line error, naming it)."""
+    def parse(text: str):  # type: ignore[no-untyped-def]
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'} "
+                                             f"(from the flag or {env})") from None
+    return parse
+
+
 def add_own_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("elastic-resume (also from ER_* variables)")
     g.add_argument("--er-event-log", default=os.environ.get(EVENT_LOG_ENV),
                    help="JSONL file for this node's events (default: elastic-resume-logs/<run id>/<host>-<pid>.jsonl)")
-    g.add_argument("--er-grace", type=float, default=float(os.environ.get("ER_GRACE_SECONDS", "120")),
+    g.add_argument("--er-grace", type=_number(float, "ER_GRACE_SECONDS"), default=os.environ.get("ER_GRACE_SECONDS", "120"),
                    help="seconds the workers get to save after a preemption signal (default 120; keep it under "
                         "Slurm's --signal lead time and Kubernetes' terminationGracePeriodSeconds)")
     g.add_argument("--er-requeue", choices=["auto", "always", "never"], default=os.environ.get("ER_REQUEUE", "auto"),
                    help="after a preemption under Slurm: auto = 'scontrol requeue' from the first node (default)")
-    g.add_argument("--er-max-resumes-per-step", type=int, default=int(os.environ.get(MAX_RESUMES_ENV, "3")),
+    g.add_argument("--er-max-resumes-per-step", type=_number(int, MAX_RESUMES_ENV),
+                   default=os.environ.get(MAX_RESUMES_ENV, "3"),
                    help="resumes from the same step, with no newer commit in between, before restore falls back "
                         "to an older verified step (a crash loop); 0 disables (default 3)")
     g.add_argument("--er-no-fast-failure-detection", action="store_true",
@@ -119,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = get_args_parser()
     parser.prog = "elastic-resume launch"
+    # Every argument after the script is the script's. torchrun's parser also matches abbreviations
+    # there, so a script flag like --log fails with "ambiguous option: --log could match --log-dir".
+    parser.allow_abbrev = False
     parser.description = "torchrun with verified resume, preemption saves and requeue (all torchrun flags work)"
     add_own_options(parser)
     return parser
@@ -155,6 +171,8 @@ def plan_launch(argv: list[str], *, check_script: bool = True, script_optional: 
                           "processes it can signal: drop --run-path")
     if check_script and not args.no_python and not args.module and not os.path.isfile(args.training_script):
         raise ConfigError(f"training script {args.training_script!r} not found")
+    if args.er_requeue not in ("auto", "always", "never"):
+        raise ConfigError(f"ER_REQUEUE={args.er_requeue!r}: expected auto, always or never")
     if args.er_grace <= 0:
         raise ConfigError(f"--er-grace must be positive (got {args.er_grace})")
     _standalone(args)

@@ -169,3 +169,21 @@ def test_report_plot_is_a_png(tmp_path):
     out = tmp_path / "loss.png"
     plot(events, summarize(events), str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_command_line(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import child_env
+
+    log = tmp_path / "events.jsonl"
+    log.write_text("".join(json.dumps(ev(s, "step", rank=0, step=s, loss=1.0, seconds=0.5)) + "\n" for s in range(1, 5)))
+    cli = [sys.executable, "-m", "elastic_resume.cli", "report"]
+    r = subprocess.run([*cli, str(tmp_path), "--json"], capture_output=True, text=True, env=child_env())
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["steps_final"] == 4 and doc["useful_s"] == 2.0
+    r = subprocess.run([*cli, str(tmp_path / "missing.jsonl")], capture_output=True, text=True, env=child_env())
+    assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr

@@ -211,6 +211,8 @@ def test_user_mistakes_get_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in r.stderr
     r = run([*launcher_cmd("--er-grace=0")])
     assert r.returncode == 2 and "--er-grace" in r.stderr
+    r = run([*launcher_cmd()], env={"ER_GRACE_SECONDS": "soon"})
+    assert r.returncode == 2 and "ER_GRACE_SECONDS" in r.stderr and "Traceback" not in r.stderr
     r = run([*launcher_cmd("--run-path")])
     assert r.returncode == 2 and "--run-path" in r.stderr
 
@@ -227,4 +229,8 @@ def test_doctor_shows_what_slurm_would_give(tmp_path):
     assert "1:2 (elastic)" in out and re.search(r"scheduler restarts so far\s+2\n", out)
     assert re.search(r"node rank\s+1 from the scheduler", out)
     assert "elastic_resume.worker SCRIPT" in out
+    # Script flags that abbreviate a launcher flag (--log ~ --log-dir) stay the script's.
+    r = run([sys.executable, "-m", "elastic_resume.cli", "doctor", "train.py", "--log", "x", "--nnodes", "3"])
+    assert r.returncode == 0, r.stderr
+    assert "elastic_resume.worker train.py --log x --nnodes 3" in r.stdout
     assert "requeue with scontrol" not in out  # node 1 does not requeue; node 0 does

@@ -88,3 +88,20 @@ def test_slurm_usr1_saves_requeues_and_the_job_finishes_from_the_saved_step(slur
     assert [e["scheduler_restarts"] for e in ev if e["event"] == "launch_started"] == [0, 1]
     assert [x["restored"] for x in restores(str(tmp_path / "restored.jsonl"))[-2:]] == [saved[0]] * 2
     assert "(restart 0)" in out and "(restart 1)" in out and "step ended with exit code 0" in out
+
+
+def test_sbatch_command_reproduces_the_example(tmp_path):
+    import subprocess
+
+    out = tmp_path / "job.sbatch"
+    e = EXAMPLE
+    r = subprocess.run([sys.executable, "-m", "elastic_resume.cli", "sbatch", "--nodes", str(e.nodes), "--min-nodes",
+                        str(e.min_nodes), "--nproc-per-node", str(e.nproc_per_node), "--gpus-per-node",
+                        str(e.gpus_per_node), "--cpus-per-task", str(e.cpus_per_task), "--time", e.time,
+                        "--signal-lead", str(e.signal_lead_s), "--setup", e.setup[0], "-o", str(out), e.script,
+                        *e.script_args], capture_output=True, text=True, env=child_env())
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == render_sbatch(EXAMPLE)
+    r = subprocess.run([sys.executable, "-m", "elastic_resume.cli", "sbatch", "--nodes", "2", "--min-nodes", "3", "t.py"],
+                       capture_output=True, text=True, env=child_env())
+    assert r.returncode == 2 and "--min-nodes" in r.stderr and "Traceback" not in r.stderr
