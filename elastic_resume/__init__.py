@@ -47,10 +47,12 @@ _LAZY = {
     "CUSUM": "detectors",
     "NonFinite": "detectors",
     "Plateau": "detectors",
+    "settle_ddp_buckets": "ddp",
 }
 
 if TYPE_CHECKING:
     from .data import ResumableDistributedSampler
+    from .ddp import settle_ddp_buckets
     from .detectors import CUSUM, EMARatio, MovingAverageRatio, NonFinite, Plateau, RobustZScore, Threshold
     from .guard import SpikeGuard
     from .policy import RollbackPolicy
@@ -69,6 +71,7 @@ __all__ = [
     "CUSUM",
     "EMARatio",
     "GaveUpError",
+    "settle_ddp_buckets",
     "EXIT_PREEMPTED",
     "EXIT_GAVE_UP",
     "MovingAverageRatio",

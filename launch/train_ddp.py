@@ -44,6 +44,7 @@ from elastic_resume import (
     RobustZScore,
     RollbackPolicy,
     SpikeGuard,
+    settle_ddp_buckets,
 )
 
 
@@ -125,15 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ddp = DDP(model) if distributed else model
     if distributed:
-        # DDP lays its gradient buckets out anew after its first backward. With more than two
-        # ranks the layout decides the order in which gloo/NCCL add the ranks' gradients, so a
-        # resumed process's first step would round differently from the same step in a run
-        # that never stopped. One throw-away backward (no dropout, zero gradients, no update)
-        # settles the layout before the first real step, in every run alike.
-        model.eval()
-        ddp(x[:1]).sum().mul(0.0).backward()
-        model.zero_grad(set_to_none=True)
-        model.train()
+        # With more than two ranks, DDP's first backward changes the order in which gradients
+        # are summed; settle it now so a resumed run reproduces this one bit for bit.
+        settle_ddp_buckets(ddp, x[:1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1.0 + 0.01 * s))
     progress = {"step": 0}

@@ -187,3 +187,22 @@ def test_report_command_line(tmp_path):
     assert doc["steps_final"] == 4 and doc["useful_s"] == 2.0
     r = subprocess.run([*cli, str(tmp_path / "missing.jsonl")], capture_output=True, text=True, env=child_env())
     assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_settle_ddp_buckets_builds_a_zero_loss_from_any_output_and_names_what_it_cannot():
+    import torch
+
+    from elastic_resume.ddp import _zero_loss, settle_ddp_buckets
+
+    a = torch.ones(2, requires_grad=True)
+    out = {"logits": a * 3, "aux": (a * 2, "text")}
+    loss = _zero_loss(out)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(a.grad, torch.zeros(2))
+    with pytest.raises(TypeError, match="str"):
+        _zero_loss("not a tensor")
+    # Without DDP (a plain module) it is a harmless no-op that leaves no gradients and the mode.
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Dropout(0.5))
+    model.train()
+    settle_ddp_buckets(model, torch.randn(4, 3))
+    assert model.training and all(p.grad is None for p in model.parameters())
