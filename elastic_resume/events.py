@@ -41,7 +41,8 @@ class EventLog:
     events whose name says something went wrong)."""
 
     _WARN_EVENTS = frozenset(
-        {"corruption_found", "restore_fallback", "drift_found", "save_failed", "prune_failed"}
+        {"corruption_found", "restore_fallback", "drift_found", "save_failed", "prune_failed",
+         "resume_crash_loop", "workers_failed", "preemption_grace_expired", "requeue_failed", "launch_error"}
     )
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, rank: int | None = None):
