@@ -174,6 +174,7 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
     s = Summary()
     s.wall_s, s.sessions = _wall(events)
     timeline: dict[int, tuple[float, float | None]] = {}  # step -> (loss, seconds)
+    order: list[int] = []  # the timeline's steps, increasing (a stack: redone steps pop the tail)
     abandoned: list[list[tuple[int, float]]] = []
     failed_at: float | None = None
     pending_restarts: list[dict[str, Any]] = []
@@ -184,11 +185,15 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
         if kind == "step" and _rank0(e):
             step = int(e["step"])
             s.steps_executed += 1
-            dropped = sorted(k for k in timeline if k >= step)
+            # Keys stay in increasing order (a step is only added once every later one is gone),
+            # so what a redone step throws away is a tail: O(1) per step on a normal run.
+            dropped: list[tuple[int, float]] = []
+            while order and order[-1] >= step:
+                last = order.pop()
+                dropped.append((last, timeline.pop(last)[0]))
             if dropped:
-                abandoned.append([(k, timeline[k][0]) for k in dropped])
-                for k in dropped:
-                    del timeline[k]
+                abandoned.append(dropped[::-1])
+            order.append(step)
             loss = e.get("loss")
             timeline[step] = (float(loss) if isinstance(loss, (int, float)) else float("nan"), e.get("seconds"))
             for r in pending_restarts:
