@@ -253,10 +253,13 @@ class Launch:
         self.emit("preemption_requested", signal=name, grace_s=self.plan.grace_s, workers=len(pids))
         if self.phase == "starting":  # still in the first rendezvous: nothing to save, stop now
             raise _PreemptedBeforeStart(name)
+        self._forward_preemption(pids)
+
+    def _forward_preemption(self, pids: list[int]) -> None:
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGUSR1)
-            except ProcessLookupError:
+            except ProcessLookupError:  # exited meanwhile
                 pass
 
     def _worker_pids(self) -> list[int]:
@@ -277,8 +280,7 @@ class Launch:
                   group_world_size=worker_group.group_world_size, local_world_size=spec.local_world_size,
                   world_size=worker_group.group_world_size * spec.local_world_size if worker_group.group_world_size else None)
         if self.preempt_at is not None:  # a signal came during the restart: pass it on at once
-            for pid in self._worker_pids():
-                os.kill(pid, signal.SIGUSR1)
+            self._forward_preemption(self._worker_pids())
 
     def on_monitor(self, result: Any) -> Any:
         from torch.distributed.elastic.agent.server.api import RunResult, WorkerState
