@@ -114,6 +114,9 @@ class SpikeGuard:
         self._positions: dict[int, int] = {}
         self._committed: list[tuple[int, bool]] = []  # (step, healthy) of this run's timeline
         self._step_clock: float | None = None
+        # Votes read outside step() (settle(), right before a checkpoint taken by someone else,
+        # e.g. Lightning's ModelCheckpoint): acted on at the next step().
+        self._deferred: list[VoteResult] = []
         # SIGUSR1/SIGTERM now ask for a save through the vote instead of killing the process.
         preemption.register_consumer()
 
@@ -128,11 +131,16 @@ class SpikeGuard:
         """Restore the newest verified checkpoint (0 if none). With ``restart_from_scratch``,
         a fresh run first commits step 0 so there is always something to roll back to."""
         restored = self.manager.restore(self.state)
+        self.attach(restored)
+        return restored or 0
+
+    def attach(self, restored: int | None) -> None:
+        """Take up training after a restore done by someone else (``restored`` is the step, or
+        None for a fresh run): learn which checkpoints exist and their health."""
         self._committed = self.manager.checkpoint_health()
         if restored is None and self.policy.restart_from_scratch:
             self.save(0)
         self._step_clock = time.monotonic()
-        return restored or 0
 
     def _protect_anchor(self, step: int) -> None:
         """Keep out of retention's reach every checkpoint a spike at ``step`` or later could roll
@@ -159,6 +167,12 @@ class SpikeGuard:
         return self._last_trouble is None or step - self._last_trouble > self.health_window
 
     def save(self, step: int, *, metadata: dict[str, Any] | None = None, blocking: bool = True) -> None:
+        meta, health = self.checkpoint_info(step, metadata)
+        self.manager.save(step, self.state, metadata=meta, blocking=blocking, health=health)
+
+    def checkpoint_info(self, step: int, metadata: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(metadata, health) for a checkpoint of ``step`` being taken now, which the guard
+        from here on counts among the checkpoints it may roll back to."""
         meta = {"loss": self._last_loss, **(metadata or {})}
         if self.sampler is not None:
             meta["samples_seen"] = self.sampler.position
@@ -166,7 +180,18 @@ class SpikeGuard:
                   "rollbacks": self.recovery.rollbacks}
         self._committed = [(s, ok) for s, ok in self._committed if s != step] + [(step, health["healthy"])]
         self._protect_anchor(step)
-        self.manager.save(step, self.state, metadata=meta, blocking=blocking, health=health)
+        return meta, health
+
+    def settle(self) -> None:
+        """Read the vote still in flight (every rank, together). Call it right before a checkpoint
+        that ``step(save=True)`` does not take, so a spike it carries marks that checkpoint
+        unhealthy; what the vote asks for (rollback, preemption save) happens at the next
+        ``step()``."""
+        result = self.vote.flush()
+        if result is not None:
+            if result.trouble:
+                self._last_trouble = max(self._last_trouble or 0, result.step)
+            self._deferred.append(result)
 
     # -- the per-step check -------------------------------------------------------------------
     def step(
@@ -199,7 +224,8 @@ class SpikeGuard:
         if self.sampler is not None:
             self._positions[step] = self.sampler.position
             self._positions.pop(step - 4 * (self.policy.skip_after + self.policy.margin + 8), None)
-        results: list[VoteResult | None] = []
+        results: list[VoteResult | None] = list(self._deferred)
+        self._deferred.clear()
         if step % self.vote_every == 0 or save:
             preempt = self._preempt or preemption.requested() is not None
             results.append(self.vote.submit(step, loss=loss, preempt=preempt, **self._flags))

@@ -523,6 +523,16 @@ class CheckpointManager:
         except (StorageError, OSError) as e:
             return None, None, None, f"unreadable: {e}"
 
+    def read_verified(self, step: int) -> tuple[Manifest, dict[str, Any]]:
+        """This rank's share of ``step`` (the replicated state and its own per-rank state), every
+        byte verified, as a plain tree: no agreement with other ranks and nothing loaded into
+        live objects. Raises CheckpointCorruptError naming the file that failed."""
+        self.wait()
+        manifest, tree, file, why = self._load_candidate(step, {})
+        if manifest is None or tree is None:
+            raise CheckpointCorruptError(step, file, why or "unreadable")
+        return manifest, tree
+
     def restore(self, state: MutableMapping[str, Any], *, step: int | None = None) -> int | None:
         """Restore ``state`` in place from the newest step every rank can verify and load (or
         exactly ``step``). Returns the step, or None when no checkpoint was ever committed.

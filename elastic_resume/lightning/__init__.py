@@ -1,0 +1,41 @@
+"""PyTorch Lightning integration (the ``lightning`` extra).
+
+Three pieces, each in Lightning's own idiom::
+
+    from elastic_resume.lightning import ElasticCheckpointIO, ElasticResume, ResumableDataLoader
+
+    ckpt_io = ElasticCheckpointIO(async_save=True)           # atomic, verified, local or s3://
+    trainer = L.Trainer(
+        strategy="ddp", use_distributed_sampler=False,
+        plugins=[ckpt_io],
+        callbacks=[ModelCheckpoint(dirpath=ROOT, every_n_train_steps=50, save_top_k=-1),
+                   ElasticResume(policy=RollbackPolicy(margin=100, skip_after=200))],
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_io.resume_path(ROOT))
+    sys.exit(trainer.callbacks[...].exit_code)                # 75 after a preemption save
+
+- ``ElasticCheckpointIO`` (``checkpoint_io.py``): every Lightning checkpoint path becomes a
+  small checkpoint store of its own, committed by a manifest, every byte verified on load; the
+  newest checkpoint every rank can load is found and agreed at load time.
+- ``ElasticResume`` (``callback.py``): the spike detectors and the one-collective vote in the
+  training loop, in-process rollback through Lightning's own state (no second ``fit``), data
+  skipping, LR scaling, preemption saves, and the drift report on resume.
+- ``ResumableDataLoader`` (``data.py``): a ``DataLoader`` over ``ResumableDistributedSampler``
+  whose position Lightning saves in its loop state, so a mid-epoch resume continues with the
+  next batch.
+"""
+
+from __future__ import annotations
+
+try:
+    import lightning.pytorch  # noqa: F401 - fail here, with the remedy, rather than deep inside
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "elastic_resume.lightning needs PyTorch Lightning: pip install 'elastic-resume[lightning]'"
+    ) from e
+
+from .callback import ElasticResume
+from .checkpoint_io import CHECKPOINT_KEY, ElasticCheckpointIO
+from .data import ResumableDataLoader
+
+__all__ = ["CHECKPOINT_KEY", "ElasticCheckpointIO", "ElasticResume", "ResumableDataLoader"]

@@ -1,0 +1,356 @@
+"""``ElasticResume``: the spike guard inside Lightning's training loop.
+
+The callback runs a ``SpikeGuard`` (the same detectors, the same one-collective vote, the same
+pure rollback policy as a plain loop) whose checkpoint operations go through the Trainer and
+``ElasticCheckpointIO`` instead of a ``CheckpointManager``:
+
+- per optimizer step (``on_train_batch_end``): detectors on this rank's loss, then the vote;
+- before every checkpoint, whoever takes it (``on_save_checkpoint``, on every rank): the vote in
+  flight is read, so a checkpoint that holds a spike is recorded as unhealthy;
+- rollback, in-process and on every rank in the same step: newer checkpoints are removed, the
+  anchor is loaded (agreed by all ranks) into the live model, optimizers, schedulers, loop
+  counters, callbacks and dataloader position, the bad data window is skipped, the LR scaled,
+  and the loop's data iterator restarted at the new position. ``fit`` is never re-entered;
+- preemption (SIGUSR1/SIGTERM through ``elastic-resume launch``): the flag rides in the vote,
+  every rank saves the same step, training stops, and ``exit_code`` becomes 75;
+- on resume (``on_load_checkpoint``): the drift report, from the hyper-parameters of the module
+  and datamodule, the model's parameters, versions and world size.
+
+Lightning internals touched (pinned by the ``lightning`` extra and covered by the tests): the
+fit loop's progress state and data fetcher, and ``ModelCheckpoint._last_global_step_saved``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loops.loop import _Loop
+
+from .. import fingerprint as fingerprints
+from ..data import ResumableDistributedSampler
+from ..detectors import Detector
+from ..errors import ConfigError
+from ..guard import SpikeGuard
+from ..manager import DRIFT_POLICIES, DriftError
+from ..policy import RollbackPolicy
+from ..preemption import EXIT_PREEMPTED
+from .checkpoint_io import CHECKPOINT_KEY, ElasticCheckpointIO, _join, normalize_path
+from .data import ResumableDataLoader
+
+log = logging.getLogger("elastic_resume")
+
+
+def find_checkpoint_io(trainer: pl.Trainer) -> ElasticCheckpointIO:
+    """The trainer's ElasticCheckpointIO, also inside Lightning's ``AsyncCheckpointIO``."""
+    io: Any = trainer.strategy.checkpoint_io
+    while not isinstance(io, ElasticCheckpointIO) and getattr(io, "checkpoint_io", None) is not None:
+        io = io.checkpoint_io
+    if not isinstance(io, ElasticCheckpointIO):
+        raise ConfigError(
+            f"ElasticResume needs Trainer(plugins=[ElasticCheckpointIO(...)]); this trainer writes checkpoints "
+            f"with {type(io).__name__}, which neither verifies them nor lets ranks agree on one"
+        )
+    return io
+
+
+def _loaders(obj: Any) -> Iterable[Any]:
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _loaders(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _loaders(v)
+    elif obj is not None:
+        yield obj
+
+
+def find_sampler(trainer: pl.Trainer) -> ResumableDistributedSampler | None:
+    for loader in _loaders(trainer.train_dataloader):
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, ResumableDistributedSampler):
+            if not isinstance(loader, ResumableDataLoader):
+                log.warning("the training dataloader uses ResumableDistributedSampler but is a %s: Lightning does not "
+                            "checkpoint its position; use elastic_resume.lightning.ResumableDataLoader",
+                            type(loader).__name__)
+            return sampler
+    return None
+
+
+def apply_checkpoint(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+    """Load a Lightning checkpoint into a trainer that is in the middle of ``fit``, in the order
+    Lightning's own restore uses, leaving the loops running (not "restarting")."""
+    module = trainer.lightning_module
+    module.on_load_checkpoint(checkpoint)
+    trainer.strategy.load_model_state_dict(checkpoint, strict=module.strict_loading)
+    precision = trainer.precision_plugin
+    if type(precision).__qualname__ in checkpoint:
+        precision.load_state_dict(checkpoint[type(precision).__qualname__])
+    datamodule = trainer.datamodule
+    if datamodule is not None and type(datamodule).__qualname__ in checkpoint:
+        datamodule.load_state_dict(checkpoint[type(datamodule).__qualname__])
+    fit_loop = trainer.fit_loop
+    fit_loop.load_state_dict(checkpoint["loops"]["fit_loop"])
+    stack = [fit_loop]
+    while stack:  # a loaded loop marks itself (and its children) as restarting at its next run
+        loop = stack.pop()
+        loop._restarting = False
+        loop._loaded_from_state_dict = False
+        loop._resuming_from_checkpoint = False
+        stack += [v for v in vars(loop).values() if isinstance(v, _Loop)]
+    if fit_loop._combined_loader is not None:
+        fit_loop._combined_loader._load_state_dicts(fit_loop._combined_loader_states_to_load)
+    fit_loop._combined_loader_states_to_load = []
+    trainer.strategy.load_optimizer_state_dict(checkpoint)
+    for config, state in zip(trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", [])):
+        config.scheduler.load_state_dict(state)
+    saved = checkpoint.get("callbacks", {})
+    for callback in trainer.callbacks:
+        if callback.state_key in saved:
+            callback.load_state_dict(saved[callback.state_key])
+
+
+def mark_saved(trainer: pl.Trainer) -> None:
+    """Tell every ModelCheckpoint this step is saved (a preemption save, or the anchor just
+    restored), so it does not write the same step again under a ``-v1`` name."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            callback._last_global_step_saved = trainer.global_step
+
+
+class TrainerCheckpoints:
+    """What ``SpikeGuard`` needs of a checkpoint manager, done through the Trainer: health of the
+    checkpoints under ``dirpath``, removing the ones after a rollback's anchor, loading the
+    anchor into the live trainer, and saving (the re-committed anchor, preemption saves)."""
+
+    def __init__(self, trainer: pl.Trainer, io: ElasticCheckpointIO) -> None:
+        self.trainer = trainer
+        self.io = io
+        self.group = io.group()
+        self.rank = self.group.rank
+        self.events = io.events
+        self.dirpath: str | None = None
+        self.drift_allow: list[str] = []
+        self.protected_steps: set[int] = set()
+        self.superseded_steps: set[int] = set()
+        self._paths: dict[int, str] = {}
+
+    def _on_rank0(self, work: Any) -> Any:
+        """Run ``work`` on rank 0 and hand its result (or its error) to every rank."""
+        outcome = None
+        if self.rank == 0:
+            try:
+                outcome = ("ok", work())
+            except Exception as e:  # noqa: BLE001 - raised on every rank below
+                outcome = ("error", f"{type(e).__name__}: {e}")
+        status, payload = self.group.broadcast_object(outcome)
+        if status == "error":
+            raise RuntimeError(f"checkpoint directory {self.dirpath}: {payload}")
+        return payload
+
+    def wait(self) -> None:
+        self.io.wait()
+
+    def checkpoint_health(self) -> list[tuple[int, bool]]:
+        self.io.wait()
+        assert self.dirpath is not None
+        found = self._on_rank0(lambda: self.io.health(self.dirpath))
+        self._paths = {}
+        for step, _, path in found:  # newest first; one path per step
+            self._paths.setdefault(step, path)
+        return [(step, ok) for step, ok, _ in found]
+
+    def retire_newer_than(self, step: int, *, reason: str) -> list[int]:
+        self.io.wait()
+
+        def work() -> list[int]:
+            retired: dict[str, int] = {}
+            for s, path in self.io.checkpoints(self.dirpath):  # type: ignore[arg-type]
+                if s > step and path not in retired:
+                    self.io.remove_checkpoint(path)
+                    retired[path] = s
+                    self.events.emit("checkpoint_retired", step=s, path=path, reason=reason)
+            return sorted(set(retired.values()))
+
+        return self._on_rank0(work)
+
+    def restore(self, state: MutableMapping[str, Any], *, step: int | None = None) -> int | None:
+        assert step is not None and self.dirpath is not None
+        apply_checkpoint(self.trainer, self.io.load_step(self.dirpath, step))
+        return step
+
+    def save(self, step: int, state: Any, *, metadata: Any = None, blocking: bool = True, health: Any = None) -> None:
+        # Health and metadata reach the checkpoint through ElasticResume.on_save_checkpoint.
+        assert self.dirpath is not None
+        path = self._paths.get(step) or _join(
+            self.dirpath, f"preempted-epoch={self.trainer.current_epoch}-step={step}.ckpt")
+        self.trainer.save_checkpoint(path, weights_only=False)
+        self._paths[step] = path
+        mark_saved(self.trainer)
+
+
+class ElasticResume(Callback):
+    """Loss-spike rollback, preemption saves and the drift report for a Lightning ``Trainer``.
+
+    Needs ``ElasticCheckpointIO`` as the trainer's checkpoint plugin, and a checkpoint directory
+    (``ModelCheckpoint(dirpath=...)``, or ``dirpath=`` here) where ``ModelCheckpoint`` saves the
+    checkpoints a rollback can go back to (``save_top_k=-1`` keeps them all). For exact data
+    positions (mid-epoch resume, skipping the bad window) train on a ``ResumableDataLoader`` with
+    ``Trainer(use_distributed_sampler=False)``.
+
+    After ``fit`` returns, ``exit_code`` is 75 if training stopped for a preemption save (exit
+    with it so the launcher requeues), else 0. A spike with the rollback budget spent raises
+    ``GaveUpError`` out of ``fit`` (exit with ``EXIT_GAVE_UP``, 76).
+    """
+
+    def __init__(
+        self,
+        *,
+        detectors: list[Detector] | None = None,
+        policy: RollbackPolicy | None = None,
+        quorum: str | float = "any",
+        vote_every: int = 1,
+        lag: int = 1,
+        health_window: int = 10,
+        dirpath: str | None = None,
+        loss_key: str = "loss",
+        drift: str = "warn",
+        drift_allow: Iterable[str] = (),
+    ) -> None:
+        if drift not in DRIFT_POLICIES:
+            raise ConfigError(f"ElasticResume(drift=...) must be one of {', '.join(DRIFT_POLICIES)} (got {drift!r})")
+        self._guard_options = {"detectors": detectors, "policy": policy, "quorum": quorum, "vote_every": vote_every,
+                               "lag": lag, "health_window": health_window}
+        self.policy = policy or RollbackPolicy()
+        self._dirpath = dirpath
+        self.loss_key = loss_key
+        self.drift = drift
+        self.drift_allow = list(drift_allow)
+        if self.policy.lr_scale != 1.0:
+            self.drift_allow += ["optimizer.*.initial_lr", "optimizer.*.lr"]
+        self.exit_code = 0
+        self.guard: SpikeGuard | None = None
+        self.checkpoints: TrainerCheckpoints | None = None
+        self._state: dict[str, Any] = {}
+        self._loaded: dict[str, Any] | None = None
+        self._last_step: int | None = None
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.guard is not None:
+            return
+        # Collective (every rank builds its groups here, in the same order): the agreement group
+        # of the plugin, then the vote's.
+        self.checkpoints = TrainerCheckpoints(trainer, find_checkpoint_io(trainer))
+        self.guard = SpikeGuard(self.checkpoints, self._state, **self._guard_options)  # type: ignore[arg-type]
+        if self._loaded is not None:
+            self.load_state_dict(self._loaded)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.guard is not None and self.checkpoints is not None
+        dirpath = self._dirpath or getattr(trainer.checkpoint_callback, "dirpath", None)
+        if not dirpath:
+            raise ConfigError("ElasticResume needs a checkpoint directory: ModelCheckpoint(dirpath=...) or ElasticResume(dirpath=...)")
+        self.checkpoints.dirpath = normalize_path(dirpath)
+        for i, optimizer in enumerate(trainer.optimizers):
+            self._state[f"optimizer{i}"] = optimizer
+        for i, config in enumerate(trainer.lr_scheduler_configs):
+            self._state[f"scheduler{i}"] = config.scheduler
+        self.guard.sampler = find_sampler(trainer)
+        if self.guard.sampler is None and self.policy.skip_data:
+            log.warning("ElasticResume: the training dataloader has no ResumableDistributedSampler, so a rollback "
+                        "cannot skip the data around a spike (it replays it); use ResumableDataLoader")
+        self.guard.attach(trainer.global_step if trainer.ckpt_path else None)
+        self._last_step = trainer.global_step
+
+    # -- the per-step check ----------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        assert self.guard is not None
+        step = trainer.global_step
+        if step == self._last_step:
+            return  # accumulating gradients: no optimizer step yet
+        self._last_step = step
+        outcome = self.guard.step(step, self._loss(outputs))
+        if outcome.rolled_back:
+            self._continue_from(trainer)
+        elif outcome.preempted:
+            self.exit_code = EXIT_PREEMPTED
+            trainer.should_stop = True
+
+    def _loss(self, outputs: Any) -> float:
+        loss = outputs.get(self.loss_key) if isinstance(outputs, dict) else outputs
+        if loss is None:
+            raise ConfigError(
+                f"ElasticResume reads the loss from training_step's output (key {self.loss_key!r}) but got "
+                f"{type(outputs).__name__}; return the loss (or a dict with it), or set ElasticResume(loss_key=...)"
+            )
+        return float(loss)
+
+    def _continue_from(self, trainer: pl.Trainer) -> None:
+        """After a rollback: the next batch must come from the restored (and skipped-ahead)
+        position, so the loop's data iterator starts over from the loader."""
+        fit_loop = trainer.fit_loop
+        fetcher = fit_loop._data_fetcher
+        if fetcher is not None:
+            iter(fetcher)
+            fetcher.fetched += fit_loop.epoch_loop.batch_progress.current.ready  # as a resumed epoch does
+        self._last_step = trainer.global_step
+        mark_saved(trainer)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.guard is None or self.checkpoints is None or self.checkpoints.dirpath is None:
+            return
+        self.guard.settle()  # every rank: Lightning dumps checkpoints on all of them
+        metadata, health = self.guard.checkpoint_info(trainer.global_step)
+        checkpoint[CHECKPOINT_KEY] = {
+            "metadata": metadata, "health": health, "world_size": trainer.world_size,
+            "fingerprint": self._fingerprint(trainer, pl_module),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.guard is None or self.checkpoints is None:
+            return {}
+        # Detectors judge each rank's own loss; Lightning writes rank 0's dict, so it carries all.
+        detectors = self.checkpoints.group.all_gather_object(self.guard.bank.state_dict())
+        return {"recovery": self.guard.recovery.state_dict(), "detectors": detectors}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.guard is None or self.checkpoints is None:
+            self._loaded = state_dict  # restored before setup(): applied there
+            return
+        self.guard.recovery.load_state_dict(state_dict["recovery"])
+        detectors = state_dict["detectors"]
+        mine = detectors[self.checkpoints.rank] if len(detectors) == self.checkpoints.group.world_size else detectors[0]
+        self.guard.bank.load_state_dict(mine)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("fingerprint")
+        if self.drift == "ignore" or not saved:
+            return
+        diffs = fingerprints.diff(saved, self._fingerprint(trainer, pl_module), allow=self.drift_allow)
+        if not diffs:
+            return
+        lines = [d.line() for d in diffs]
+        step = checkpoint.get("global_step")
+        io = find_checkpoint_io(trainer)
+        io.events.emit("drift_found", step=step, differences=lines, policy=self.drift)
+        message = (f"the run resuming from step {step} differs from the run that saved it "
+                   f"({len(lines)} difference{'s' if len(lines) != 1 else ''}):\n  " + "\n  ".join(lines))
+        if self.drift == "fail":
+            raise DriftError(message + "\nAllow expected differences with ElasticResume(drift_allow=[...]) or drift='warn'.")
+        log.warning("%s", message)
+
+    @staticmethod
+    def _fingerprint(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        datamodule = trainer.datamodule
+        data = None
+        if datamodule is not None:
+            data = {"class": type(datamodule).__qualname__, **dict(datamodule.hparams)}
+        return fingerprints.compute({"model": pl_module}, world_size=trainer.world_size,
+                                    config=dict(pl_module.hparams), data_description=data)

@@ -1,0 +1,274 @@
+"""Lightning's ``CheckpointIO`` over the elastic-resume store.
+
+Lightning names checkpoints by path (``DIR/epoch=0-step=100.ckpt``, ``DIR/last.ckpt``) and may
+write the same path again (``last.ckpt`` at every save). Here every such path is a store root of
+its own, a *bundle*::
+
+    DIR/epoch=0-step=100.ckpt/step-000000000100/MANIFEST.json    the commit
+    DIR/epoch=0-step=100.ckpt/step-000000000100/<attempt>/...    verified data
+
+so a bundle is either committed or invisible, rewriting ``last.ckpt`` commits a new step before
+the old one is pruned (a crash in between leaves one of them, never neither), and
+``ModelCheckpoint``'s ``save_top_k`` removes whole bundles. Lightning calls ``save_checkpoint``
+on global rank 0 only, so a bundle has a single writer (a manager over a world of one); reading
+happens on every rank, and which checkpoint to load is agreed in one collective per candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from lightning.fabric.plugins import CheckpointIO
+
+from ..collectives import Group, LocalGroup, default_group
+from ..errors import CheckpointCorruptError, ConfigError, ElasticResumeError, NoCheckpointError, StorageError
+from ..events import EventLog
+from ..manager import CheckpointManager, _manifest_hash, _Stager
+from ..storage import open_storage
+from ..store import MANIFEST_NAME, CheckpointStore, parse_step_dir
+
+log = logging.getLogger("elastic_resume")
+
+#: Key the ``ElasticResume`` callback adds to Lightning's checkpoint dict: health, metadata and
+#: the drift fingerprint of the run that saved it.
+CHECKPOINT_KEY = "elastic_resume"
+_STATE_KEY = "checkpoint"  # the stored state is {"checkpoint": <Lightning's dict>}
+
+
+def normalize_path(path: str | os.PathLike[str]) -> str:
+    """One spelling per checkpoint: URLs as given (minus a trailing slash), local paths absolute
+    (not resolved: a ``last.ckpt`` symlink stays the link)."""
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    if "://" in text:
+        return text.rstrip("/")
+    return os.path.abspath(text)
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent.rstrip('/')}/{name}"
+
+
+class ElasticCheckpointIO(CheckpointIO):
+    """Atomic, verified Lightning checkpoints on a local disk or ``s3://``.
+
+    ``async_save=True``: ``save_checkpoint`` returns once the tensors are copied into reusable CPU
+    buffers; the write and the commit continue in a background thread (the next save, load,
+    removal of that path, or the end of ``fit`` waits for it and raises its error). Wrapping in
+    Lightning's ``AsyncCheckpointIO`` works too, at the cost of a full clone per save.
+
+    ``storage_options`` go to s3fs (endpoint, credentials); the environment's AWS settings
+    apply otherwise.
+    """
+
+    def __init__(
+        self,
+        *,
+        async_save: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        event_log: EventLog | str | os.PathLike[str] | None = None,
+        collective_timeout_s: float = 600.0,
+    ) -> None:
+        super().__init__()
+        self.async_save = async_save
+        self.storage_options = dict(storage_options or {})
+        self.collective_timeout_s = collective_timeout_s
+        rank = int(os.environ.get("RANK", "0"))
+        if isinstance(event_log, EventLog):
+            self.events = event_log
+        elif event_log is not None:
+            self.events = EventLog(event_log, rank=rank)
+        else:
+            self.events = EventLog.from_env(rank=rank)
+        self._stager = _Stager()  # reused by every save: buffers are allocated once
+        self._active: CheckpointManager | None = None
+        self._active_path: str | None = None
+        self._group: Group | None = None
+        self._resolved: str | None = None
+
+    # -- bundles -------------------------------------------------------------------------------
+    def _manager(self, path: str, *, read_only: bool) -> CheckpointManager:
+        mgr = CheckpointManager(
+            path, group=LocalGroup(), keep_last=1, storage_options=self.storage_options,
+            event_log=self.events, read_only=read_only, drift="ignore", max_resumes_per_step=0,
+        )
+        mgr._stager = self._stager
+        return mgr
+
+    def checkpoints(self, dirpath: str | os.PathLike[str]) -> list[tuple[int, str]]:
+        """Committed ``(step, path)`` of every bundle directly under ``dirpath``, newest first
+        (manifests exist; their contents are checked when loaded). One recursive listing."""
+        dirpath = normalize_path(dirpath)
+        found = []
+        for rel in open_storage(dirpath, self.storage_options).list_tree(""):
+            parts = rel.split("/")
+            if len(parts) == 3 and parts[2] == MANIFEST_NAME:
+                step = parse_step_dir(parts[1])
+                if step is not None:
+                    found.append((step, _join(dirpath, parts[0])))
+        return sorted(found, key=lambda f: (-f[0], f[1]))
+
+    def health(self, dirpath: str | os.PathLike[str]) -> list[tuple[int, bool, str]]:
+        """``(step, healthy, path)`` of the committed bundles under ``dirpath`` whose manifest
+        validates, newest first (health as the ElasticResume callback recorded it)."""
+        out = []
+        for step, path in self.checkpoints(dirpath):
+            try:
+                manifest = CheckpointStore(open_storage(path, self.storage_options)).read_manifest(step)
+            except (CheckpointCorruptError, StorageError, OSError):
+                continue
+            out.append((step, bool(manifest.health.get("healthy", True)), path))
+        return out
+
+    def resume_path(self, dirpath: str | os.PathLike[str]) -> str | None:
+        """What to pass as ``Trainer.fit(ckpt_path=...)``: the newest committed checkpoint under
+        ``dirpath``, or None (a fresh start) when there is none. Loading it verifies every byte
+        and agrees across ranks; when the newest cannot be loaded by every rank, the next older
+        checkpoint under ``dirpath`` is used instead, and the log says which and why."""
+        dirpath = normalize_path(dirpath)
+        found = self.checkpoints(dirpath)
+        if not found:
+            self.events.emit("restore_none", root=dirpath, reason="no committed checkpoint")
+            return None
+        self._resolved = found[0][1]
+        return self._resolved
+
+    def group(self) -> Group:
+        """The group ranks agree in (a gloo group of its own; created on first use, which must
+        happen on every rank: Lightning loads checkpoints on all of them)."""
+        if self._group is None:
+            self._group = default_group(self.collective_timeout_s)
+        return self._group
+
+    # -- CheckpointIO ----------------------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                f"ElasticCheckpointIO.save_checkpoint(storage_options={storage_options!r}) is not supported; "
+                "give storage options to the plugin: ElasticCheckpointIO(storage_options=...)"
+            )
+        path = normalize_path(path)
+        self._finish()
+        step = checkpoint.get("global_step", 0)
+        if not isinstance(step, int) or step < 0:
+            raise ConfigError(f"Lightning checkpoint for {path} has global_step={step!r}; expected an integer >= 0")
+        extra = checkpoint.get(CHECKPOINT_KEY) or {}
+        mgr = self._manager(path, read_only=False)
+        if step in mgr.committed_steps():
+            mgr.superseded_steps.add(step)  # the same path saved again at the same step: replace it
+        metadata = {"lightning_path": path.rsplit("/", 1)[-1], "epoch": checkpoint.get("epoch"),
+                    **extra.get("metadata", {})}
+        self._active, self._active_path = mgr, path
+        mgr.save(step, {_STATE_KEY: checkpoint}, metadata=metadata, health=extra.get("health"),
+                 blocking=not self.async_save)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        path = normalize_path(path)
+        self.wait()
+        group = self.group()
+        listing: tuple[str, Any] | None = None
+        if group.rank == 0:
+            try:
+                listing = ("ok", self._candidates(path, fallback=path == self._resolved))
+            except (ElasticResumeError, OSError) as e:
+                listing = ("error", f"cannot list checkpoints at {path}: {e}")
+        status, payload = group.broadcast_object(listing)
+        if status == "error":
+            raise NoCheckpointError(payload)
+        if not payload:
+            raise NoCheckpointError(f"no committed checkpoint at {path}; was it written by ElasticCheckpointIO?")
+        return self._load_agreed(payload, group, requested=path)
+
+    def load_step(self, dirpath: str | os.PathLike[str], step: int) -> dict[str, Any]:
+        """Collective: the checkpoint of exactly ``step`` under ``dirpath`` (any bundle holding
+        it), verified and agreed by every rank. Used for rollbacks."""
+        self.wait()
+        group = self.group()
+        candidates = None
+        if group.rank == 0:
+            candidates = [(s, p) for s, p in self.checkpoints(dirpath) if s == step]
+        candidates = group.broadcast_object(candidates)
+        if not candidates:
+            raise NoCheckpointError(f"no committed checkpoint of step {step} under {normalize_path(dirpath)}")
+        return self._load_agreed(candidates, group, requested=candidates[0][1])
+
+    def _candidates(self, path: str, *, fallback: bool) -> list[tuple[int, str]]:
+        """Rank 0: what to try, in order. The path's own newest step first; when ``path`` came
+        from :meth:`resume_path`, every older checkpoint beside it after that."""
+        own = CheckpointStore(open_storage(path, self.storage_options)).committed_steps()
+        first = [(s, path) for s in own]
+        if not fallback or not own:
+            return first
+        older = [c for c in self.checkpoints(path.rsplit("/", 1)[0]) if c[0] <= own[0] and c[1] != path]
+        return first + older
+
+    def _load_agreed(self, candidates: list[tuple[int, str]], group: Group, *, requested: str) -> dict[str, Any]:
+        skipped: list[dict[str, Any]] = []
+        for step, bundle in candidates:
+            checkpoint, digest, file, why = self._read(bundle, step)
+            ok, low, neg_high = group.all_reduce_min([1 if checkpoint is not None else 0, digest, -digest])
+            if ok and low == -neg_high:
+                assert checkpoint is not None
+                self.events.emit("restored", step=step, path=bundle, skipped=skipped)
+                if skipped and group.rank == 0:
+                    log.warning(
+                        "resuming from %s (step %d) instead of %s: %s", bundle, step, requested,
+                        "; ".join(f"{s['path']} step {s['step']}: {s['reason']}" for s in skipped),
+                    )
+                return checkpoint
+            if why is not None:
+                self.events.emit("corruption_found", step=step, path=bundle, file=file, reason=why)
+            else:
+                why = "another rank could not verify or load it" if not ok else "ranks read different manifests"
+            skipped.append({"step": step, "path": bundle, "file": file, "reason": why})
+            self.events.emit("restore_fallback", step=step, path=bundle, file=file, reason=why)
+        raise NoCheckpointError(
+            f"no checkpoint at {requested} could be verified and loaded by every rank: "
+            + "; ".join(f"{s['path']} step {s['step']}: {s['file'] or ''} {s['reason']}".replace("  ", " ") for s in skipped)
+            + ". Inspect with 'elastic-resume verify PATH'."
+        )
+
+    def _read(self, bundle: str, step: int) -> tuple[dict[str, Any] | None, int, str | None, str | None]:
+        """(checkpoint, manifest hash, failing file, reason) as this rank sees ``bundle``."""
+        try:
+            manifest, tree = self._manager(bundle, read_only=True).read_verified(step)
+        except CheckpointCorruptError as e:
+            return None, 0, e.file, e.reason
+        except (ElasticResumeError, OSError) as e:
+            return None, 0, None, f"unreadable: {e}"
+        checkpoint = tree.get(_STATE_KEY)
+        if not isinstance(checkpoint, dict):
+            return None, 0, None, "holds no Lightning checkpoint"
+        return checkpoint, _manifest_hash(manifest), None, None
+
+    def remove_checkpoint(self, path: Any) -> None:
+        path = normalize_path(path)
+        if path == self._active_path:
+            self.wait()
+        if "://" not in path and os.path.islink(path):  # save_last="link"
+            os.unlink(path)
+        else:
+            storage = open_storage(path, self.storage_options)
+            store = CheckpointStore(storage)
+            for step in store.committed_steps():
+                store.retire(step)  # manifests go first: never a half-deleted committed bundle
+            storage.delete_tree("")
+        self.events.emit("checkpoint_deleted", path=path, reason="removed by Lightning")
+
+    # -- background saves ------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Wait for a background save; raise its error if it failed."""
+        if self._active is not None:
+            self._active.wait()
+
+    def _finish(self) -> None:
+        """Wait for the background save and release its thread."""
+        active, self._active, self._active_path = self._active, None, None
+        if active is not None:
+            active.close()
+
+    def teardown(self) -> None:
+        self._finish()

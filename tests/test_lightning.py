@@ -1,0 +1,168 @@
+"""PyTorch Lightning through ``elastic-resume launch``: real Lightning, DDP over gloo on CPU, two
+worker processes, ``launch/train_lightning.py`` (ModelCheckpoint + ElasticCheckpointIO +
+ElasticResume + ResumableDataLoader). Every loss is compared bit for bit with one uninterrupted
+run of the same script."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+pytest.importorskip("lightning", reason="the Lightning integration needs the 'lightning' extra")
+
+from elastic_resume.events import read_events  # noqa: E402
+from tests.conftest import REPO, S3_ENV, make_bucket  # noqa: E402
+from tests.launcher_helpers import launcher_cmd, losses, run, start, stop, wait_event  # noqa: E402
+
+SCRIPT = os.path.join(REPO, "launch", "train_lightning.py")
+STEPS = 30  # 16 optimizer steps per epoch: a run crosses two epoch boundaries
+
+
+def launch(tmp_path, *args: str, root: str | None = None, nproc: int = 2) -> list[str]:
+    return launcher_cmd(
+        "--standalone", f"--nproc-per-node={nproc}", f"--er-event-log={tmp_path / 'events.jsonl'}",
+        script=SCRIPT,
+        args=("--root", root or str(tmp_path / "ckpt"), "--fault-dir", str(tmp_path),
+              "--loss-log", str(tmp_path / "loss.jsonl"), *args),
+    )
+
+
+def last_losses(path) -> dict[tuple[int, int], float]:
+    """(rank, step) -> the loss of the surviving timeline (a redone step replaces the first try)."""
+    return {k: v[-1] for k, v in losses(str(path)).items()}
+
+
+def events(tmp_path, name: str) -> list[dict]:
+    return [e for e in read_events(str(tmp_path / "events.jsonl")) if e["event"] == name]
+
+
+def bundles(tmp_path) -> list[str]:
+    return sorted(os.listdir(tmp_path / "ckpt"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[tuple[int, int], float]:
+    """Losses of one uninterrupted 2-process run, per (rank, step)."""
+    ref = tmp_path_factory.mktemp("lightning-ref")
+    r = run(launch(ref, "--steps", str(STEPS)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = last_losses(ref / "loss.jsonl")
+    assert sorted({s for _, s in got}) == list(range(1, STEPS + 1))
+    return got
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_mid_epoch_with_identical_losses(tmp_path, reference):
+    r = run(launch(tmp_path, "--steps", str(STEPS), "--die-at-steps", "12"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    restored = events(tmp_path, "restored")
+    # Step 12 is mid-epoch (16 steps per epoch): both ranks resume from the checkpoint of step 10.
+    assert sorted((e["rank"], e["step"]) for e in restored) == [(0, 10), (1, 10)]
+    assert all(e["path"].endswith("epoch=0-step=10.ckpt") for e in restored)
+    assert len(events(tmp_path, "workers_started")) == 2
+    assert last_losses(tmp_path / "loss.jsonl") == reference
+    assert bundles(tmp_path) == sorted(f"epoch={(s - 1) // 16}-step={s}.ckpt" for s in range(5, STEPS + 1, 5))
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, reference):
+    r = run(launch(tmp_path, "--steps", "20"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    newest = tmp_path / "ckpt" / "epoch=1-step=20.ckpt"
+    data = sorted(p for p in newest.rglob("*.ert"))
+    assert data
+    with open(data[0], "r+b") as f:  # one flipped byte in the middle of the tensors
+        f.seek(os.path.getsize(data[0]) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    r = run(launch(tmp_path, "--steps", "25"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "resuming from" in out and "epoch=0-step=15.ckpt (step 15) instead of" in out and "digest mismatch" in out
+    corrupt = events(tmp_path, "corruption_found")
+    assert {e["rank"] for e in corrupt} == {0, 1} and all(e["step"] == 20 for e in corrupt)
+    assert sorted((e["rank"], e["step"]) for e in events(tmp_path, "restored")) == [(0, 15), (1, 15)]
+    # The corrupt checkpoint stays for inspection; the redone step 20 is saved beside it.
+    assert "epoch=1-step=20.ckpt" in bundles(tmp_path) and "epoch=1-step=20-v1.ckpt" in bundles(tmp_path)
+    got = last_losses(tmp_path / "loss.jsonl")
+    assert {k: v for k, v in got.items()} == {k: v for k, v in reference.items() if k[1] <= 25}
+
+
+@pytest.mark.slow
+def test_spike_on_one_rank_rolls_back_both_in_process(tmp_path, reference):
+    r = run(launch(tmp_path, "--steps", str(STEPS), "--spike-at-step", "20", "--spike-rank", "1",
+                   "--margin", "3", "--skip-after", "3", "--lr-scale", "0.5"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rollbacks = events(tmp_path, "rollback")
+    assert sorted(e["rank"] for e in rollbacks) == [0, 1]
+    assert {(e["from_step"], e["to_step"], tuple(e["skipped"]), e["lr_scale"]) for e in rollbacks} == {(20, 15, (240, 368), 0.5)}
+    detected = events(tmp_path, "spike_detected")
+    assert [(e["rank"], e["step"]) for e in detected] == [(1, 20)]  # one rank saw it; both acted
+    assert len(events(tmp_path, "workers_started")) == 1  # no process restarted
+    assert [e["step"] for e in events(tmp_path, "checkpoint_retired")] == [20]
+    got = losses(str(tmp_path / "loss.jsonl"))
+    # Up to the anchor nothing differs; steps 16-20 ran twice, then training went on to the end.
+    assert all(got[k][0] == v for k, v in reference.items() if k[1] <= 19)
+    assert all(len(got[(rank, s)]) == 2 for rank in (0, 1) for s in range(16, 21))
+    assert max(s for _, s in got) == STEPS
+    assert all(v[-1] < 10 for v in got.values())  # the spike is gone from the surviving timeline
+    # The anchor was re-committed with the recovery state: a requeue would not redo the rollback.
+    assert "epoch=0-step=15.ckpt" in bundles(tmp_path)
+
+
+@pytest.mark.slow
+def test_sigusr1_saves_exits_75_and_the_requeued_run_continues(tmp_path, reference):
+    cmd = launch(tmp_path, "--steps", str(STEPS), "--step-seconds", "0.15")
+    proc = start(cmd, str(tmp_path / "launch.log"))
+    try:
+        wait_event(str(tmp_path / "events.jsonl"), lambda e: e["event"] == "step" and e["step"] >= 7, proc=proc)
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=120) == 75, (tmp_path / "launch.log").read_text()[-3000:]
+    finally:
+        stop(proc)
+    saves = events(tmp_path, "preemption_save")
+    assert sorted(e["rank"] for e in saves) == [0, 1] and len({e["step"] for e in saves}) == 1
+    saved = saves[0]["step"]
+    assert f"preempted-epoch=0-step={saved}.ckpt" in bundles(tmp_path)
+    r = run(launch(tmp_path, "--steps", str(STEPS)))  # the requeued job
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted((e["rank"], e["step"]) for e in events(tmp_path, "restored")) == [(0, saved), (1, saved)]
+    assert last_losses(tmp_path / "loss.jsonl") == reference
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_checkpoints_on_s3_survive_a_killed_worker(tmp_path, reference, s3_endpoint):
+    import s3fs
+
+    bucket = make_bucket(s3_endpoint)
+    env = dict(S3_ENV, AWS_ENDPOINT_URL=s3_endpoint)
+    r = run(launch(tmp_path, "--steps", "20", "--die-at-steps", "12", "--save-last", "--async-save",
+                   root=f"s3://{bucket}/run"), env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted((e["rank"], e["step"]) for e in events(tmp_path, "restored")) == [(0, 10), (1, 10)]
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/run"))
+    assert names == ["epoch=0-step=10.ckpt", "epoch=0-step=15.ckpt", "epoch=0-step=5.ckpt", "epoch=1-step=20.ckpt", "last.ckpt"]
+    # last.ckpt was rewritten at every save; only its newest step is left, committed.
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/run/last.ckpt")] == ["step-000000000020"]
+    got = last_losses(tmp_path / "loss.jsonl")
+    assert got == {k: v for k, v in reference.items() if k[1] <= 20}
+
+
+@pytest.mark.slow
+def test_resume_reports_drift_in_hyperparameters(tmp_path):
+    r = run(launch(tmp_path, "--steps", "5", nproc=1))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run(launch(tmp_path, "--steps", "10", "--lr", "0.02", nproc=1))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    drift = events(tmp_path, "drift_found")
+    assert len(drift) == 1 and drift[0]["step"] == 5
+    assert "config.lr: saved 0.05, now 0.02" in drift[0]["differences"]
+    assert "differs from the run that saved it" in r.stdout + r.stderr
+    r = run(launch(tmp_path, "--steps", "15", "--lr", "0.03", "--drift", "fail", nproc=1))
+    assert r.returncode != 0
+    assert "config.lr: saved 0.02, now 0.03" in r.stdout + r.stderr
