@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_manager.py
 	$(BIN)/python benchmarks/bench_guard.py
 	$(BIN)/python benchmarks/bench_launcher.py
+	$(BIN)/python benchmarks/bench_lightning.py
 
 clean:
 	rm -rf $(VENV) demo-run .bench .pytest_cache elastic-resume-logs

@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="per rank")
     p.add_argument("--dataset-size", type=int, default=256)
     p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--layers", type=int, default=1, help="hidden layers (a bigger model for benchmarks)")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--async-save", action="store_true")
@@ -55,6 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loss-log")
     p.add_argument("--step-seconds", type=float, default=0.0, help="sleep this long per step (a slower model)")
     p.add_argument("--drift", default="warn", choices=["warn", "fail", "ignore"])
+    p.add_argument("--checkpoint-io", default="elastic", choices=["elastic", "torch"],
+                   help="torch: Lightning's default TorchCheckpointIO, no ElasticResume (benchmark baseline)")
+    p.add_argument("--no-guard", action="store_true", help="ElasticCheckpointIO without the ElasticResume callback")
     p.add_argument("--die-at-steps", default="", help="comma-separated steps after which --die-rank SIGKILLs itself once")
     p.add_argument("--die-rank", type=int, default=1)
     p.add_argument("--fault-dir", default=".")
@@ -70,10 +74,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Regression(pl.LightningModule):
-    def __init__(self, hidden: int, lr: float, args: argparse.Namespace | None = None) -> None:
+    def __init__(self, hidden: int, lr: float, layers: int = 1, args: argparse.Namespace | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters("hidden", "lr")
-        self.net = torch.nn.Sequential(torch.nn.Linear(16, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+        self.save_hyperparameters("hidden", "lr", "layers")
+        blocks: list[torch.nn.Module] = [torch.nn.Linear(16, hidden), torch.nn.ReLU()]
+        for _ in range(layers - 1):
+            blocks += [torch.nn.Linear(hidden, hidden), torch.nn.ReLU()]
+        self.net = torch.nn.Sequential(*blocks, torch.nn.Linear(hidden, 1))
         self.args = args
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -92,7 +99,8 @@ class Regression(pl.LightningModule):
         step = self.global_step
         if a.loss_log:
             with open(a.loss_log, "a") as f:
-                f.write(json.dumps({"rank": self.global_rank, "step": step, "loss": float(outputs["loss"])}) + "\n")
+                f.write(json.dumps({"rank": self.global_rank, "step": step, "loss": float(outputs["loss"]),
+                                    "t": time.monotonic()}) + "\n")
         if a.step_seconds:
             time.sleep(a.step_seconds)
         if self.global_rank == a.die_rank and str(step) in a.die_at_steps.split(",") and once(a, f"killed-at-{step}"):
@@ -136,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
 
-    ckpt_io = ElasticCheckpointIO(async_save=args.async_save)
-    guard = ElasticResume(
+    ckpt_io = ElasticCheckpointIO(async_save=args.async_save) if args.checkpoint_io == "elastic" else None
+    guard = None if args.no_guard or ckpt_io is None else ElasticResume(
         detectors=[NonFinite(watch="loss"), RobustZScore(window=20, z=8.0)],
         policy=RollbackPolicy(margin=args.margin, skip_after=args.skip_after, lr_scale=args.lr_scale, budget=args.budget),
         drift=args.drift,
@@ -145,15 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     trainer = pl.Trainer(
         accelerator="cpu", devices=local_world, num_nodes=max(1, world // local_world),
         strategy=DDPStrategy(process_group_backend="gloo") if world > 1 else "auto",
-        max_steps=args.steps, use_distributed_sampler=False, plugins=[ckpt_io],
+        max_steps=args.steps, use_distributed_sampler=False, plugins=[ckpt_io] if ckpt_io else None,
         callbacks=[ModelCheckpoint(dirpath=args.root, every_n_train_steps=args.save_every, save_top_k=-1,
-                                   save_last=args.save_last), guard],
+                                   save_last=args.save_last), *([guard] if guard else [])],
         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )
-    model = Regression(args.hidden, args.lr, args)
+    model = Regression(args.hidden, args.lr, args.layers, args)
     data = SyntheticData(args.dataset_size, args.batch_size, args.seed)
     try:
-        trainer.fit(model, datamodule=data, ckpt_path=ckpt_io.resume_path(args.root))
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_io.resume_path(args.root) if ckpt_io else None)
     except GaveUpError as e:
         print(f"rank {trainer.global_rank}: gave up: {e}", file=sys.stderr, flush=True)
         return EXIT_GAVE_UP
@@ -161,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rank {trainer.global_rank}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_GAVE_UP
     if trainer.global_rank == 0:
-        print(f"stopped at step {trainer.global_step}" + (" (preempted)" if guard.exit_code else ""), flush=True)
-    return guard.exit_code
+        print(f"stopped at step {trainer.global_step}" + (" (preempted)" if guard and guard.exit_code else ""), flush=True)
+    return guard.exit_code if guard else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""The Lightning pieces in one process: ElasticCheckpointIO's contract (atomic rewrite, removal,
+verification, errors), ResumableDataLoader's position, and the configuration errors users meet
+first. The distributed behaviour is in test_lightning.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("lightning", reason="the Lightning integration needs the 'lightning' extra")
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.plugins.io import AsyncCheckpointIO  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from elastic_resume import CheckpointSaveError, ConfigError, EventLog, NoCheckpointError, ResumableDistributedSampler  # noqa: E402
+from elastic_resume.events import read_events  # noqa: E402
+from elastic_resume.lightning import ElasticCheckpointIO, ElasticResume, ResumableDataLoader  # noqa: E402
+from launch.train_lightning import Regression, SyntheticData  # noqa: E402
+
+
+def checkpoint(step: int, value: float = 1.0) -> dict:
+    return {"global_step": step, "epoch": 0, "state_dict": {"w": torch.full((3, 2), value)},
+            "loops": {"fit_loop": {"x": [1, 2]}}, "hyper_parameters": {"lr": 0.1, "name": "m"}}
+
+
+def flip_a_byte(bundle) -> None:
+    data = sorted(p for p in bundle.rglob("*.ert"))[0]
+    with open(data, "r+b") as f:
+        f.seek(os.path.getsize(data) // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_rewriting_a_path_commits_the_new_step_then_drops_the_old(tmp_path):
+    io = ElasticCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint(checkpoint(7, 1.0), path)
+    io.save_checkpoint(checkpoint(9, 2.0), path)
+    assert [n for n in sorted(os.listdir(path)) if not n.startswith(".")] == ["step-000000000009"]
+    loaded = io.load_checkpoint(path)
+    assert loaded["global_step"] == 9 and torch.equal(loaded["state_dict"]["w"], torch.full((3, 2), 2.0))
+    assert loaded["hyper_parameters"] == {"lr": 0.1, "name": "m"}
+    io.save_checkpoint(checkpoint(9, 3.0), path)  # the same step again replaces it
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.full((3, 2), 3.0))
+    io.remove_checkpoint(path)
+    assert not path.exists()
+
+
+def test_resume_path_is_the_newest_and_loading_it_falls_back_past_corruption(tmp_path):
+    log = tmp_path / "events.jsonl"
+    io = ElasticCheckpointIO(event_log=EventLog(log))
+    assert io.resume_path(tmp_path / "ckpt") is None
+    assert [e["event"] for e in read_events(log)] == ["restore_none"]
+    for step in (5, 10, 15):
+        io.save_checkpoint(checkpoint(step, float(step)), tmp_path / "ckpt" / f"step={step}.ckpt")
+    os.makedirs(tmp_path / "ckpt" / "step=20.ckpt" / "step-000000000020")  # a save that never committed
+    newest = io.resume_path(tmp_path / "ckpt")
+    assert newest == str(tmp_path / "ckpt" / "step=15.ckpt")
+    flip_a_byte(tmp_path / "ckpt" / "step=15.ckpt")
+    assert io.load_checkpoint(newest)["global_step"] == 10
+    found = [e for e in read_events(log) if e["event"] == "corruption_found"]
+    assert found and found[0]["step"] == 15 and "digest mismatch" in found[0]["reason"]
+    # A path the user chose is that checkpoint or an error naming its file, never another one.
+    fresh = ElasticCheckpointIO()
+    with pytest.raises(NoCheckpointError, match=r"step=15\.ckpt.*shared-00000\.ert.*digest mismatch"):
+        fresh.load_checkpoint(newest)
+    with pytest.raises(NoCheckpointError, match="no committed checkpoint at"):
+        fresh.load_checkpoint(tmp_path / "ckpt" / "step=20.ckpt")
+
+
+def test_save_errors_name_what_is_wrong_and_commit_nothing(tmp_path):
+    io = ElasticCheckpointIO()
+    with pytest.raises(TypeError, match="storage_options"):
+        io.save_checkpoint(checkpoint(1), tmp_path / "a.ckpt", storage_options={"x": 1})
+    bad = checkpoint(1)
+    bad["hyper_parameters"]["path"] = object()
+    with pytest.raises(CheckpointSaveError, match=r"\['hyper_parameters'\]\['path'\].*cannot be checkpointed"):
+        io.save_checkpoint(bad, tmp_path / "b.ckpt")
+    assert io.checkpoints(tmp_path) == []
+
+
+def test_resumable_dataloader_counts_delivered_batches_and_keeps_a_whole_epoch_length():
+    data = TensorDataset(torch.arange(50))
+    loader = ResumableDataLoader(data, sampler=ResumableDistributedSampler(data, num_replicas=2, rank=0, shuffle=False),
+                                 batch_size=4, num_workers=1)
+    assert len(loader) == 7  # 25 samples per rank
+    it = iter(loader)
+    first = [next(it)[0].tolist() for _ in range(3)]
+    state = loader.state_dict()
+    assert state["consumed"] == 24  # 3 batches x 4 samples x 2 ranks, whatever the worker prefetched
+    assert len(loader) == 7
+    again = ResumableDataLoader(data, sampler=ResumableDistributedSampler(data, num_replicas=2, rank=0, shuffle=False),
+                                batch_size=4)
+    again.load_state_dict(state)
+    assert next(iter(again))[0].tolist() == [24, 26, 28, 30]
+    assert first[0] == [0, 2, 4, 6]
+    with pytest.raises(ConfigError, match="use_distributed_sampler=False"):
+        ResumableDataLoader(data, sampler=torch.utils.data.SequentialSampler(data))
+
+
+def trainer(tmp_path, plugins, callbacks, steps: int = 12) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, use_distributed_sampler=False, plugins=plugins,
+                      callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1), *callbacks],
+                      logger=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+def test_async_wrapper_and_async_save_both_commit_verified_checkpoints(tmp_path):
+    for kind, io in (("wrapped", ElasticCheckpointIO()), ("async", ElasticCheckpointIO(async_save=True))):
+        plugin = AsyncCheckpointIO(io) if kind == "wrapped" else io
+        t = trainer(tmp_path / kind, [plugin], [ElasticResume()])
+        t.fit(Regression(8, 0.05), datamodule=SyntheticData(64, 4, 0))
+        assert [s for s, _ in io.checkpoints(tmp_path / kind / "ckpt")] == [12, 8, 4]
+        resumed = trainer(tmp_path / kind, [plugin], [ElasticResume()], steps=16)
+        resumed.fit(Regression(8, 0.05), datamodule=SyntheticData(64, 4, 0), ckpt_path=io.resume_path(tmp_path / kind / "ckpt"))
+        assert resumed.global_step == 16 and [s for s, _ in io.checkpoints(tmp_path / kind / "ckpt")][0] == 16
+
+
+def test_callback_without_the_plugin_is_a_clear_error(tmp_path):
+    t = trainer(tmp_path, None, [ElasticResume()])
+    with pytest.raises(ConfigError, match=r"plugins=\[ElasticCheckpointIO"):
+        t.fit(Regression(8, 0.05), datamodule=SyntheticData(64, 4, 0))
+    with pytest.raises(ConfigError, match="drift"):
+        ElasticResume(drift="sometimes")
