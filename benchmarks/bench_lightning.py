@@ -72,18 +72,20 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (the first is the baseline)")
     p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     args = p.parse_args()
+    chosen = {name: VARIANTS[name] for name in args.variants.split(",")}
     work = args.work or tempfile.mkdtemp(prefix="bench-lightning-")
-    results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in VARIANTS}
+    results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in chosen}
     for round_ in range(args.repeats):
-        for name, flags in VARIANTS.items():
+        for name, flags in chosen.items():
             results[name].append(run_variant(flags, args, work))
             base, stall, size = results[name][-1]
             print(f"round {round_ + 1}/{args.repeats} {name:14s} step {base * 1000:7.1f} ms  save stall "
                   f"{stall * 1000:7.1f} ms  checkpoint {size / 2**20:6.1f} MiB", flush=True)
     med = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for name, rs in results.items()}
-    base_step, base_stall = med["torch"]
+    base_step, base_stall = next(iter(med.values()))
     print(f"\n2 ranks, gloo, CPU; {args.layers}x{args.hidden} MLP; medians of {args.repeats} interleaved runs")
     print(f"{'variant':14s} {'step':>9s} {'ratio':>6s} {'save stall':>11s} {'ratio':>6s}")
     for name, (step, stall) in med.items():

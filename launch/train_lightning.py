@@ -36,7 +36,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import TensorDataset
 
-from elastic_resume import EXIT_GAVE_UP, ConfigError, GaveUpError, NonFinite, ResumableDistributedSampler, RobustZScore, RollbackPolicy
+from elastic_resume import (
+    EXIT_GAVE_UP,
+    ConfigError,
+    ElasticResumeError,
+    GaveUpError,
+    NoCheckpointError,
+    NonFinite,
+    ResumableDistributedSampler,
+    RobustZScore,
+    RollbackPolicy,
+)
 from elastic_resume.lightning import ElasticCheckpointIO, ElasticResume, ResumableDataLoader
 
 
@@ -165,9 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     except GaveUpError as e:
         print(f"rank {trainer.global_rank}: gave up: {e}", file=sys.stderr, flush=True)
         return EXIT_GAVE_UP
-    except ConfigError as e:  # drift with drift="fail", a bad setting: a retry cannot fix it
+    except (ConfigError, NoCheckpointError) as e:  # drift="fail", a bad setting, nothing loadable: a retry cannot fix it
         print(f"rank {trainer.global_rank}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_GAVE_UP
+    except ElasticResumeError as e:  # storage trouble, a failed save: worth a restart
+        print(f"rank {trainer.global_rank}: error: {e}", file=sys.stderr, flush=True)
+        return 1
     if trainer.global_rank == 0:
         print(f"stopped at step {trainer.global_step}" + (" (preempted)" if guard and guard.exit_code else ""), flush=True)
     return guard.exit_code if guard else 0

@@ -115,7 +115,8 @@ def test_spike_on_one_rank_rolls_back_both_in_process(tmp_path, reference):
 
 @pytest.mark.slow
 def test_sigusr1_saves_exits_75_and_the_requeued_run_continues(tmp_path, reference):
-    cmd = launch(tmp_path, "--steps", str(STEPS), "--step-seconds", "0.15")
+    # Async saves: the preemption save must still be committed before the workers exit.
+    cmd = launch(tmp_path, "--steps", str(STEPS), "--step-seconds", "0.15", "--async-save")
     proc = start(cmd, str(tmp_path / "launch.log"))
     try:
         wait_event(str(tmp_path / "events.jsonl"), lambda e: e["event"] == "step" and e["step"] >= 7, proc=proc)
@@ -166,3 +167,12 @@ def test_resume_reports_drift_in_hyperparameters(tmp_path):
     r = run(launch(tmp_path, "--steps", "15", "--lr", "0.03", "--drift", "fail", nproc=1))
     assert r.returncode != 0
     assert "config.lr: saved 0.02, now 0.03" in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_spike_with_the_budget_spent_exits_76_without_a_restart(tmp_path):
+    r = run(launch(tmp_path, "--steps", "20", "--spike-at-step", "12", "--budget", "0"))
+    assert r.returncode == 76, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "rollback budget of 0 is spent" in r.stdout + r.stderr
+    assert len(events(tmp_path, "workers_started")) == 1
+    assert sorted(e["rank"] for e in events(tmp_path, "gave_up")) == [0, 1]

@@ -237,6 +237,7 @@ class ElasticResume(Callback):
         self._state: dict[str, Any] = {}
         self._loaded: dict[str, Any] | None = None
         self._last_step: int | None = None
+        self._run_fingerprint: dict[str, Any] | None = None
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -265,6 +266,8 @@ class ElasticResume(Callback):
                         "cannot skip the data around a spike (it replays it); use ResumableDataLoader")
         self.guard.attach(trainer.global_step if trainer.ckpt_path else None)
         self._last_step = trainer.global_step
+        # What identifies the run does not change while it trains: computed once, not per save.
+        self._run_fingerprint = self._fingerprint(trainer, pl_module)
 
     # -- the per-step check ----------------------------------------------------------------------
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -308,7 +311,7 @@ class ElasticResume(Callback):
         metadata, health = self.guard.checkpoint_info(trainer.global_step)
         checkpoint[CHECKPOINT_KEY] = {
             "metadata": metadata, "health": health, "world_size": trainer.world_size,
-            "fingerprint": self._fingerprint(trainer, pl_module),
+            "fingerprint": self._run_fingerprint or self._fingerprint(trainer, pl_module),
         }
 
     def state_dict(self) -> dict[str, Any]:

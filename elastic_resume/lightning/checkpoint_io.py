@@ -129,6 +129,8 @@ class ElasticCheckpointIO(CheckpointIO):
         and agrees across ranks; when the newest cannot be loaded by every rank, the next older
         checkpoint under ``dirpath`` is used instead, and the log says which and why."""
         dirpath = normalize_path(dirpath)
+        # A root that cannot be written fails now, not at the first save an hour into training.
+        open_storage(dirpath, self.storage_options).ensure_root(create=True, probe_write=True)
         found = self.checkpoints(dirpath)
         if not found:
             self.events.emit("restore_none", root=dirpath, reason="no committed checkpoint")
