@@ -152,27 +152,3 @@ def test_checkpoints_on_s3_survive_a_killed_worker(tmp_path, reference, s3_endpo
     assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/run/last.ckpt")] == ["step-000000000020"]
     got = last_losses(tmp_path / "loss.jsonl")
     assert got == {k: v for k, v in reference.items() if k[1] <= 20}
-
-
-@pytest.mark.slow
-def test_resume_reports_drift_in_hyperparameters(tmp_path):
-    r = run(launch(tmp_path, "--steps", "5", nproc=1))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r = run(launch(tmp_path, "--steps", "10", "--lr", "0.02", nproc=1))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    drift = events(tmp_path, "drift_found")
-    assert len(drift) == 1 and drift[0]["step"] == 5
-    assert "config.lr: saved 0.05, now 0.02" in drift[0]["differences"]
-    assert "differs from the run that saved it" in r.stdout + r.stderr
-    r = run(launch(tmp_path, "--steps", "15", "--lr", "0.03", "--drift", "fail", nproc=1))
-    assert r.returncode != 0
-    assert "config.lr: saved 0.02, now 0.03" in r.stdout + r.stderr
-
-
-@pytest.mark.slow
-def test_spike_with_the_budget_spent_exits_76_without_a_restart(tmp_path):
-    r = run(launch(tmp_path, "--steps", "20", "--spike-at-step", "12", "--budget", "0"))
-    assert r.returncode == 76, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "rollback budget of 0 is spent" in r.stdout + r.stderr
-    assert len(events(tmp_path, "workers_started")) == 1
-    assert sorted(e["rank"] for e in events(tmp_path, "gave_up")) == [0, 1]

@@ -5,6 +5,7 @@ first. The distributed behaviour is in test_lightning.py."""
 from __future__ import annotations
 
 import os
+from argparse import Namespace
 
 import pytest
 
@@ -16,7 +17,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.plugins.io import AsyncCheckpointIO  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-from elastic_resume import CheckpointSaveError, ConfigError, EventLog, NoCheckpointError, ResumableDistributedSampler  # noqa: E402
+from elastic_resume import (  # noqa: E402
+    CheckpointSaveError,
+    ConfigError,
+    DriftError,
+    EventLog,
+    GaveUpError,
+    NoCheckpointError,
+    ResumableDistributedSampler,
+    RobustZScore,
+    RollbackPolicy,
+)
 from elastic_resume.events import read_events  # noqa: E402
 from elastic_resume.lightning import ElasticCheckpointIO, ElasticResume, ResumableDataLoader  # noqa: E402
 from launch.train_lightning import Regression, SyntheticData  # noqa: E402
@@ -126,3 +137,29 @@ def test_callback_without_the_plugin_is_a_clear_error(tmp_path):
         t.fit(Regression(8, 0.05), datamodule=SyntheticData(64, 4, 0))
     with pytest.raises(ConfigError, match="drift"):
         ElasticResume(drift="sometimes")
+
+
+def test_resume_reports_drift_in_hyperparameters(tmp_path, caplog):
+    log = tmp_path / "events.jsonl"
+    io = ElasticCheckpointIO(event_log=EventLog(log))
+    root = tmp_path / "ckpt"
+    trainer(tmp_path, [io], [ElasticResume()], steps=4).fit(Regression(8, 0.05), datamodule=SyntheticData(64, 4, 0))
+    with caplog.at_level("WARNING", logger="elastic_resume"):
+        trainer(tmp_path, [io], [ElasticResume()], steps=8).fit(
+            Regression(8, 0.02), datamodule=SyntheticData(64, 4, 0), ckpt_path=io.resume_path(root))
+    drift = [e for e in read_events(log) if e["event"] == "drift_found"]
+    assert len(drift) == 1 and drift[0]["step"] == 4
+    assert "config.lr: saved 0.05, now 0.02" in drift[0]["differences"]
+    assert "differs from the run that saved it" in caplog.text
+    with pytest.raises(DriftError, match=r"config\.lr: saved 0\.02, now 0\.03"):
+        trainer(tmp_path, [io], [ElasticResume(drift="fail")], steps=12).fit(
+            Regression(8, 0.03), datamodule=SyntheticData(64, 4, 0), ckpt_path=io.resume_path(root))
+
+
+def test_spike_with_the_budget_spent_raises_gave_up_out_of_fit(tmp_path):
+    faults = Namespace(spike_at_step=9, spike_rank=0, spike_factor=1e4, fault_dir=str(tmp_path), loss_log=None,
+                       step_seconds=0, die_rank=-1, die_at_steps="")
+    guard = ElasticResume(policy=RollbackPolicy(budget=0), detectors=[RobustZScore(window=8, z=8.0)])
+    with pytest.raises(GaveUpError, match="rollback budget of 0 is spent"):
+        trainer(tmp_path, [ElasticCheckpointIO()], [guard]).fit(Regression(8, 0.05, args=faults),
+                                                                  datamodule=SyntheticData(64, 4, 0))
