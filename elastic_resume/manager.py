@@ -52,7 +52,6 @@ from .store import (
     canonical_json,
     data_file,
     new_attempt_id,
-    plan_resume,
     step_dir,
 )
 
@@ -65,6 +64,15 @@ DEFAULT_MAX_RESUMES_PER_STEP = 3
 
 class DriftError(ConfigError):
     """The run being resumed differs from the one that saved the checkpoint (``drift="fail"``)."""
+
+
+def max_resumes_from_env() -> int:
+    """The crash-loop limit the launcher passes down (``--er-max-resumes-per-step``)."""
+    raw = os.environ.get(MAX_RESUMES_ENV, str(DEFAULT_MAX_RESUMES_PER_STEP))
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{MAX_RESUMES_ENV}={raw!r} is not an integer") from None
 
 
 def _has_state_dict(obj: Any) -> bool:
@@ -233,13 +241,7 @@ class CheckpointManager:
         self.drift = drift
         self.drift_allow = list(drift_allow)
         self.protected_steps: set[int] = set()
-        if max_resumes_per_step is None:
-            raw = os.environ.get(MAX_RESUMES_ENV, str(DEFAULT_MAX_RESUMES_PER_STEP))
-            try:
-                max_resumes_per_step = int(raw)
-            except ValueError:
-                raise ConfigError(f"{MAX_RESUMES_ENV}={raw!r} is not an integer") from None
-        self.max_resumes_per_step = max_resumes_per_step
+        self.max_resumes_per_step = max_resumes_from_env() if max_resumes_per_step is None else max_resumes_per_step
         # Committed steps every rank agreed not to use (skipped as unloadable by restore); a new
         # save of such a step replaces it instead of failing as a double commit.
         self.superseded_steps: set[int] = set()
@@ -590,17 +592,7 @@ class CheckpointManager:
         committed = self.store.committed_steps()
         if not committed or self.read_only:
             return committed
-        counts = self.store.resume_counts()
-        candidates, dropped = plan_resume(committed, counts, self.max_resumes_per_step)
-        for s in dropped:
-            self.events.emit("resume_crash_loop", step=s, resumes=counts.get(s, 0), limit=self.max_resumes_per_step,
-                             reason=f"resumed {counts.get(s, 0)} times from step {s} without committing a newer step; "
-                                    "falling back to an older one")
-        try:
-            self.store.record_resume(candidates[0], counts, committed)
-        except (StorageError, OSError) as e:
-            self.events.emit("save_failed", step=candidates[0], errors=[f"could not record the resume: {e}"])
-        return candidates
+        return self.store.resume_candidates(committed, self.max_resumes_per_step)
 
     def _load_sharded(self, manifest: Manifest, state: Mapping[str, Any], tree: dict[str, Any]) -> tuple[str | None, str | None]:
         """Collective: load the DTensor leaves through DCP into the live state's own DTensors

@@ -344,6 +344,23 @@ class CheckpointStore:
         self.storage.write_atomic(RESUME_LOG, [memoryview(data)], size=len(data))
         return new
 
+    def resume_candidates(self, committed: list[int], max_resumes: int) -> list[int]:
+        """Newest-first steps a resume should try (``committed`` minus crash-looping ones, see
+        :func:`plan_resume`), counting this resume against the first (before loading: a crash
+        during the load is a crash too). Only the process that decides (rank 0) calls this."""
+        counts = self.resume_counts()
+        candidates, dropped = plan_resume(committed, counts, max_resumes)
+        for s in dropped:
+            self.events.emit("resume_crash_loop", step=s, resumes=counts.get(s, 0), limit=max_resumes,
+                             reason=f"resumed {counts.get(s, 0)} times from step {s} without committing a newer step; "
+                                    "falling back to an older one")
+        if candidates:
+            try:
+                self.record_resume(candidates[0], counts, committed)
+            except (StorageError, OSError) as e:
+                self.events.emit("save_failed", step=candidates[0], errors=[f"could not record the resume: {e}"])
+        return candidates
+
     # -- manifest ----------------------------------------------------------------------------
     def manifest_path(self, step: int) -> str:
         return f"{step_dir(step)}/{MANIFEST_NAME}"

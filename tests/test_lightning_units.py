@@ -163,3 +163,16 @@ def test_spike_with_the_budget_spent_raises_gave_up_out_of_fit(tmp_path):
     with pytest.raises(GaveUpError, match="rollback budget of 0 is spent"):
         trainer(tmp_path, [ElasticCheckpointIO()], [guard]).fit(Regression(8, 0.05, args=faults),
                                                                   datamodule=SyntheticData(64, 4, 0))
+
+
+def test_a_crash_loop_on_the_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    log = tmp_path / "events.jsonl"
+    io = ElasticCheckpointIO(event_log=EventLog(log), max_resumes_per_step=2)
+    for step in (5, 10):
+        io.save_checkpoint(checkpoint(step), tmp_path / "ckpt" / f"step={step}.ckpt")
+    resumed = [io.load_checkpoint(io.resume_path(tmp_path / "ckpt"))["global_step"] for _ in range(4)]
+    assert resumed == [10, 10, 5, 5]  # two resumes from step 10 without progress; 5 is never dropped
+    loops = [e for e in read_events(log) if e["event"] == "resume_crash_loop"]
+    assert [e["step"] for e in loops] == [10, 10]
+    io.save_checkpoint(checkpoint(15), tmp_path / "ckpt" / "step=15.ckpt")  # progress resets the count
+    assert io.load_checkpoint(io.resume_path(tmp_path / "ckpt"))["global_step"] == 15

@@ -25,7 +25,7 @@ from lightning.fabric.plugins import CheckpointIO
 from ..collectives import Group, LocalGroup, default_group
 from ..errors import CheckpointCorruptError, ConfigError, ElasticResumeError, NoCheckpointError, StorageError
 from ..events import EventLog
-from ..manager import CheckpointManager, _manifest_hash, _Stager
+from ..manager import CheckpointManager, _manifest_hash, _Stager, max_resumes_from_env
 from ..storage import open_storage
 from ..store import MANIFEST_NAME, CheckpointStore, parse_step_dir
 
@@ -61,7 +61,8 @@ class ElasticCheckpointIO(CheckpointIO):
     Lightning's ``AsyncCheckpointIO`` works too, at the cost of a full clone per save.
 
     ``storage_options`` go to s3fs (endpoint, credentials); the environment's AWS settings
-    apply otherwise.
+    apply otherwise. ``max_resumes_per_step``: the crash-loop limit of :meth:`resume_path`
+    (default: what ``elastic-resume launch --er-max-resumes-per-step`` passes, else 3).
     """
 
     def __init__(
@@ -71,9 +72,11 @@ class ElasticCheckpointIO(CheckpointIO):
         storage_options: dict[str, Any] | None = None,
         event_log: EventLog | str | os.PathLike[str] | None = None,
         collective_timeout_s: float = 600.0,
+        max_resumes_per_step: int | None = None,
     ) -> None:
         super().__init__()
         self.async_save = async_save
+        self.max_resumes_per_step = max_resumes_from_env() if max_resumes_per_step is None else max_resumes_per_step
         self.storage_options = dict(storage_options or {})
         self.collective_timeout_s = collective_timeout_s
         rank = int(os.environ.get("RANK", "0"))
@@ -204,8 +207,13 @@ class ElasticCheckpointIO(CheckpointIO):
         first = [(s, path) for s in own]
         if not fallback or not own:
             return first
-        older = [c for c in self.checkpoints(path.rsplit("/", 1)[0]) if c[0] <= own[0] and c[1] != path]
-        return first + older
+        dirpath = path.rsplit("/", 1)[0]
+        candidates = first + [c for c in self.checkpoints(dirpath) if c[0] <= own[0] and c[1] != path]
+        # Crash loops: a step resumed from too often without anything newer being committed is
+        # skipped (resume-attempts.json beside the bundles, as for a CheckpointManager root).
+        store = CheckpointStore(open_storage(dirpath, self.storage_options), events=self.events)
+        keep = set(store.resume_candidates(sorted({s for s, _ in candidates}, reverse=True), self.max_resumes_per_step))
+        return [c for c in candidates if c[0] in keep]
 
     def _load_agreed(self, candidates: list[tuple[int, str]], group: Group, *, requested: str) -> dict[str, Any]:
         skipped: list[dict[str, Any]] = []
