@@ -100,6 +100,7 @@ class Regression(pl.LightningModule):
         step = self.global_step + 1  # the optimizer step this batch is for
         if a is not None and a.spike_at_step == step and a.spike_rank == self.global_rank and once(a, f"spike-{step}"):
             loss = loss * a.spike_factor
+        self.log("train_loss", loss)  # for ModelCheckpoint(monitor="train_loss")
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -176,3 +176,18 @@ def test_a_crash_loop_on_the_newest_checkpoint_falls_back_to_the_one_before(tmp_
     assert [e["step"] for e in loops] == [10, 10]
     io.save_checkpoint(checkpoint(15), tmp_path / "ckpt" / "step=15.ckpt")  # progress resets the count
     assert io.load_checkpoint(io.resume_path(tmp_path / "ckpt"))["global_step"] == 15
+
+
+def test_top_k_by_a_monitored_metric_removes_whole_bundles(tmp_path):
+    io = ElasticCheckpointIO()
+    top = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="train_loss", mode="min", save_top_k=2,
+                          every_n_train_steps=2)
+    t = pl.Trainer(accelerator="cpu", devices=1, max_steps=16, use_distributed_sampler=False, plugins=[io],
+                   callbacks=[top, ElasticResume()], logger=False, enable_progress_bar=False, enable_model_summary=False)
+    t.fit(Regression(8, 0.05), datamodule=SyntheticData(64, 4, 0))
+    kept = sorted(os.listdir(tmp_path / "ckpt"))
+    assert len(kept) == 2 and sorted(os.path.basename(p) for p in top.best_k_models) == kept
+    assert [s for s, _ in io.checkpoints(tmp_path / "ckpt")] == sorted(
+        (int(name.split("step=")[1].split(".")[0]) for name in kept), reverse=True)
+    best = io.load_checkpoint(top.best_model_path)
+    assert best["global_step"] == int(os.path.basename(top.best_model_path).split("step=")[1].split(".")[0])
