@@ -39,7 +39,7 @@ def events(tmp_path, name: str) -> list[dict]:
 
 
 def bundles(tmp_path) -> list[str]:
-    return sorted(os.listdir(tmp_path / "ckpt"))
+    return sorted(n for n in os.listdir(tmp_path / "ckpt") if n.endswith(".ckpt"))  # not resume-attempts.json
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,8 @@ def test_checkpoints_on_s3_survive_a_killed_worker(tmp_path, reference, s3_endpo
     assert sorted((e["rank"], e["step"]) for e in events(tmp_path, "restored")) == [(0, 10), (1, 10)]
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/run"))
-    assert names == ["epoch=0-step=10.ckpt", "epoch=0-step=15.ckpt", "epoch=0-step=5.ckpt", "epoch=1-step=20.ckpt", "last.ckpt"]
+    assert names == ["epoch=0-step=10.ckpt", "epoch=0-step=15.ckpt", "epoch=0-step=5.ckpt", "epoch=1-step=20.ckpt",
+                     "last.ckpt", "resume-attempts.json"]
     # last.ckpt was rewritten at every save; only its newest step is left, committed.
     assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/run/last.ckpt")] == ["step-000000000020"]
     got = last_losses(tmp_path / "loss.jsonl")
