@@ -92,10 +92,14 @@ class Regression(pl.LightningModule):
             blocks += [torch.nn.Linear(hidden, hidden), torch.nn.ReLU()]
         self.net = torch.nn.Sequential(*blocks, torch.nn.Linear(hidden, 1))
         self.args = args
+        self.example_input_array = torch.zeros(1, 16)  # lets ElasticResume settle DDP at 3+ ranks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         _, x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        loss = torch.nn.functional.mse_loss(self(x), y)
         a = self.args
         step = self.global_step + 1  # the optimizer step this batch is for
         if a is not None and a.spike_at_step == step and a.spike_rank == self.global_rank and once(a, f"spike-{step}"):

@@ -29,9 +29,11 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loops.loop import _Loop
+from torch.nn.parallel import DistributedDataParallel
 
 from .. import fingerprint as fingerprints
 from ..data import ResumableDistributedSampler
+from ..ddp import settle_ddp_buckets
 from ..detectors import Detector
 from ..errors import ConfigError
 from ..guard import SpikeGuard
@@ -119,6 +121,26 @@ def mark_saved(trainer: pl.Trainer) -> None:
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint):
             callback._last_global_step_saved = trainer.global_step
+
+
+def settle_ddp(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """At 3+ DDP ranks, settle DDP's gradient buckets before the first step, in every run alike,
+    so a resumed run adds gradients in the same order as one that never stopped (see
+    ``elastic_resume.ddp``). Needs the module's ``example_input_array`` and a ``forward`` that
+    uses every trained parameter; without it, resumes are exact to the last bits only."""
+    model = trainer.strategy.model
+    if not isinstance(model, DistributedDataParallel) or trainer.world_size < 3:
+        return
+    example = pl_module.example_input_array
+    if example is None:
+        log.warning("ElasticResume: set example_input_array on the LightningModule for bit-exact resumes with "
+                    "DDP at 3 or more ranks (DDP re-orders its gradient sums after its first backward)")
+        return
+    example = trainer.strategy.batch_to_device(example)
+    if isinstance(example, dict):
+        settle_ddp_buckets(model, **example)
+    else:
+        settle_ddp_buckets(model, *(example if isinstance(example, tuple) else (example,)))
 
 
 class TrainerCheckpoints:
@@ -268,6 +290,7 @@ class ElasticResume(Callback):
         self._last_step = trainer.global_step
         # What identifies the run does not change while it trains: computed once, not per save.
         self._run_fingerprint = self._fingerprint(trainer, pl_module)
+        settle_ddp(trainer, pl_module)
 
     # -- the per-step check ----------------------------------------------------------------------
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
