@@ -364,8 +364,8 @@ class ElasticResume(Callback):
             return
         lines = [d.line() for d in diffs]
         step = checkpoint.get("global_step")
-        io = find_checkpoint_io(trainer)
-        io.events.emit("drift_found", step=step, differences=lines, policy=self.drift)
+        events = self.checkpoints.events if self.checkpoints is not None else find_checkpoint_io(trainer).events
+        events.emit("drift_found", step=step, differences=lines, policy=self.drift)
         message = (f"the run resuming from step {step} differs from the run that saved it "
                    f"({len(lines)} difference{'s' if len(lines) != 1 else ''}):\n  " + "\n  ".join(lines))
         if self.drift == "fail":

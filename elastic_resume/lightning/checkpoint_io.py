@@ -27,7 +27,7 @@ from ..errors import CheckpointCorruptError, ConfigError, ElasticResumeError, No
 from ..events import EventLog
 from ..manager import CheckpointManager, _manifest_hash, _Stager, max_resumes_from_env
 from ..storage import open_storage
-from ..store import MANIFEST_NAME, CheckpointStore, parse_step_dir
+from ..store import MANIFEST_NAME, CheckpointStore, Manifest, parse_step_dir, step_dir
 
 log = logging.getLogger("elastic_resume")
 
@@ -117,10 +117,12 @@ class ElasticCheckpointIO(CheckpointIO):
     def health(self, dirpath: str | os.PathLike[str]) -> list[tuple[int, bool, str]]:
         """``(step, healthy, path)`` of the committed bundles under ``dirpath`` whose manifest
         validates, newest first (health as the ElasticResume callback recorded it)."""
+        storage = open_storage(normalize_path(dirpath), self.storage_options)  # one client for all manifests
         out = []
         for step, path in self.checkpoints(dirpath):
+            rel = f"{path.rsplit('/', 1)[-1]}/{step_dir(step)}/{MANIFEST_NAME}"
             try:
-                manifest = CheckpointStore(open_storage(path, self.storage_options)).read_manifest(step)
+                manifest = Manifest.parse(storage.read_small(rel), step=step, where=storage.display(rel))
             except (CheckpointCorruptError, StorageError, OSError):
                 continue
             out.append((step, bool(manifest.health.get("healthy", True)), path))
@@ -137,6 +139,8 @@ class ElasticCheckpointIO(CheckpointIO):
         found = self.checkpoints(dirpath)
         if not found:
             self.events.emit("restore_none", root=dirpath, reason="no committed checkpoint")
+            if self.events.rank in (None, 0):  # a wrong ROOT would silently start over: say it
+                log.warning("no committed checkpoint under %s: training starts from scratch", dirpath)
             return None
         self._resolved = found[0][1]
         return self._resolved
