@@ -244,15 +244,13 @@ class ElasticResume(Callback):
     ) -> None:
         if drift not in DRIFT_POLICIES:
             raise ConfigError(f"ElasticResume(drift=...) must be one of {', '.join(DRIFT_POLICIES)} (got {drift!r})")
-        self._guard_options = {"detectors": detectors, "policy": policy, "quorum": quorum, "vote_every": vote_every,
-                               "lag": lag, "health_window": health_window}
         self.policy = policy or RollbackPolicy()
+        self._guard_options = {"detectors": detectors, "policy": self.policy, "quorum": quorum,
+                               "vote_every": vote_every, "lag": lag, "health_window": health_window}
         self._dirpath = dirpath
         self.loss_key = loss_key
         self.drift = drift
-        self.drift_allow = list(drift_allow)
-        if self.policy.lr_scale != 1.0:
-            self.drift_allow += ["optimizer.*.initial_lr", "optimizer.*.lr"]
+        self.drift_allow = list(drift_allow)  # the fingerprint has no optimizer entries: LR scaling is no drift
         self.exit_code = 0
         self.guard: SpikeGuard | None = None
         self.checkpoints: TrainerCheckpoints | None = None
@@ -323,8 +321,7 @@ class ElasticResume(Callback):
         if fetcher is not None:
             iter(fetcher)
             fetcher.fetched += fit_loop.epoch_loop.batch_progress.current.ready  # as a resumed epoch does
-        self._last_step = trainer.global_step
-        mark_saved(trainer)
+        self._last_step = trainer.global_step  # ModelCheckpoint already knows: the anchor was re-committed
 
     # -- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
