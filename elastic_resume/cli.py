@@ -34,10 +34,12 @@ def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any]:
     (numbers, true/false, objects), else kept as strings; dotted keys nest
     (``client_kwargs.endpoint_url=http://...``)."""
     options: dict[str, Any] = {}
-    for pair in pairs:
+    for n, pair in enumerate(pairs, start=1):
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--storage-option {pair.split('=')[0]!r}: expected KEY=VALUE")
+            # The text may be a secret typed with the wrong separator: never echo it.
+            raise ConfigError(f"--storage-option number {n} is not KEY=VALUE: expected KEY=VALUE (its text is not shown, "
+                              "in case it holds a secret)")
         try:
             value: Any = json.loads(raw)
         except json.JSONDecodeError:
@@ -180,7 +182,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     store = _open(args)
-    plan = store.prune(keep_last=args.keep, keep_every=args.keep_every, dry_run=args.dry_run)
+    plan = store.prune(keep_last=args.keep, keep_every=args.keep_every, dry_run=args.dry_run,
+                       lock_timeout=args.lock_timeout)
     verb = "would delete" if args.dry_run else "deleted"
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "deleted": plan.delete, "incomplete_deleted": plan.delete_incomplete,
@@ -296,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-every", type=_pos_int("--keep-every"), help="also keep steps divisible by this")
     p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--lock-timeout", type=_nonneg_int("--lock-timeout"), default=10, metavar="S",
+                   help="seconds to wait for another prune of this root to finish (default 10)")
     p.set_defaults(func=cmd_prune)
     return parser
 
@@ -329,8 +334,11 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
         launcher=args.launcher, setup=tuple(args.setup),
     ))
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+        try:
+            with open(args.output, "w") as f:
+                f.write(text)
+        except OSError as e:
+            raise ConfigError(f"-o {args.output}: cannot write the script: {e.strerror or e}") from None
     else:
         sys.stdout.write(text)
     return EXIT_OK
@@ -364,6 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             opts = {}
         print(f"elastic-resume {args.command}: {redact(str(e), opts)}", file=sys.stderr)
         return EXIT_USAGE if not isinstance(e, _NEGATIVE_ERRORS) else EXIT_NEGATIVE
+    except OSError as e:  # the file system refused something (permissions, a full or read-only disk)
+        print(f"elastic-resume {args.command}: {redact(str(e))}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
 

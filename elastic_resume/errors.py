@@ -78,3 +78,8 @@ class GaveUpError(ElasticResumeError):
     enough to roll back to, or a detector asked to stop. Do not retry (exit code 76)."""
 
     exit_code = 76
+
+
+class CheckpointUnreadableError(CheckpointCorruptError):
+    """A file of a committed checkpoint could not be read (permission denied, I/O error): the
+    step is not loadable, like a corrupt one, but nothing says its bytes are damaged."""

@@ -49,9 +49,13 @@ class EventLog:
         self.path = os.fspath(path) if path is not None else None
         self.rank = rank
         self._lock = threading.Lock()
+        self._failed = False
         if self.path is not None:
             parent = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(parent, exist_ok=True)
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as e:
+                self._give_up(e)
 
     @classmethod
     def from_env(cls, *, rank: int | None = None) -> "EventLog":
@@ -84,23 +88,39 @@ class EventLog:
             return
         line = (json.dumps(record, sort_keys=False) + "\n").encode()
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, line)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                self._give_up(e)
+
+    def _give_up(self, error: OSError) -> None:
+        """Logging is best effort: a log that cannot be written (disk full, read-only, gone)
+        costs one warning, never a failed save or restore. Later events still go to
+        ``logging``; appending is retried, but warned about only once."""
+        if not self._failed:
+            self._failed = True
+            logger.warning("event log %s cannot be written (%s); events go to the log output only",
+                           self.path, error.strerror or error)
 
 
 def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read an event log; a torn last line (the writer was killed mid-write) is skipped."""
     events = []
-    with open(path, encoding="utf-8") as f:
+    # errors="replace": a line mangled by a foreign writer or bad media is skipped below, like
+    # a torn one, instead of failing the whole report.
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
             if not line:
                 continue
             try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
+                event = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
                 continue
+            if isinstance(event, dict):
+                events.append(event)
     return events

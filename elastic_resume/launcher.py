@@ -44,6 +44,7 @@ from .errors import ConfigError
 from .events import EVENT_LOG_ENV, EventLog
 from .manager import MAX_RESUMES_ENV
 from .preemption import EXIT_PREEMPTED
+from .storage import redact_argv
 
 EXIT_GAVE_UP = 76
 EXIT_FAILED = 1
@@ -140,6 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_sizes(args: argparse.Namespace) -> None:
+    """torchrun's parser takes --nnodes and --nproc-per-node as strings and fails deep inside
+    (or not at all) on bad ones: refuse them here, naming the flag."""
+    from torch.distributed.run import parse_min_max_nnodes
+
+    try:
+        low, high = parse_min_max_nnodes(str(args.nnodes))
+    except (ValueError, IndexError):
+        raise ConfigError(f"--nnodes {args.nnodes!r}: expected a number of nodes N or a range MIN:MAX") from None
+    if low < 1 or high < low:
+        raise ConfigError(f"--nnodes {args.nnodes!r}: expected 1 <= MIN <= MAX")
+    nproc = str(args.nproc_per_node)
+    if nproc not in ("auto", "cpu", "gpu", "xpu") and not (nproc.isdigit() and int(nproc) >= 1):
+        raise ConfigError(f"--nproc-per-node {nproc!r}: expected a positive number of processes, or auto, cpu, gpu")
+
+
 def _standalone(args: argparse.Namespace) -> None:
     """torchrun's own single-node shortcut (``torch.distributed.run.run`` does this too)."""
     from torch.distributed.run import parse_min_max_nnodes
@@ -166,6 +183,7 @@ def plan_launch(argv: list[str], *, check_script: bool = True, script_optional: 
             if action.dest == "training_script":
                 action.nargs, action.default = "?", "SCRIPT"
     args = parser.parse_args(argv)
+    _check_sizes(args)
     if args.run_path:
         raise ConfigError("--run-path runs the script inside the launcher; elastic-resume launch needs worker "
                           "processes it can signal: drop --run-path")
@@ -316,7 +334,8 @@ class Launch:
         self.emit("launch_started", platform=self.plan.detected.platform, job_id=self.plan.detected.job_id,
                   scheduler_restarts=self.plan.detected.restart_count, run_id=self.plan.config.run_id,
                   nnodes=f"{self.plan.config.min_nodes}:{self.plan.config.max_nodes}",
-                  nproc_per_node=self.plan.config.nproc_per_node, cmd=[self.plan.cmd, *self.plan.cmd_args])
+                  nproc_per_node=self.plan.config.nproc_per_node,
+                  cmd=redact_argv([self.plan.cmd, *self.plan.cmd_args]))
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self.on_signal)
         code, reason = self._run_agent()

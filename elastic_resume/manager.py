@@ -19,7 +19,9 @@ Data files all hold ``{"skeleton": <tree with tensor refs> | None, "tensors": {i
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import sys
 import time
 import weakref
 from collections.abc import Iterable, Mapping, MutableMapping
@@ -60,6 +62,9 @@ DRIFT_POLICIES = ("warn", "fail", "ignore")
 #: older step (the launcher sets the variable from ``--er-max-resumes-per-step``; 0 disables).
 MAX_RESUMES_ENV = "ER_MAX_RESUMES_PER_STEP"
 DEFAULT_MAX_RESUMES_PER_STEP = 3
+#: Exit status of a process whose background save failed at interpreter exit (a real failure:
+#: the launcher restarts it from the last committed step).
+EXIT_SAVE_FAILED = 1
 
 
 class DriftError(ConfigError):
@@ -103,6 +108,13 @@ def apply_state(state: MutableMapping[str, Any], loaded: Mapping[str, Any], *, s
             f"(it holds {', '.join(map(repr, loaded)) or 'nothing'}); the state passed to restore() "
             "must use the same keys as the state that was saved"
         )
+    # All or nothing as far as it can be known in advance: every module's and optimizer's
+    # saved state is checked against the live object before anything is loaded, so a mismatch
+    # leaves the live state untouched; plain values are replaced only after every load worked.
+    for key in state:
+        problem = _mismatch(state[key], loaded[key])
+        if problem:
+            raise StateError(f"checkpoint step {step}: cannot load state[{key!r}]: {problem}; nothing was loaded")
     for key in list(state):
         value = state[key]
         if _has_state_dict(value):
@@ -110,8 +122,35 @@ def apply_state(state: MutableMapping[str, Any], loaded: Mapping[str, Any], *, s
                 value.load_state_dict(loaded[key])
             except Exception as e:  # noqa: BLE001 - any mismatch is reported with its key
                 raise StateError(f"checkpoint step {step}: cannot load state[{key!r}]: {e}") from e
-        else:
+    for key in list(state):
+        if not _has_state_dict(state[key]):
             state[key] = loaded[key]
+
+
+def _mismatch(live: Any, saved: Any) -> str | None:
+    """Why ``saved`` cannot be loaded into ``live`` (a module or an optimizer), or None."""
+    if isinstance(live, torch.nn.Module):
+        if not isinstance(saved, Mapping):
+            return f"the checkpoint holds {type(saved).__name__}, not a module state dict"
+        own = live.state_dict()
+        missing = [k for k in own if k not in saved]
+        unexpected = [k for k in saved if k not in own]
+        if missing or unexpected:
+            return (f"missing keys {missing[:5]}" if missing else "") + (", " if missing and unexpected else "") + (
+                f"unexpected keys {unexpected[:5]}" if unexpected else "")
+        for k, t in own.items():
+            v = saved[k]
+            if isinstance(t, torch.Tensor) and isinstance(v, torch.Tensor) and t.shape != v.shape:
+                return f"{k} has shape {tuple(v.shape)} in the checkpoint, {tuple(t.shape)} in the model"
+    elif isinstance(live, torch.optim.Optimizer):
+        groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+        if not isinstance(groups, list) or not isinstance(saved.get("state"), Mapping):
+            return "the checkpoint holds no optimizer state dict"
+        if len(groups) != len(live.param_groups) or any(
+                not isinstance(g, Mapping) or len(g.get("params", ())) != len(lg["params"])
+                for g, lg in zip(groups, live.param_groups)):
+            return "the optimizer's parameter groups differ in number or size from the checkpoint's"
+    return None
 
 
 def assign_tensors(sizes: list[int], world_size: int) -> list[int]:
@@ -242,9 +281,13 @@ class CheckpointManager:
         self.drift_allow = list(drift_allow)
         self.protected_steps: set[int] = set()
         self.max_resumes_per_step = max_resumes_from_env() if max_resumes_per_step is None else max_resumes_per_step
-        # Committed steps every rank agreed not to use (skipped as unloadable by restore); a new
-        # save of such a step replaces it instead of failing as a double commit.
-        self.superseded_steps: set[int] = set()
+        # Committed steps this incarnation proved it must not use (skipped as unloadable by
+        # restore, dropped by the crash-loop fallback, a rollback anchor to re-commit), each
+        # with the digest of the manifest it judged: a new save of such a step replaces exactly
+        # that manifest, and nothing someone else committed there since (rank 0 only).
+        self._replaceable: dict[int, str] = {}
+        # Raw digest of every manifest this process read while restoring, by step.
+        self._seen_manifests: dict[int, str] = {}
         self.last_committed: int | None = None
         self.last_drift: list[fingerprints.Difference] = []
         self._stager = _Stager()
@@ -422,22 +465,26 @@ class CheckpointManager:
             step=step, attempt=attempt, world_size=self.world_size, files=files,
             metadata=job.metadata, fingerprint=job.fingerprint, extra=job.extra, health=job.health,
         )
-        commit_error = None
+        commit_error: tuple[str, str] | None = None
         if self.rank == 0:
+            replace = self._replaceable.get(step)
             try:
-                if step in self.superseded_steps:
-                    self.store.supersede(step, keep_attempt=attempt)
+                self.store.commit(manifest, replace=replace)
+                if replace is not None:
                     self.events.emit("checkpoint_superseded", step=step, attempt=attempt)
-                self.store.commit(manifest)
-            except ElasticResumeError as e:
-                commit_error = str(e)
+            except CommitConflictError as e:
+                commit_error = ("conflict", str(e))
+            except (ElasticResumeError, OSError) as e:  # disk full, permission, network
+                where = self.storage.display(self.store.manifest_path(step))
+                commit_error = ("storage", f"checkpoint step {step} was not committed: writing {where} failed: {e}")
         commit_error = self.group.broadcast_object(commit_error)
         if commit_error is not None:
-            self.events.emit("save_failed", step=step, attempt=attempt, errors=[commit_error])
-            raise CommitConflictError(commit_error)
+            kind, message = commit_error
+            self.events.emit("save_failed", step=step, attempt=attempt, errors=[message])
+            raise (CommitConflictError if kind == "conflict" else CheckpointSaveError)(message)
         seconds = time.perf_counter() - job.started
         self.last_committed = step
-        self.superseded_steps.discard(step)
+        self._replaceable.pop(step, None)
         self.events.emit(
             "save_committed", step=step, attempt=attempt, bytes=manifest.total_bytes,
             bytes_this_rank=sum(e.size for e in files if e.rank == self.rank),
@@ -459,19 +506,6 @@ class CheckpointManager:
             self.events.emit("prune_failed", step=step, error=str(e))
 
     # -- restore ------------------------------------------------------------------------------
-    def _read_tree(self, manifest: Manifest, entries: list[FileEntry]) -> tuple[Any, dict[int, torch.Tensor]]:
-        skeleton = None
-        tensors: dict[int, torch.Tensor] = {}
-        for entry in entries:
-            where = self.storage.display(f"{step_dir(manifest.step)}/{entry.path}")
-            part = self.store.read_tree(manifest, entry)
-            if not isinstance(part, dict) or not isinstance(part.get("tensors"), dict):
-                raise CheckpointCorruptError(manifest.step, where, "data file does not hold a state")
-            if part.get("skeleton") is not None:
-                skeleton = part["skeleton"]
-            tensors.update(part["tensors"])
-        return skeleton, tensors
-
     def _per_rank_source(self, manifest: Manifest, state: Mapping[str, Any]) -> tuple[int, bool]:
         """Which saved rank's per-rank file this rank loads, and whether streams are reseeded
         (world size changed). Raises StateError naming what cannot be resharded."""
@@ -489,31 +523,32 @@ class CheckpointManager:
         return 0, True
 
     def _load_candidate(self, step: int, state: Mapping[str, Any]) -> tuple[Manifest | None, dict[str, Any] | None, str | None, str | None]:
-        """Read, verify and decode what this rank needs of ``step``: (manifest, tree, file, why)."""
+        """Read, verify and decode what this rank needs of ``step``: (manifest, tree, file, why).
+        The checks are the store's own (see ``CheckpointStore.check_loadable``), so what restore
+        refuses is what ``verify`` reports."""
         try:
             manifest = self.store.read_manifest(step)
+        except CheckpointCorruptError as e:
+            digest = self.store.manifest_digest(step)  # the proof a replacement will compare to
+            if digest is not None:
+                self._seen_manifests[step] = digest
+            return None, None, e.file, e.reason
+        self._seen_manifests[step] = manifest.raw_digest
+        try:
             source, reseed = self._per_rank_source(manifest, state)
-            shared = manifest.files_of("shared")
-            skeleton, tensors = self._read_tree(manifest, shared)
-            expected = manifest.extra.get("replicated_tensors", len(tensors))
-            if skeleton is None or sorted(tensors) != list(range(expected)):
-                raise CheckpointCorruptError(
-                    step, None, f"shared files hold {len(tensors)} of {expected} replicated tensors"
-                    + ("" if skeleton is not None else " and no state structure")
-                )
+            skeleton, tensors = self.store.read_replicated(manifest)
             if manifest.files_of("dcp-meta"):
                 # Sharded tensors are loaded after every rank agreed on this step (DCP's load is
                 # collective); until then the structure stays a skeleton.
-                tree: dict[str, Any] = {_SHARDED_SKELETON: (skeleton, [tensors[i] for i in range(expected)])}
+                tree: dict[str, Any] = {_SHARDED_SKELETON: (skeleton, tensors)}
             else:
-                tree = unflatten(skeleton, [tensors[i] for i in range(expected)], where=step_dir(step))
-            keys = manifest.extra.get("per_rank_keys", [])
-            if keys:
-                own = manifest.files_of("rank", source)
-                if not own:
-                    raise CheckpointCorruptError(step, None, f"no per-rank file for rank {source}")
-                pr_skel, pr_tensors = self._read_tree(manifest, own)
-                per_rank = unflatten(pr_skel, [pr_tensors[i] for i in range(len(pr_tensors))], where=own[0].path)
+                tree = unflatten(skeleton, tensors, where=step_dir(step))
+            if not isinstance(tree, dict):
+                raise CheckpointCorruptError(step, None, "the replicated state is not a dict of names")
+            per_rank = self.store.read_per_rank(manifest, source)
+            if per_rank is not None:
+                if not isinstance(per_rank, dict):
+                    raise CheckpointCorruptError(step, None, f"the per-rank state of rank {source} is not a dict of names")
                 if reseed:
                     per_rank = {k: _Reseed(v) for k, v in per_rank.items()}
                 tree.update(per_rank)
@@ -544,8 +579,15 @@ class CheckpointManager:
         started = time.perf_counter()
         current_fp = fingerprints.compute(state, world_size=self.world_size, config=self.config,
                                           data_description=self.data_description)
-        candidates = self.group.broadcast_object(self._candidates() if self.rank == 0 and step is None
-                                                 else [step] if self.rank == 0 else None)
+        listed: tuple[str, Any] | None = None
+        if self.rank == 0:
+            try:
+                listed = ("ok", self._candidates() if step is None else [step])
+            except (ElasticResumeError, OSError) as e:  # every rank must hear it, or the others hang
+                listed = ("error", f"cannot list checkpoints under {self.storage.display()}: {e}")
+        status, candidates = self.group.broadcast_object(listed)
+        if status == "error":
+            raise StorageError(0, candidates)
         if not candidates:
             self.events.emit("restore_none", root=self.storage.display(), reason="no committed checkpoint")
             return None
@@ -562,6 +604,7 @@ class CheckpointManager:
                 assert tree is not None and manifest is not None
                 self._check_drift(manifest, current_fp)
                 self._apply(state, tree, manifest)
+                self.store.mark_loadable(cand, manifest.raw_digest)
                 self.last_committed = cand
                 self.events.emit(
                     "restored", step=cand, bytes=manifest.total_bytes,
@@ -576,7 +619,8 @@ class CheckpointManager:
             else:
                 why = "another rank could not verify or load it"
             skipped.append({"step": cand, "file": file, "reason": why})
-            self.superseded_steps.add(cand)
+            if cand in self._seen_manifests:
+                self._replaceable[cand] = self._seen_manifests[cand]
             self.events.emit("restore_fallback", step=cand, file=file, reason=why)
         raise NoCheckpointError(
             f"none of the {len(candidates)} committed checkpoint(s) under {self.storage.display()} "
@@ -592,7 +636,20 @@ class CheckpointManager:
         committed = self.store.committed_steps()
         if not committed or self.read_only:
             return committed
-        return self.store.resume_candidates(committed, self.max_resumes_per_step)
+        candidates, dropped = self.store.resume_candidates(committed, self.max_resumes_per_step)
+        self._replaceable.update(dropped)  # a new save of a dropped step replaces it
+        return candidates
+
+    def allow_replace(self, step: int) -> None:
+        """Let the next save of ``step`` replace its committed manifest: the one this process
+        restored (a rollback re-commits its anchor with the recovery state), or, if this
+        process never read it, the one that stands now (an explicit overwrite, as Lightning
+        does when it saves a path again). Rank 0 holds the proof; other ranks ignore it."""
+        if self.rank != 0:
+            return
+        digest = self._seen_manifests.get(step) or self.store.manifest_digest(step)
+        if digest is not None:
+            self._replaceable[step] = digest
 
     def _load_sharded(self, manifest: Manifest, state: Mapping[str, Any], tree: dict[str, Any]) -> tuple[str | None, str | None]:
         """Collective: load the DTensor leaves through DCP into the live state's own DTensors
@@ -741,5 +798,12 @@ def _wait_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:
         step = mgr._pending_step
         try:
             mgr.wait()
-        except Exception as e:  # noqa: BLE001 - at exit, report rather than raise
-            mgr.events.emit("save_failed", step=step, errors=[f"background save failed: {e}"])
+        except Exception as e:  # noqa: BLE001 - nobody is left to raise it to: say so and fail
+            mgr.events.emit("save_failed", step=step, errors=[f"background save failed at exit: {e}"])
+            print(f"elastic-resume: the background save of checkpoint step {step} failed at interpreter exit "
+                  f"and was not committed: {e}; exiting with status {EXIT_SAVE_FAILED}", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+            # atexit cannot change the exit status any other way; a process whose last save was
+            # lost must not report success (the launcher then restarts from the last commit).
+            os._exit(EXIT_SAVE_FAILED)

@@ -38,8 +38,11 @@ def load_events(paths: Sequence[str]) -> list[dict[str, Any]]:
             raise ConfigError(f"event log {p!r} not found")
     events: list[dict[str, Any]] = []
     for f in files:
-        events += read_events(f)
-    events.sort(key=lambda e: e.get("ts", 0.0))
+        try:
+            events += read_events(f)
+        except OSError as e:
+            raise ConfigError(f"event log {f!r} cannot be read: {e.strerror or e}") from None
+    events.sort(key=lambda e: e["ts"] if isinstance(e.get("ts"), (int, float)) else 0.0)
     return events
 
 

@@ -21,6 +21,7 @@ needs), tuples, bytes, dtypes and devices with small tags; tensors are reference
 from __future__ import annotations
 
 import base64
+import binascii
 import ctypes
 import json
 import struct
@@ -36,6 +37,15 @@ MAGIC = b"ERCKPT\x00\x01"
 ALIGN = 64
 _LEN = struct.Struct("<Q")
 _HEADER_LIMIT = 1 << 31  # a header larger than 2 GiB is certainly corrupt
+#: How deep a saved tree may nest. Saving refuses deeper states, so a deeper header on disk is
+#: damage or a hostile file; the bound also keeps decoding far from Python's recursion limit.
+MAX_TREE_DEPTH = 200
+_MAX_DIMS = 64  # torch supports at most 64 dimensions
+_MAX_DIM_SIZE = 1 << 62
+# Failures a hostile but digest-valid header can provoke inside decoding; each one becomes a
+# CheckpointCorruptError naming the file (a safety net under the explicit checks below).
+_DECODE_FAILURES = (TypeError, ValueError, OverflowError, RecursionError, binascii.Error, RuntimeError,
+                    AttributeError, KeyError, IndexError, MemoryError)
 
 # Only plain numeric dtypes; anything exotic (quantized, sparse) is refused at save time.
 _DTYPES: dict[str, torch.dtype] = {
@@ -48,6 +58,8 @@ _DTYPES: dict[str, torch.dtype] = {
         torch.float8_e4m3fn, torch.float8_e5m2,
     )
 }
+
+_ITEMSIZE: dict[torch.dtype, int] = {dt: torch.empty((), dtype=dt).element_size() for dt in _DTYPES.values()}
 
 _PICKLE_HINTS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
@@ -114,7 +126,9 @@ class _Encoder:
         self.tensors.append(t)
         return len(self.tensors) - 1
 
-    def encode(self, value: Any, path: str) -> Any:
+    def encode(self, value: Any, path: str, depth: int = 0) -> Any:
+        if depth > MAX_TREE_DEPTH:
+            raise StateError(f"{path}: the state nests deeper than {MAX_TREE_DEPTH} levels and cannot be checkpointed")
         if value is None or isinstance(value, (bool, str)):
             return value
         if isinstance(value, int):
@@ -129,16 +143,16 @@ class _Encoder:
         if isinstance(value, dict):
             return {
                 "d": [
-                    [self.encode(k, f"{path}[{k!r}](key)"), self.encode(v, f"{path}[{k!r}]")]
+                    [self.encode(k, f"{path}[{k!r}](key)", depth + 1), self.encode(v, f"{path}[{k!r}]", depth + 1)]
                     for k, v in value.items()
                 ]
             }
         if isinstance(value, torch.Size):
             return {"sz": list(value)}
         if isinstance(value, list):
-            return [self.encode(v, f"{path}[{i}]") for i, v in enumerate(value)]
+            return [self.encode(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
         if isinstance(value, tuple):
-            return {"tu": [self.encode(v, f"{path}[{i}]") for i, v in enumerate(value)]}
+            return {"tu": [self.encode(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]}
         if isinstance(value, (bytes, bytearray)):
             return {"b": base64.b64encode(bytes(value)).decode("ascii")}
         if isinstance(value, torch.dtype):
@@ -152,7 +166,7 @@ class _Encoder:
             if isinstance(value, np.ndarray):
                 return {"np": self.tensor(torch.from_numpy(np.ascontiguousarray(value)), path)}
             if isinstance(value, np.generic):
-                return self.encode(value.item(), path)
+                return self.encode(value.item(), path, depth)
         raise StateError(
             f"{path}: values of type {type(value).__module__}.{type(value).__qualname__} cannot be "
             "checkpointed; use tensors, numbers, strings, bytes, lists, tuples and dicts, or an "
@@ -229,7 +243,11 @@ def sniff_unsafe(prefix: bytes) -> str | None:
 
 
 class _Decoder:
-    def __init__(self, tensors: list[torch.Tensor], where: str, sharded: dict[str, torch.Tensor] | None = None) -> None:
+    """Rebuilds a tree from its JSON skeleton. The skeleton is untrusted (it comes from a file,
+    even when the file's digest matches): every node's type, every tensor reference and the
+    nesting depth are checked, and every failure is a CheckpointCorruptError naming the file."""
+
+    def __init__(self, tensors: list[Any], where: str, sharded: dict[str, torch.Tensor] | None = None) -> None:
         self.tensors = tensors
         self.where = where
         self.sharded = sharded or {}
@@ -239,14 +257,24 @@ class _Decoder:
 
     def tensor(self, idx: Any) -> torch.Tensor:
         if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(self.tensors):
-            raise self.fail(f"tensor reference {idx!r} out of range")
+            raise self.fail(f"tensor reference {str(idx)[:40]!r} out of range")
         return self.tensors[idx]
 
     def decode(self, node: Any) -> Any:
+        try:
+            return self._decode(node, 0)
+        except CheckpointCorruptError:
+            raise
+        except _DECODE_FAILURES as e:
+            raise self.fail(f"{type(e).__name__}: {str(e)[:200]}") from None
+
+    def _decode(self, node: Any, depth: int) -> Any:
+        if depth > MAX_TREE_DEPTH:
+            raise self.fail(f"the tree nests deeper than {MAX_TREE_DEPTH} levels")
         if node is None or isinstance(node, (bool, int, float, str)):
             return node
         if isinstance(node, list):
-            return [self.decode(v) for v in node]
+            return [self._decode(v, depth + 1) for v in node]
         if isinstance(node, dict) and len(node) == 1:
             ((tag, payload),) = node.items()
             if tag == "t":
@@ -256,29 +284,45 @@ class _Decoder:
                 for pair in payload:
                     if not isinstance(pair, list) or len(pair) != 2:
                         raise self.fail("dict entry is not a key/value pair")
-                    key = self.decode(pair[0])
+                    key = self._decode(pair[0], depth + 1)
                     try:
-                        out[key] = self.decode(pair[1])
+                        out[key] = self._decode(pair[1], depth + 1)
                     except TypeError as e:  # unhashable key
                         raise self.fail(str(e)) from None
                 return out
             if tag == "tu" and isinstance(payload, list):
-                return tuple(self.decode(v) for v in payload)
-            if tag == "sz" and isinstance(payload, list):
+                return tuple(self._decode(v, depth + 1) for v in payload)
+            if tag == "sz" and _is_shape(payload):
                 return torch.Size(payload)
             if tag == "b" and isinstance(payload, str):
-                return base64.b64decode(payload, validate=True)
-            if tag == "dt" and payload in _DTYPES:
+                try:
+                    return base64.b64decode(payload, validate=True)
+                except (binascii.Error, ValueError):
+                    raise self.fail("bytes value is not valid base64") from None
+            if tag == "dt" and isinstance(payload, str) and payload in _DTYPES:
                 return _DTYPES[payload]
-            if tag == "dev" and isinstance(payload, str):
-                return torch.device(payload)
+            if tag == "dev" and isinstance(payload, str) and len(payload) < 64:
+                try:
+                    return torch.device(payload)
+                except (RuntimeError, ValueError):
+                    raise self.fail(f"unknown device {payload!r}") from None
             if tag == "np":
-                return self.tensor(payload).numpy()
-            if tag == "st":
+                t = self.tensor(payload)
+                return t.numpy() if t.device.type == "cpu" else t
+            if tag == "st" and isinstance(payload, str):
                 if payload not in self.sharded:
-                    raise self.fail(f"sharded tensor {payload!r} was not loaded")
+                    raise self.fail(f"sharded tensor {payload[:80]!r} was not loaded")
                 return self.sharded[payload]
         raise self.fail(f"unknown node {str(node)[:80]}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_shape(v: Any) -> bool:
+    return (isinstance(v, list) and len(v) <= _MAX_DIMS
+            and all(_is_int(s) and 0 <= s <= _MAX_DIM_SIZE for s in v))
 
 
 def _check_header(head: bytes, size: int, where: str) -> int:
@@ -300,27 +344,38 @@ def _check_header(head: bytes, size: int, where: str) -> int:
 
 
 def _tensor_table(header: Any, size: int, data_start: int, where: str) -> list[tuple[torch.dtype, list[int], int, int]]:
-    """(dtype, shape, absolute offset, nbytes) per tensor, bounds-checked against the file."""
+    """(dtype, shape, absolute offset, nbytes) per tensor, every field type- and bounds-checked
+    against the file (untrusted input: nothing here may allocate by what the header claims)."""
     def fail(reason: str) -> CheckpointCorruptError:
-        return CheckpointCorruptError(None, where, reason)
+        return CheckpointCorruptError(None, where, f"malformed data header: {reason}")
 
     if not isinstance(header, dict) or header.get("version") != 1:
-        raise fail(f"unknown data format version {header.get('version') if isinstance(header, dict) else header!r}")
+        version = header.get("version") if isinstance(header, dict) else header
+        raise CheckpointCorruptError(None, where, f"unknown data format version {str(version)[:40]!r}")
+    entries = header.get("tensors")
+    if not isinstance(entries, list):
+        raise fail("the tensor table is not a list")
+    if "tree" not in header:
+        raise fail("no tree")
     table = []
-    for i, entry in enumerate(header.get("tensors", [])):
-        try:
-            dtype = _DTYPES[entry["dtype"]]
-            shape = [int(s) for s in entry["shape"]]
-            offset, nbytes = int(entry["offset"]), int(entry["nbytes"])
-        except (KeyError, TypeError, ValueError):
-            raise fail(f"tensor entry {i} is malformed") from None
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise fail(f"tensor entry {i} is not an object")
+        dtype_name, shape, offset, nbytes = entry.get("dtype"), entry.get("shape"), entry.get("offset"), entry.get("nbytes")
+        if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
+            raise fail(f"tensor entry {i} has unknown dtype {str(dtype_name)[:40]!r}")
+        if not _is_shape(shape):
+            raise fail(f"tensor entry {i} has an invalid shape")
+        if not _is_int(offset) or not _is_int(nbytes) or offset < 0 or nbytes < 0:
+            raise fail(f"tensor entry {i} has an invalid offset or size")
+        dtype = _DTYPES[dtype_name]
         numel = 1
         for s in shape:
-            if s < 0:
-                raise fail(f"tensor entry {i} has a negative dimension")
             numel *= s
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if nbytes != numel * itemsize or offset < 0 or offset % ALIGN:
+            if numel > size:  # more elements than the file has bytes: stop before the product grows
+                break
+        itemsize = _ITEMSIZE[dtype]
+        if nbytes != numel * itemsize or offset % ALIGN:
             raise fail(f"tensor entry {i} has inconsistent size or offset")
         if data_start + offset + nbytes > size:
             raise fail(f"tensor entry {i} extends past the end of the file")
@@ -328,20 +383,28 @@ def _tensor_table(header: Any, size: int, data_start: int, where: str) -> list[t
     return table
 
 
-def decode_stream(stream: Any, *, where: str) -> Any:
+def _parse_header(raw: bytes, where: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointCorruptError(None, where, f"header is not valid JSON ({str(e)[:200]})") from None
+    except RecursionError:
+        raise CheckpointCorruptError(None, where, "malformed data header: nested too deeply") from None
+
+
+def decode_stream(stream: Any, *, where: str, materialize: bool = True) -> Any:
     """Rebuild the tree while reading the file once, front to back: each tensor is read straight
     into storage of its own (no shared buffer for loaded objects to alias and keep alive, no
-    copy). ``stream`` is a storage ByteStream; the caller checks its digest afterwards."""
+    copy). ``stream`` is a storage ByteStream; the caller checks its digest afterwards.
+    ``materialize=False`` checks that the file decodes without keeping its tensors: their bytes
+    are hashed and dropped, and the tree holds shape-only ``meta`` tensors (verification)."""
     size = stream.size
     head = bytearray(min(16, size))
     stream.readinto_exact(memoryview(head))
     hlen = _check_header(bytes(head), size, where)
     raw = bytearray(hlen)
     stream.readinto_exact(memoryview(raw))
-    try:
-        header = json.loads(bytes(raw))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointCorruptError(None, where, f"header is not valid JSON ({e})") from None
+    header = _parse_header(bytes(raw), where)
     table = _tensor_table(header, size, _align(16 + hlen), where)
     order = sorted(range(len(table)), key=lambda i: table[i][2])
     tensors: list[torch.Tensor | None] = [None] * len(table)
@@ -350,11 +413,15 @@ def decode_stream(stream: Any, *, where: str) -> Any:
         if offset < stream.pos:
             raise CheckpointCorruptError(None, where, f"tensor entry {i} overlaps another")
         stream.skip(offset - stream.pos)
-        t = torch.empty(shape, dtype=dtype)
-        if nbytes:
-            stream.readinto_exact(tensor_bytes(t))
+        if materialize:
+            t = torch.empty(shape, dtype=dtype)
+            if nbytes:
+                stream.readinto_exact(tensor_bytes(t))
+        else:
+            t = torch.empty(shape, dtype=dtype, device="meta")
+            stream.skip(nbytes)
         tensors[i] = t
-    return _Decoder(tensors, where).decode(header.get("tree"))  # type: ignore[arg-type]
+    return _Decoder(tensors, where).decode(header["tree"])
 
 
 def decode(buf: torch.Tensor, *, where: str) -> Any:
@@ -363,12 +430,9 @@ def decode(buf: torch.Tensor, *, where: str) -> Any:
     ``where`` names the file in errors."""
     size = buf.numel()
     hlen = _check_header(bytes(tensor_bytes(buf[: min(size, 16)])), size, where)
-    try:
-        header = json.loads(bytes(tensor_bytes(buf[16 : 16 + hlen])))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointCorruptError(None, where, f"header is not valid JSON ({e})") from None
+    header = _parse_header(bytes(tensor_bytes(buf[16 : 16 + hlen])), where)
     tensors = [
         torch.empty(shape, dtype=dtype) if nbytes == 0 else buf[offset : offset + nbytes].view(dtype).view(shape)
         for dtype, shape, offset, nbytes in _tensor_table(header, size, _align(16 + hlen), where)
     ]
-    return _Decoder(tensors, where).decode(header.get("tree"))
+    return _Decoder(tensors, where).decode(header["tree"])

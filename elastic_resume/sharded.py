@@ -101,11 +101,7 @@ class StoreReader(StorageReader):
         entry = next(f for f in self.manifest.files if f.kind == "dcp-meta")
         buf = self.store.read_file(self.manifest, entry)
         assert buf is not None
-        try:
-            doc = json.loads(bytes(buf.numpy().tobytes()))
-            return metadata_from_json(doc)
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointCorruptError(self.manifest.step, entry.path, f"malformed sharded-state metadata: {e}") from None
+        return parse_metadata(bytes(buf.numpy().tobytes()), step=self.manifest.step, where=entry.path)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.storage_data = metadata.storage_data
@@ -169,6 +165,17 @@ def metadata_to_json(metadata: Metadata, results: list[WriteResult]) -> dict[str
     storage = [[r.index.fqn, list(r.index.offset) if r.index.offset is not None else None, r.storage_data]
                for r in results]
     return {"version": 1, "state_dict": sd, "storage": storage}
+
+
+def parse_metadata(data: bytes, *, step: int, where: str) -> Metadata:
+    """The sharded index from its file's bytes (untrusted: every failure is corruption)."""
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict):
+            raise TypeError("not a JSON object")
+        return metadata_from_json(doc)
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError, AttributeError, IndexError, RuntimeError) as e:
+        raise CheckpointCorruptError(step, where, f"malformed sharded-state metadata: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def metadata_from_json(doc: dict[str, Any]) -> Metadata:

@@ -8,6 +8,10 @@ Two backends, one contract (paths are relative to the checkpoint root, '/'-separ
   and which only becomes visible when completed.
 - ``write_create_only``  fails with ``FileExistsError`` if the name exists. Local: ``os.link`` of
   an fsynced temp file (atomic, never overwrites). S3: ``If-None-Match: *``.
+- ``replace_if``  compare-and-swap: replaces a file only while it still holds the bytes whose
+  digest the caller names (``FileExistsError`` otherwise); the old content stays readable until
+  the new one stands, so no reader ever finds the name missing. Local: a lock and ``rename``
+  over the old file. S3: ``If-Match`` on the ETag of the bytes just compared.
 - ``read``  one pass: bytes land in a single preallocated buffer and are hashed as they arrive.
 - ``list_tree``/``list_dirs``/``delete_tree``/``lock``.
 
@@ -21,9 +25,11 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
+import sys
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,6 +42,15 @@ if TYPE_CHECKING:
 
 DIGEST_ALGO = "xxh3_64"
 READ_CHUNK = 16 << 20
+#: Largest file ``read_small`` returns (manifests, small JSON records): a bigger one is damage
+#: or a hostile file, refused before it is read into memory.
+SMALL_FILE_LIMIT = 64 << 20
+REPLACE_LOCK = ".replace.lock"
+_RMTREE_ONEXC = sys.version_info >= (3, 12)
+
+
+class FileTooLargeError(OSError):
+    """A file that should be small (a manifest) is larger than ``SMALL_FILE_LIMIT``."""
 
 
 def new_hasher() -> Any:
@@ -137,9 +152,10 @@ class Storage(Protocol):
     def makedirs(self, rel: str) -> None: ...
     def write_atomic(self, rel: str, chunks: Iterable[memoryview], size: int | None = None) -> WriteResult: ...
     def write_create_only(self, rel: str, data: bytes) -> None: ...
+    def replace_if(self, rel: str, data: bytes, expected_digest: str) -> None: ...
     def open_stream(self, rel: str, expected_size: int | None = None) -> ByteStream: ...
     def read(self, rel: str, expected_size: int | None = None, *, keep: bool = True) -> ReadResult: ...
-    def read_small(self, rel: str) -> bytes: ...
+    def read_small(self, rel: str, limit: int = SMALL_FILE_LIMIT) -> bytes: ...
     def exists(self, rel: str) -> bool: ...
     def list_dirs(self, rel: str = "") -> list[str]: ...
     def list_tree(self, rel: str) -> dict[str, int]: ...
@@ -170,6 +186,42 @@ def redact(text: str, options: dict[str, Any] | None = None) -> str:
         if len(secret) >= 4:
             text = text.replace(secret, "***")
     return text
+
+
+_SECRET_NAME = re.compile(r"secret|token|passw|credential|api[_-]?key|access[_-]?key|private[_-]?key|^key$|auth",
+                          re.IGNORECASE)
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an option or flag name (``secret``, ``--aws-secret-access-key``, ``token``...)
+    names a credential whose value must never be shown."""
+    return bool(_SECRET_NAME.search(name.strip().lstrip("-").rsplit(".", 1)[-1]))
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """An argument list safe to log: values of secret-named ``KEY=VALUE`` words and of
+    secret-named flags (``--token X``, ``--token=X``, ``--storage-option secret=X``) become
+    ``***``, and credential values from the environment are removed wherever they stand."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        head, sep, value = arg.partition("=")
+        if hide_next:
+            hide_next = False
+            # the word after a secret flag, or after --storage-option when it names a secret
+            out.append(f"{head}=***" if sep and is_secret_name(head) else "***" if not sep or is_secret_name(head) else redact(arg))
+            continue
+        if arg.startswith("-") and not sep:
+            hide_next = is_secret_name(arg) or arg.lstrip("-") == "storage-option"
+            out.append(arg)
+        elif sep and head.startswith("-") and head.lstrip("-") == "storage-option":
+            key = value.partition("=")[0]
+            out.append(f"{head}={key}=***" if is_secret_name(key) or "=" not in value else redact(arg))
+        elif sep and is_secret_name(head):
+            out.append(f"{head}=***")
+        else:
+            out.append(redact(arg))
+    return out
 
 
 def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Storage:
@@ -314,6 +366,23 @@ class LocalStorage:
                 os.unlink(tmp)
         self._fsync_dir(os.path.dirname(self._p(rel)))
 
+    def replace_if(self, rel: str, data: bytes, expected_digest: str) -> None:
+        # Every replacer of this root takes the same lock, and create-only commits never
+        # replace: so the comparison below still holds when the rename lands.
+        with self.lock(REPLACE_LOCK, 60.0):
+            try:
+                current = self.read_small(rel)
+            except FileNotFoundError:
+                return self.write_create_only(rel, data)
+            if digest_bytes(current) != expected_digest:
+                raise FileExistsError(errno.EEXIST, f"{self.display(rel)} changed since it was read")
+            try:
+                tmp, _ = self._write_temp(rel, [memoryview(data)])
+                os.rename(tmp, self._p(rel))  # atomic: readers see the old file or the new one
+                self._fsync_dir(os.path.dirname(self._p(rel)))
+            except OSError as e:
+                raise self._error("commit", rel, e) from None
+
     def open_stream(self, rel: str, expected_size: int | None = None) -> ByteStream:
         try:
             return _LocalStream(self._p(rel), self.display(rel), expected_size)
@@ -328,10 +397,16 @@ class LocalStorage:
         """Read a file in one pass, hashing as bytes arrive; ``keep=False`` only hashes."""
         return _read_whole(self, rel, expected_size, keep)
 
-    def read_small(self, rel: str) -> bytes:
+    def read_small(self, rel: str, limit: int = SMALL_FILE_LIMIT) -> bytes:
         try:
-            with open(self._p(rel), "rb") as f:
-                return f.read()
+            fd = os.open(self._p(rel), os.O_RDONLY | os.O_NOFOLLOW)
+            with open(fd, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > limit:
+                    raise FileTooLargeError(errno.EFBIG, f"{self.display(rel)} holds {size} bytes, more than the {limit} allowed")
+                return f.read(limit + 1)[:limit]
+        except FileTooLargeError:
+            raise
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, f"{self.display(rel)} is missing") from None
         except OSError as e:
@@ -352,7 +427,15 @@ class LocalStorage:
     def list_tree(self, rel: str) -> dict[str, int]:
         base = self._p(rel)
         out: dict[str, int] = {}
-        for dirpath, _dirs, files in os.walk(base):
+
+        def failed(e: OSError) -> None:
+            # A directory that cannot be listed must not look empty (an unlistable committed
+            # step would pass for "never committed"); only a vanished one is empty.
+            if not isinstance(e, FileNotFoundError):
+                where = os.path.relpath(e.filename, self.root) if getattr(e, "filename", None) else rel
+                raise self._error("list", where if where != "." else "", e)
+
+        for dirpath, _dirs, files in os.walk(base, onerror=failed):
             for name in files:
                 full = os.path.join(dirpath, name)
                 with contextlib.suppress(FileNotFoundError):
@@ -360,18 +443,41 @@ class LocalStorage:
         return out
 
     def delete(self, rel: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(self._p(rel))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise self._error("delete", rel, e) from None
 
     def delete_tree(self, rel: str) -> None:
         import shutil
 
-        shutil.rmtree(self._p(rel), ignore_errors=True)
+        def failed(_func: Any, path: str, exc: BaseException) -> None:
+            if not isinstance(exc, FileNotFoundError):  # deleted meanwhile: that is what we wanted
+                raise self._error("delete", os.path.relpath(path, self.root), exc)
 
-    def lock(self, name: str, timeout: float) -> contextlib.AbstractContextManager[None]:
-        from filelock import FileLock
+        if os.path.lexists(self._p(rel)):
+            shutil.rmtree(self._p(rel), onexc=failed) if _RMTREE_ONEXC else shutil.rmtree(
+                self._p(rel), onerror=lambda f, p, info: failed(f, p, info[1]))
 
-        return FileLock(os.path.join(self.root, name), timeout=timeout)  # type: ignore[return-value]
+    @contextlib.contextmanager
+    def lock(self, name: str, timeout: float) -> Iterator[None]:
+        from filelock import FileLock, Timeout
+
+        path = os.path.join(self.root, name)
+        try:
+            lock = FileLock(path, timeout=timeout)
+            lock.acquire()
+        except Timeout:
+            raise StorageError(errno.EBUSY, f"lock {path} is held by another process (waited {timeout:g} s); "
+                                            "another prune or commit is running on this root, try again") from None
+        except OSError as e:
+            raise self._error("take the lock", name, e) from None
+        try:
+            yield
+        finally:
+            lock.release()
 
 
 class SizeMismatchError(OSError):
@@ -550,6 +656,34 @@ class S3Storage:
         except Exception as e:  # noqa: BLE001
             raise self._error("commit", rel, e) from None
 
+    def replace_if(self, rel: str, data: bytes, expected_digest: str) -> None:
+        fs, bucket, key = self.fs, self.bucket, self._key(rel)
+
+        async def fetch() -> tuple[bytes, str]:
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+            try:
+                return await resp["Body"].read(), resp["ETag"]
+            finally:
+                resp["Body"].close()
+
+        try:
+            current, etag = self._run(fetch())
+        except FileNotFoundError:
+            return self.write_create_only(rel, data)
+        except Exception as e:  # noqa: BLE001
+            raise self._error("read", rel, e) from None
+        if digest_bytes(current) != expected_digest:
+            raise FileExistsError(errno.EEXIST, f"{self.display(rel)} changed since it was read")
+        try:
+            # If-Match on the ETag of exactly the bytes compared: S3 refuses the PUT (412) if
+            # anyone replaced the object in between, so the comparison holds at the swap.
+            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._key(rel), Body=data, IfMatch=etag)
+        except Exception as e:  # noqa: BLE001
+            if "PreconditionFailed" in str(e) or "412" in str(e) or isinstance(e, FileNotFoundError):
+                raise FileExistsError(errno.EEXIST, f"{self.display(rel)} changed since it was read") from None
+            raise self._error("commit", rel, e) from None
+        self.fs.invalidate_cache(self._p(rel))
+
     def open_stream(self, rel: str, expected_size: int | None = None) -> ByteStream:
         try:
             actual = self.fs.size(self._p(rel))
@@ -568,9 +702,14 @@ class S3Storage:
         """Read a file in one pass, hashing as bytes arrive; ``keep=False`` only hashes."""
         return _read_whole(self, rel, expected_size, keep)
 
-    def read_small(self, rel: str) -> bytes:
+    def read_small(self, rel: str, limit: int = SMALL_FILE_LIMIT) -> bytes:
         try:
-            return self.fs.cat_file(self._p(rel))
+            data = self.fs.cat_file(self._p(rel), start=0, end=limit + 1)
+            if len(data) > limit:
+                raise FileTooLargeError(errno.EFBIG, f"{self.display(rel)} holds more than the {limit} bytes allowed")
+            return data
+        except FileTooLargeError:
+            raise
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, f"{self.display(rel)} is missing") from None
         except Exception as e:  # noqa: BLE001
@@ -609,12 +748,20 @@ class S3Storage:
         return out
 
     def delete(self, rel: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             self.fs.rm_file(self._p(rel))
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # noqa: BLE001
+            raise self._error("delete", rel, e) from None
 
     def delete_tree(self, rel: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             self.fs.rm(self._p(rel), recursive=True)
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # noqa: BLE001
+            raise self._error("delete", rel, e) from None
         self.fs.invalidate_cache()
 
     def lock(self, name: str, timeout: float) -> contextlib.AbstractContextManager[None]:
@@ -625,7 +772,9 @@ class S3Storage:
 
 class _LocalStream(ByteStream):
     def __init__(self, path: str, where: str, expected_size: int | None) -> None:
-        self.f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        # O_NOFOLLOW: a data file is a regular file the writer created; a symlink standing in
+        # for one (pointing anywhere) is refused, as verify refuses it.
+        self.f = open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb", buffering=0)  # noqa: SIM115 - closed by close()
         try:
             actual = os.fstat(self.f.fileno()).st_size
             size = actual if expected_size is None else expected_size

@@ -100,7 +100,7 @@ def test_latest_on_empty_root_exits_1(tmp_path):
         (["prune", "ROOT", "--keep", "0"], "--keep must be at least 1"),
         (["prune", "ROOT", "--keep", "x"], "--keep expects an integer"),
         (["inspect", "ROOT", "-5"], ""),
-        (["ls", "ROOT", "--storage-option", "novalue"], "--storage-option 'novalue': expected KEY=VALUE"),
+        (["ls", "ROOT", "--storage-option", "secret:hunter2"], "--storage-option number 1 is not KEY=VALUE"),
         (["ls", "gs://bucket/x"], "unsupported scheme 'gs'"),
     ],
 )
@@ -110,6 +110,7 @@ def test_user_mistakes_get_one_line_and_exit_2(tmp_path, args, expect):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
     assert expect in r.stderr
+    assert "hunter2" not in r.stderr  # a mistyped secret is never echoed
 
 
 def test_inspect_missing_step_exits_1(populated):

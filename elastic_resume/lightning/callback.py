@@ -157,8 +157,11 @@ class TrainerCheckpoints:
         self.dirpath: str | None = None
         self.drift_allow: list[str] = []
         self.protected_steps: set[int] = set()
-        self.superseded_steps: set[int] = set()
         self._paths: dict[int, str] = {}
+
+    def allow_replace(self, step: int) -> None:
+        """Nothing to do: saving a Lightning path again replaces that bundle's step (see
+        ``ElasticCheckpointIO.save_checkpoint``)."""
 
     def _on_rank0(self, work: Any) -> Any:
         """Run ``work`` on rank 0 and hand its result (or its error) to every rank."""

@@ -167,7 +167,7 @@ class ElasticCheckpointIO(CheckpointIO):
         extra = checkpoint.get(CHECKPOINT_KEY) or {}
         mgr = self._manager(path, read_only=False)
         if step in mgr.committed_steps():
-            mgr.superseded_steps.add(step)  # the same path saved again at the same step: replace it
+            mgr.allow_replace(step)  # the same path saved again at the same step: replace it
         metadata = {"lightning_path": path.rsplit("/", 1)[-1], "epoch": checkpoint.get("epoch"),
                     **extra.get("metadata", {})}
         self._active, self._active_path = mgr, path
@@ -216,7 +216,8 @@ class ElasticCheckpointIO(CheckpointIO):
         # Crash loops: a step resumed from too often without anything newer being committed is
         # skipped (resume-attempts.json beside the bundles, as for a CheckpointManager root).
         store = CheckpointStore(open_storage(dirpath, self.storage_options), events=self.events)
-        keep = set(store.resume_candidates(sorted({s for s, _ in candidates}, reverse=True), self.max_resumes_per_step))
+        kept, _dropped = store.resume_candidates(sorted({s for s, _ in candidates}, reverse=True), self.max_resumes_per_step)
+        keep = set(kept)
         return [c for c in candidates if c[0] in keep]
 
     def _load_agreed(self, candidates: list[tuple[int, str]], group: Group, *, requested: str) -> dict[str, Any]:
