@@ -472,10 +472,13 @@ class CheckpointStore:
         keep = set(still_there)
         new = {s: n for s, n in counts.items() if s in keep}
         new[step] = new.get(step, 0) + 1
-        data = json.dumps({"format": "elastic-resume-resumes", "resumes": {str(k): v for k, v in sorted(new.items())}},
+        self._write_resumes(new)
+        return new
+
+    def _write_resumes(self, counts: dict[int, int]) -> None:
+        data = json.dumps({"format": "elastic-resume-resumes", "resumes": {str(k): v for k, v in sorted(counts.items())}},
                           indent=1).encode()
         self.storage.write_atomic(RESUME_LOG, [memoryview(data)], size=len(data))
-        return new
 
     def resume_candidates(self, committed: list[int], max_resumes: int) -> tuple[list[int], dict[int, str]]:
         """Newest-first steps a resume should try (``committed`` minus crash-looping ones, see
@@ -572,6 +575,19 @@ class CheckpointStore:
         self._known_loadable[manifest.step] = manifest.raw_digest
         if replace is not None:
             self._remove_stale_attempts(manifest.step, keep_attempt=manifest.attempt)
+            self._forget_resumes(manifest.step)
+
+    def _forget_resumes(self, step: int) -> None:
+        """A re-committed step is new progress: resumes counted against the old one do not
+        count against it (else the crash-loop fallback would drop it again at once)."""
+        counts = self.resume_counts()
+        if step not in counts:
+            return
+        del counts[step]
+        try:
+            self._write_resumes(counts)
+        except (StorageError, OSError) as e:  # it only steers a fallback
+            self.events.emit("save_failed", step=step, errors=[f"could not reset the resume count: {e}"])
 
     def _remove_stale_attempts(self, step: int, *, keep_attempt: str) -> None:
         """After a replacement: attempt directories the new manifest does not point to."""

@@ -48,3 +48,28 @@ def flip_byte(st: Storage, rel: str, offset: int) -> None:
 
 def truncate(st: Storage, rel: str, length: int) -> None:
     put(st, rel, get(st, rel)[:length])
+
+
+def rewrite_data_header(st: Storage, step: int, index: int, mutate: Any) -> str:
+    """Rewrite the JSON header of the step's ``index``-th data file with ``mutate(header)`` (a
+    dict in, a dict or raw JSON text out), then fix that file's size and digest in the manifest
+    and the manifest's checksum: a hostile file whose every digest matches. Returns its path."""
+    from elastic_resume.serialization import ALIGN, MAGIC
+
+    doc = manifest_doc(st, step)
+    entry = doc["files"][index]
+    rel = f"{step_dir(step)}/{entry['path']}"
+    data = get(st, rel)
+    hlen = int.from_bytes(data[8:16], "little")
+    header = json.loads(data[16 : 16 + hlen])
+    body = data[(16 + hlen + ALIGN - 1) // ALIGN * ALIGN :]
+    new = mutate(header)
+    text = new.encode() if isinstance(new, str) else json.dumps(new).encode()
+    head = MAGIC + len(text).to_bytes(8, "little") + text
+    head += bytes((len(head) + ALIGN - 1) // ALIGN * ALIGN - len(head))
+    out = head + body
+    put(st, rel, out)
+    entry["size"] = len(out)
+    entry["digest"] = digest_bytes(out)
+    rewrite_manifest(st, step, doc)
+    return rel
