@@ -422,3 +422,49 @@ def test_argument_lists_are_redacted_before_they_are_logged(monkeypatch):
     for secret in ("s3cr3t", "t0k3n", "k3y", "pw", "typo", "env-secret-value"):
         assert secret not in shown
     assert "--lr 0.1" in shown and "endpoint_url=http://127.0.0.1:9" in shown
+
+
+# -- soak: a saving job, a concurrent prune loop, SIGKILLs of both at random moments ---------
+@pytest.mark.slow
+def test_soak_saver_and_pruner_killed_at_random_never_lose_an_acknowledged_commit(tmp_path):
+    import random
+    import signal
+
+    root = str(tmp_path / "ckpt")
+    helpers = os.path.join(os.path.dirname(__file__), "helpers")
+    rng = random.Random(11)
+    acked = -1
+    deadline = time.monotonic() + 60
+    rounds = 0
+    while time.monotonic() < deadline and rounds < 12:
+        rounds += 1
+        out = tmp_path / f"saver-{rounds}.out"
+        with open(out, "w") as f:
+            saver = subprocess.Popen([sys.executable, os.path.join(helpers, "soak_saver.py"), root],
+                                     stdout=f, stderr=subprocess.DEVNULL, env=child_env(), start_new_session=True)
+        pruner = subprocess.Popen([sys.executable, os.path.join(helpers, "soak_pruner.py"), root],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(),
+                                  start_new_session=True)
+        try:
+            time.sleep(rng.uniform(2.0, 5.0))  # interpreter start-up, resume, then saves and prunes
+            victims = [saver, pruner]
+            rng.shuffle(victims)
+            for p in victims:
+                os.kill(p.pid, signal.SIGKILL)
+                time.sleep(rng.uniform(0, 0.3))
+        finally:
+            for p in (saver, pruner):
+                if p.poll() is None:
+                    p.kill()
+                p.wait(timeout=30)
+        lines = [line.split() for line in out.read_text().splitlines() if line.startswith("committed ")]
+        if lines:
+            acked = max(acked, int(lines[-1][1]))
+        store = CheckpointStore(tamper.raw(root))
+        newest = store.latest(full=True)
+        if acked >= 0:
+            assert newest is not None and newest >= acked, (rounds, newest, acked, store.step_dirs())
+            target = {"w": None, "step": None}
+            assert CheckpointManager(root, read_only=True).restore(target) == newest
+            assert target["step"] == newest and float(target["w"][0]) == float(newest)
+    assert acked > 0, "the saver never committed: the soak tested nothing"

@@ -1,0 +1,10 @@
+"""Soak helper: prune ROOT down to its newest loadable step, again and again, until killed."""
+
+import sys
+
+from elastic_resume.storage import open_storage
+from elastic_resume.store import CheckpointStore
+
+store = CheckpointStore(open_storage(sys.argv[1]))
+while True:
+    store.prune(keep_last=1)
