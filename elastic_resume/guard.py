@@ -300,11 +300,13 @@ class SpikeGuard:
         before.load_state_dict(self.recovery.state_dict())
         skip_end = self._skip_end(action, now)
         self.emit("rollback_started", from_step=action.onset, to_step=action.anchor, reason=action.reason)
-        self.manager.retire_newer_than(action.anchor, reason=f"rollback from a spike at step {action.onset}")
-        self._committed = [(s, ok) for s, ok in self._committed if s <= action.anchor]
+        # Load the anchor before retiring anything: only a step every rank just loaded may make
+        # the newer ones (the abandoned timeline) go, so a rollback never leaves less than it found.
         self.manager.restore(self.state, step=action.anchor)
         # The anchor is re-committed below with the recovery state: replace what was restored.
         self.manager.allow_replace(action.anchor)
+        self.manager.retire_newer_than(action.anchor, reason=f"rollback from a spike at step {action.onset}")
+        self._committed = [(s, ok) for s, ok in self._committed if s <= action.anchor]
         anchor_lr_scale = self.recovery.lr_scale  # what the anchor's optimizer already carries
         start = self.sampler.position if self.sampler is not None else None
         after = before
