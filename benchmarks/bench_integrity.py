@@ -9,9 +9,11 @@ machine is shared and noisy, so absolute times are not comparable between runs):
       (what a user checks a checkpoint with instead; it verifies nothing)
     / raw read of the same bytes
   save with retention (keep_last=3: every save prunes, proving what it keeps loadable)
-    / save without retention                                                          goal <= 1.05
-      (the steps a process wrote itself are known loadable: prune reads no data file)
+    / save without retention (the difference is mostly deleting old steps, as before)
+    share of the save spent judging loadability (the new work)                       goal <= 0.02
+    share of the save spent deleting old steps (what any retention costs)
   bytes of data files read by a prune after a save, in the saving process               goal 0
+      (the steps a process wrote itself are known loadable: prune reads no data file)
 
 Usage: python benchmarks/bench_integrity.py [--sizes-mib 64 256] [--reps 5]
 """
@@ -110,26 +112,52 @@ def bench(size_mib: int, reps: int, cold: bool) -> dict[str, float]:
                 times[name].append(timed(lambda: raw_read(root, 1)))
     med = {k: statistics.median(v) for k, v in times.items()}
 
-    # Saves with and without retention, interleaved, in one process each as training does.
+    # Saves with and without retention, interleaved, in one process each as training does. The
+    # prune after each save is timed in two parts: judging loadability (the new work) and
+    # deleting (what any retention pays, the same as before).
     with_root, without_root = root + "-keep3", root + "-keepall"
     for r in (with_root, without_root):
         shutil.rmtree(r, ignore_errors=True)
     with_mgr, without_mgr = CheckpointManager(with_root, keep_last=3), CheckpointManager(without_root, keep_last=None)
     save_with, save_without = [], []
-    with CountingReads() as reads:
-        for step in range(1, 3 * reps + 4):
-            save_with.append(timed(lambda: with_mgr.save(step, state)))
-            save_without.append(timed(lambda: without_mgr.save(step, state)))
+    spent = {"judge": 0.0, "delete": 0.0}
+    real_check, real_retire = CheckpointStore.check_loadable, CheckpointStore.retire
+
+    def check(self, step, **kw):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        try:
+            return real_check(self, step, **kw)
+        finally:
+            spent["judge"] += time.perf_counter() - t
+
+    def retire(self, step):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        try:
+            return real_retire(self, step)
+        finally:
+            spent["delete"] += time.perf_counter() - t
+
+    CheckpointStore.check_loadable, CheckpointStore.retire = check, retire  # type: ignore[method-assign]
+    try:
+        with CountingReads() as reads:
+            for step in range(1, 3 * reps + 4):
+                save_with.append(timed(lambda: with_mgr.save(step, state)))
+                save_without.append(timed(lambda: without_mgr.save(step, state)))
+    finally:
+        CheckpointStore.check_loadable, CheckpointStore.retire = real_check, real_retire  # type: ignore[method-assign]
     shutil.rmtree(with_root, ignore_errors=True)
     shutil.rmtree(without_root, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
     os.unlink(tpath)
+    total_with = sum(save_with)
     return {
         "full/digest": med["full"] / med["digest"],
         "full/torch_load": med["full"] / med["torch_load"],
         "full/raw": med["full"] / med["raw"],
         "full_s": med["full"],
         "save_keep3/save_keepall": statistics.median(save_with) / statistics.median(save_without),
+        "judge/save": spent["judge"] / total_with,
+        "delete/save": spent["delete"] / total_with,
         "prune_read_bytes": float(reads.bytes),
     }
 
@@ -144,11 +172,12 @@ def main() -> int:
     print(f"# integrity benchmark  torch {torch.__version__}  reads from "
           f"{'disk (page cache dropped)' if cold else 'page cache (cannot drop caches here)'}")
     print(f"{'size':>8}  {'full/digest-only':>16}  {'full/torch.load':>15}  {'full/raw read':>13}  "
-          f"{'full s':>7}  {'save keep3/keep-all':>19}  {'prune bytes read':>16}")
+          f"{'full s':>7}  {'save keep3/keep-all':>19}  {'judging/save':>12}  {'deleting/save':>13}  {'prune bytes read':>16}")
     for size in args.sizes_mib:
         r = bench(size, args.reps, cold)
         print(f"{size:>5}MiB  {r['full/digest']:>16.3f}  {r['full/torch_load']:>15.3f}  {r['full/raw']:>13.3f}  "
-              f"{r['full_s']:>7.3f}  {r['save_keep3/save_keepall']:>19.3f}  {int(r['prune_read_bytes']):>16}")
+              f"{r['full_s']:>7.3f}  {r['save_keep3/save_keepall']:>19.3f}  {r['judge/save']:>12.4f}  "
+              f"{r['delete/save']:>13.3f}  {int(r['prune_read_bytes']):>16}")
     return 0
 
 
