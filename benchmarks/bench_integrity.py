@@ -26,24 +26,16 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import drop_caches  # noqa: E402
+from benchmarks.common import WORK, drop_caches, timed  # noqa: E402
 from elastic_resume import CheckpointManager  # noqa: E402
 from elastic_resume.storage import LocalStorage, open_storage  # noqa: E402
 from elastic_resume.store import CheckpointStore, step_dir  # noqa: E402
 
-WORK = os.path.abspath(os.environ.get("BENCH_DIR", ".bench"))
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def make_state(size_mib: int) -> dict:
@@ -98,6 +90,8 @@ def bench(size_mib: int, reps: int, cold: bool) -> dict[str, float]:
     tpath = os.path.join(WORK, f"integrity-{size_mib}.pt")
     torch.save(state, tpath)
     times: dict[str, list[float]] = {k: [] for k in ("full", "digest", "torch_load", "raw")}
+    CheckpointStore(open_storage(root)).check_loadable(1)  # warm-up: lazy imports, first-use paths
+    torch.load(tpath, weights_only=True)
     for _ in range(reps):
         for name in times:  # interleaved, caches dropped before each where we can
             if cold:

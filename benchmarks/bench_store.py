@@ -25,23 +25,15 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import drop_caches  # noqa: E402
+from benchmarks.common import WORK, drop_caches, timed  # noqa: E402
 from elastic_resume import CheckpointManager  # noqa: E402
 from elastic_resume.serialization import tensor_bytes  # noqa: E402
 
-WORK = os.path.abspath(os.environ.get("BENCH_DIR", ".bench"))
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def raw_write(path: str, tensor: torch.Tensor) -> None:

@@ -5,10 +5,22 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch.multiprocessing as mp
+
+
+#: Where benchmarks write their checkpoints (``BENCH_DIR`` overrides).
+WORK = os.path.abspath(os.environ.get("BENCH_DIR", ".bench"))
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds ``fn()`` takes."""
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def drop_caches() -> bool:
