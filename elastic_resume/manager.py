@@ -500,7 +500,7 @@ class CheckpointManager:
         try:
             self.store.prune(
                 keep_last=self.keep_last, keep_every=self.keep_every,
-                protect=self.protected_steps, newest_verified=step,
+                protect=self.protected_steps,
             )
         except Exception as e:  # noqa: BLE001 - clean-up failure must not fail training
             self.events.emit("prune_failed", step=step, error=str(e))

@@ -406,6 +406,9 @@ class CheckpointStore:
         # step -> raw digest of a manifest this process found (or made) loadable: a step whose
         # manifest is unchanged and whose files still have their sizes is not read again.
         self._known_loadable: dict[int, str] = {}
+        # step -> (raw manifest digest, problems) of a step found unloadable: judged once, not
+        # read in full again at every prune while it stands unchanged.
+        self._known_unloadable: dict[int, tuple[str, list[tuple[str, str]]]] = {}
 
     # -- listing -----------------------------------------------------------------------------
     def scan(self) -> dict[int, "StepListing"]:
@@ -603,6 +606,7 @@ class CheckpointStore:
         """Make a committed step invisible (manifest first, so no half-deleted step ever looks
         committed), then delete its files."""
         self._known_loadable.pop(step, None)
+        self._known_unloadable.pop(step, None)
         self.storage.delete(self.manifest_path(step))
         self.storage.delete_tree(step_dir(step))
 
@@ -751,14 +755,23 @@ class CheckpointStore:
         assert manifest is not None
         if self._known_loadable.get(step) == manifest.raw_digest:
             return report
+        bad = self._known_unloadable.get(step)
+        if bad is not None and bad[0] == manifest.raw_digest:
+            report.status, report.problems = "corrupt", list(bad[1])
+            return report
         try:
             self._check_pieces(manifest)
         except CheckpointCorruptError as e:
             report.status = "corrupt"
             report.problems.append((e.file or self.storage.display(step_dir(step)), e.reason))
+            self._known_unloadable[step] = (manifest.raw_digest, list(report.problems))
             return report
         self._known_loadable[step] = manifest.raw_digest
         return report
+
+    def known_unloadable(self, step: int) -> bool:
+        """Whether this process already judged ``step`` unloadable (and reported it)."""
+        return step in self._known_unloadable
 
     def _check_pieces(self, manifest: Manifest) -> None:
         from .serialization import unflatten
@@ -812,7 +825,6 @@ class CheckpointStore:
         keep_every: int | None = None,
         protect: Iterable[int] = (),
         in_flight: int | None = None,
-        newest_verified: int | None = None,
         dry_run: bool = False,
         lock_timeout: float = 60.0,
     ) -> RetentionPlan:
@@ -821,9 +833,7 @@ class CheckpointStore:
         process wrote or loaded are not read again). Before each deletion the step is looked at
         again: a committed step whose manifest changed since it was judged, or an incomplete
         directory that has been committed meanwhile or whose save began after the newest
-        loadable commit (a save in flight), is left alone. ``newest_verified`` is accepted for
-        compatibility and only orders nothing: loadability is always checked."""
-        del newest_verified
+        loadable commit (a save in flight), is left alone."""
         with self.storage.lock(PRUNE_LOCK, lock_timeout):
             listing = self.scan()
             for s in sorted(s for s in listing if listing[s].error is not None):
@@ -837,12 +847,13 @@ class CheckpointStore:
                 if keep_last is None or len(loadable) >= keep_last:
                     break
                 examined += 1
+                known_bad = self.known_unloadable(s)
                 report = self.check_loadable(s, listing=listing[s])
                 if report.ok:
                     assert report.manifest is not None
                     loadable.append(s)
                     judged[s] = report.manifest
-                else:
+                elif not known_bad:  # reported once per process, not at every save's prune
                     for file, reason in report.problems:
                         self.report_corruption(s, file, reason)
             unjudged_older = committed[examined:] if keep_last is not None else []

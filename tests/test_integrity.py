@@ -468,3 +468,24 @@ def test_soak_saver_and_pruner_killed_at_random_never_lose_an_acknowledged_commi
             assert CheckpointManager(root, read_only=True).restore(target) == newest
             assert target["step"] == newest and float(target["w"][0]) == float(newest)
     assert acked > 0, "the saver never committed: the soak tested nothing"
+
+
+def test_a_corrupt_step_in_the_retention_window_is_read_once_not_at_every_save(local_root, monkeypatch):
+    from elastic_resume.storage import LocalStorage
+
+    save_steps(local_root, (10, 20, 30))
+    flip_same_size(local_root, 30)
+    mgr = manager(local_root, keep_last=3)
+    assert mgr.restore({"w": None, "n": None}) == 20
+    opened: list[str] = []
+    real = LocalStorage.open_stream
+
+    def counting(self, rel, expected_size=None):
+        opened.append(rel)
+        return real(self, rel, expected_size)
+
+    monkeypatch.setattr(LocalStorage, "open_stream", counting)
+    for s in (21, 22, 23, 24):
+        mgr.save(s, state_of(s))
+    assert len([r for r in opened if r.startswith(step_dir(30))]) <= 1
+    assert mgr.committed_steps() == [30, 24, 23, 22]  # 30 kept as evidence, 3 loadable kept
