@@ -263,8 +263,8 @@ class Manifest:
             keys = extra.get(key, [])
             if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
                 raise bad(f"extra.{key} is not a list of names")
-        count = extra.get("replicated_tensors", None)
-        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_TENSORS):
+        count = extra.get("replicated_tensors", 0)
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_TENSORS:
             raise bad(f"extra.replicated_tensors is {str(count)[:40]!r}; expected a count from 0 to {MAX_TENSORS}")
         return cls(
             step=step,
