@@ -208,8 +208,12 @@ def redact_argv(argv: Sequence[str]) -> list[str]:
         head, sep, value = arg.partition("=")
         if hide_next:
             hide_next = False
-            # the word after a secret flag, or after --storage-option when it names a secret
-            out.append(f"{head}=***" if sep and is_secret_name(head) else "***" if not sep or is_secret_name(head) else redact(arg))
+            # The value of a secret flag, or the KEY=VALUE after --storage-option: shown only
+            # when it is a KEY=VALUE whose key names no secret.
+            if sep and not is_secret_name(head):
+                out.append(redact(arg))
+            else:
+                out.append(f"{head}=***" if sep else "***")
             continue
         if arg.startswith("-") and not sep:
             hide_next = is_secret_name(arg) or arg.lstrip("-") == "storage-option"
