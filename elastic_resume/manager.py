@@ -604,7 +604,8 @@ class CheckpointManager:
                 assert tree is not None and manifest is not None
                 self._check_drift(manifest, current_fp)
                 self._apply(state, tree, manifest)
-                self.store.mark_loadable(cand, manifest.raw_digest)
+                if manifest.world_size == self.world_size:  # then every file was read by some rank
+                    self.store.mark_loadable(cand, manifest.raw_digest)
                 self.last_committed = cand
                 self.events.emit(
                     "restored", step=cand, bytes=manifest.total_bytes,

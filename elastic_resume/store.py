@@ -777,20 +777,19 @@ class CheckpointStore:
         from .serialization import unflatten
 
         skeleton, tensors = self.read_replicated(manifest, materialize=False)
-        sharded = {}
-        if manifest.files_of("dcp-meta"):
-            for entry in manifest.files_of("dcp"):
-                self.read_part(manifest, entry, materialize=False)
-            for entry in manifest.files_of("dcp-meta"):
-                from .sharded import parse_metadata
+        # Sharded leaves stand in as placeholders named by the sharded index, so the skeleton
+        # is checked by the same decoder restore uses.
+        placeholders: dict[str, Any] = {}
+        for entry in manifest.files_of("dcp"):
+            self.read_part(manifest, entry, materialize=False)
+        for entry in manifest.files_of("dcp-meta"):
+            from .sharded import parse_metadata
 
-                buf = self.read_file(manifest, entry)
-                assert buf is not None
-                meta = parse_metadata(bytes(buf.numpy().tobytes()), step=manifest.step, where=self._where(manifest, entry))
-                sharded = {fqn: None for fqn in meta.state_dict_metadata}
-        _SkeletonRefs(sharded).check(skeleton, tensors, where=self.storage.display(step_dir(manifest.step)))
-        if not manifest.files_of("dcp-meta"):
-            unflatten(skeleton, tensors, where=self.storage.display(step_dir(manifest.step)))
+            buf = self.read_file(manifest, entry)
+            assert buf is not None
+            meta = parse_metadata(bytes(buf.numpy().tobytes()), step=manifest.step, where=self._where(manifest, entry))
+            placeholders.update({fqn: None for fqn in meta.state_dict_metadata})
+        unflatten(skeleton, tensors, where=self.storage.display(step_dir(manifest.step)), sharded=placeholders)
         for rank in sorted({f.rank for f in manifest.files_of("rank") if f.rank is not None}):
             self.read_per_rank(manifest, rank, materialize=False)
 
@@ -896,30 +895,6 @@ class CheckpointStore:
             if t is not None and (newest_attempt is None or t >= newest_attempt):
                 return False
         return True
-
-
-class _SkeletonRefs:
-    """Checks a replicated skeleton's references without materializing the tree: every tensor
-    index is in range, every sharded path is one the sharded index holds."""
-
-    def __init__(self, sharded: dict[str, Any]) -> None:
-        self.sharded = sharded
-
-    def check(self, skeleton: Any, tensors: list[Any], *, where: str) -> None:
-        stack = [skeleton]
-        while stack:
-            node = stack.pop()
-            if isinstance(node, list):
-                stack.extend(node)
-            elif isinstance(node, dict) and len(node) == 1:
-                ((tag, payload),) = node.items()
-                if tag == "t" and not (isinstance(payload, int) and 0 <= payload < len(tensors)):
-                    raise CheckpointCorruptError(None, where, f"malformed state: tensor reference {str(payload)[:40]} out of range")
-                if tag == "st" and self.sharded and payload not in self.sharded:
-                    raise CheckpointCorruptError(None, where, f"malformed state: sharded tensor {str(payload)[:80]} is not in the index")
-                if tag in ("d", "tu") and isinstance(payload, list):
-                    for item in payload:
-                        stack.extend(item if tag == "d" and isinstance(item, list) else [item])
 
 
 def plan_resume(candidates: Sequence[int], counts: dict[int, int], max_resumes: int) -> tuple[list[int], list[int]]:

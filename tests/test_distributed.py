@@ -182,6 +182,8 @@ def test_fsdp2_sharded_state_saves_and_reshards_on_restore(local_root, tmp_path,
     assert r.returncode == 0, why(r)
     kinds = Counter(f["kind"] for f in tamper.manifest_doc(tamper.raw(local_root.url), 3)["files"])
     assert kinds["dcp"] == 2 and kinds["dcp-meta"] == 1
+    # The one definition of loadable (verify, latest, prune) accepts a sharded step.
+    assert CheckpointStore(tamper.raw(local_root.url)).check_loadable(3).ok
     expected = json.loads(ref.read_text())
     for nproc in (2, 4):  # same sharding, then resharded by DCP's planner
         out = tmp_path / f"restored-{nproc}.json"
@@ -200,3 +202,5 @@ def test_corrupt_shard_is_detected_on_every_rank(local_root, tmp_path):
     assert r.returncode != 0
     assert r.stderr.count("NoCheckpointError") >= 2
     assert "sharded state could not be loaded" in r.stderr and "digest mismatch" in r.stderr
+    report = CheckpointStore(st).check_loadable(3)  # verify and prune judge it the same way
+    assert not report.ok and any(shard.rsplit("/", 1)[-1] in f for f, _ in report.problems)
