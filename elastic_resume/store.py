@@ -830,9 +830,8 @@ class CheckpointStore:
         """Apply retention (see :func:`plan_retention`). Loadability is decided by full
         verification, newest first, until ``keep_last`` loadable steps are found (steps this
         process wrote or loaded are not read again). Before each deletion the step is looked at
-        again: a committed step whose manifest changed since it was judged, or an incomplete
-        directory that has been committed meanwhile or whose save began after the newest
-        loadable commit (a save in flight), is left alone."""
+        again: an incomplete directory that has been committed meanwhile, or whose save began
+        after the newest loadable commit (a save in flight), is left alone."""
         with self.storage.lock(PRUNE_LOCK, lock_timeout):
             listing = self.scan()
             for s in sorted(s for s in listing if listing[s].error is not None):
@@ -869,10 +868,10 @@ class CheckpointStore:
                 return plan
             deleted, deleted_incomplete = [], []
             for step in plan.delete:
-                before = judged[step].raw_digest if step in judged else None
-                now = self.manifest_digest(step)
-                if now is None or (before is not None and now != before):
-                    continue  # gone already, or replaced since it was judged: not ours to delete
+                # Deleted steps are older than the loadable ones kept, whatever they hold now;
+                # one that is gone already (another prune) needs nothing.
+                if not self.has_manifest(step):
+                    continue
                 self.retire(step)
                 deleted.append(step)
                 self.events.emit("checkpoint_deleted", step=step, reason="retention")
