@@ -73,6 +73,19 @@ class SlurmCluster:
             time.sleep(0.2)
         raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {info.get('JobState')} ({info.get('Reason')})")
 
+    def wait_node_idle(self, timeout: float = 60) -> None:
+        """Wait until the node has finished cleaning up after the last job (no COMPLETING):
+        a requeued job started while slurmd still tears down its previous run can fail to
+        launch."""
+        deadline = time.monotonic() + timeout
+        states = ""
+        while time.monotonic() < deadline:
+            states = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.strip()
+            if states and all(s.rstrip("*~#") == "idle" for s in states.split()):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"node not idle after {timeout}s: {states}")
+
     def log(self, name: str) -> str:
         path = os.path.join(self.base, f"{name}.log")
         return open(path).read()[-3000:] if os.path.exists(path) else ""

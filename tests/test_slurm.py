@@ -73,13 +73,15 @@ def test_slurm_usr1_saves_requeues_and_the_job_finishes_from_the_saved_step(slur
         assert requeued["event"] == "requeued", requeued
         info = slurm.wait_state(job, ("PENDING",), timeout=60)
         assert int(info["Restarts"]) == 1
+        slurm.wait_node_idle()
         slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now")
         info = slurm.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=240)
     except BaseException:
         slurm.run("scancel", job, check=False)
         raise
     out = (tmp_path / "job.out").read_text()
-    assert info["JobState"] == "COMPLETED", out[-3000:]
+    assert info["JobState"] == "COMPLETED", (
+        out[-3000:] + f"\n{info}\nslurmd: {slurm.log('slurmd')[-1500:]}\nslurmctld: {slurm.log('slurmctld')[-1500:]}")
     ev = read_events(events)
     saved = [e["step"] for e in ev if e["event"] == "preemption_save" and e["rank"] == 0]
     assert len(saved) == 1 and saved[0] >= 10
