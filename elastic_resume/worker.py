@@ -23,6 +23,7 @@ import sys
 from . import preemption
 
 LAUNCHER_PID_ENV = "ER_LAUNCHER_PID"
+EXIT_GAVE_UP = 76  # the exit-code contract (GaveUpError.exit_code)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -45,6 +46,24 @@ def main(argv: list[str]) -> None:
         raise SystemExit(2)
     _die_with_launcher()
     preemption.install()
+    try:
+        _run(argv)
+    except SystemExit as e:
+        if e.code == EXIT_GAVE_UP:
+            # "Do not retry" must reach the launcher as 76. Interpreter teardown with live
+            # C++ threads (a process group not destroyed) can abort instead (SIGABRT, which the
+            # launcher would restart): run the exit handlers (they finish a pending save),
+            # flush, and leave without the teardown.
+            import atexit
+
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_GAVE_UP)
+        raise
+
+
+def _run(argv: list[str]) -> None:
     if argv[0] == "-m":
         sys.argv = [argv[1], *argv[2:]]
         sys.path[0] = os.getcwd()
