@@ -220,8 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     mgr.close()
     if rank == 0 and step >= args.steps:
         print(f"finished at step {step}, loss {loss.item():.6f}", flush=True)
-    if distributed:
-        dist.destroy_process_group()
     return 0
 
 
@@ -250,4 +248,11 @@ def fault_in_rollback(event: dict, rank: int, args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        # On every way out (76 and 75 included): a gloo group left for interpreter teardown
+        # can abort the process (SIGABRT), which torchrun would take for a crash and restart.
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)
