@@ -30,17 +30,22 @@ import sys
 import time
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import TensorDataset
+
+try:  # the classic spelling (the pytorch-lightning distribution) ...
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.strategies import DDPStrategy
+except ImportError:  # ... or the same classes from the lightning distribution
+    import lightning.pytorch as pl  # type: ignore[no-redef]
+    from lightning.pytorch.callbacks import ModelCheckpoint  # type: ignore[no-redef]
+    from lightning.pytorch.strategies import DDPStrategy  # type: ignore[no-redef]
 
 from elastic_resume import (
     EXIT_GAVE_UP,
     ConfigError,
     ElasticResumeError,
-    GaveUpError,
     NoCheckpointError,
     NonFinite,
     ResumableDistributedSampler,
@@ -59,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dataset-size", type=int, default=256)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--layers", type=int, default=1, help="hidden layers (a bigger model for benchmarks)")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout after each hidden layer (its masks draw "
+                   "from torch's RNG, which ElasticResume saves and restores per rank)")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--async-save", action="store_true")
@@ -84,12 +91,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Regression(pl.LightningModule):
-    def __init__(self, hidden: int, lr: float, layers: int = 1, args: argparse.Namespace | None = None) -> None:
+    def __init__(self, hidden: int, lr: float, layers: int = 1, dropout: float = 0.0,
+                 args: argparse.Namespace | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters("hidden", "lr", "layers")
-        blocks: list[torch.nn.Module] = [torch.nn.Linear(16, hidden), torch.nn.ReLU()]
+        self.save_hyperparameters("hidden", "lr", "layers", "dropout")
+        blocks: list[torch.nn.Module] = [torch.nn.Linear(16, hidden), torch.nn.ReLU(), torch.nn.Dropout(dropout)]
         for _ in range(layers - 1):
-            blocks += [torch.nn.Linear(hidden, hidden), torch.nn.ReLU()]
+            blocks += [torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Dropout(dropout)]
         self.net = torch.nn.Sequential(*blocks, torch.nn.Linear(hidden, 1))
         self.args = args
         self.example_input_array = torch.zeros(1, 16)  # lets ElasticResume settle DDP at 3+ ranks
@@ -173,13 +181,11 @@ def main(argv: list[str] | None = None) -> int:
                                    save_last=args.save_last), *([guard] if guard else [])],
         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )
-    model = Regression(args.hidden, args.lr, args.layers, args)
+    model = Regression(args.hidden, args.lr, args.layers, args.dropout, args)
     data = SyntheticData(args.dataset_size, args.batch_size, args.seed)
+    # A GaveUpError (rollback budget spent) needs no handling: under elastic-resume launch it exits 76.
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_io.resume_path(args.root) if ckpt_io else None)
-    except GaveUpError as e:
-        print(f"rank {trainer.global_rank}: gave up: {e}", file=sys.stderr, flush=True)
-        return EXIT_GAVE_UP
     except (ConfigError, NoCheckpointError) as e:  # drift="fail", a bad setting, nothing loadable: a retry cannot fix it
         print(f"rank {trainer.global_rank}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_GAVE_UP
@@ -187,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rank {trainer.global_rank}: error: {e}", file=sys.stderr, flush=True)
         return 1
     if trainer.global_rank == 0:
+        print(f"lightning namespace: {pl.__name__} {pl.__version__}", flush=True)
         print(f"stopped at step {trainer.global_step}" + (" (preempted)" if guard and guard.exit_code else ""), flush=True)
     return guard.exit_code if guard else 0
 

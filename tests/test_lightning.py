@@ -1,7 +1,10 @@
 """PyTorch Lightning through ``elastic-resume launch``: real Lightning, DDP over gloo on CPU, two
 worker processes, ``launch/train_lightning.py`` (ModelCheckpoint + ElasticCheckpointIO +
-ElasticResume + ResumableDataLoader). Every loss is compared bit for bit with one uninterrupted
-run of the same script."""
+ElasticResume + ResumableDataLoader, a model with dropout). Every loss is compared bit for bit
+with one uninterrupted run of the same script.
+
+Every test runs twice: with only ``pytorch_lightning`` importable (the classic spelling, the
+``pytorch-lightning`` distribution) and with only ``lightning.pytorch``."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ pytest.importorskip("lightning", reason="the Lightning integration needs the 'li
 
 from elastic_resume.events import read_events  # noqa: E402
 from tests.conftest import REPO, S3_ENV, make_bucket  # noqa: E402
+from tests.helpers.lightning_namespaces import only  # noqa: E402
 from tests.launcher_helpers import launcher_cmd, losses, run, start, stop, wait_event  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "launch", "train_lightning.py")
@@ -42,20 +46,32 @@ def bundles(tmp_path) -> list[str]:
     return sorted(n for n in os.listdir(tmp_path / "ckpt") if n.endswith(".ckpt"))  # not resume-attempts.json
 
 
+@pytest.fixture(scope="module", params=["pytorch_lightning", "lightning"])
+def namespace(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[tuple[int, int], float]:
+def ns_env(namespace) -> dict[str, str]:
+    """The environment in which only this namespace imports."""
+    return only(namespace)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, namespace, ns_env) -> dict[tuple[int, int], float]:
     """Losses of one uninterrupted 2-process run, per (rank, step)."""
     ref = tmp_path_factory.mktemp("lightning-ref")
-    r = run(launch(ref, "--steps", str(STEPS)))
+    r = run(launch(ref, "--steps", str(STEPS)), env=ns_env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"lightning namespace: {'lightning.pytorch' if namespace == 'lightning' else namespace} " in r.stdout
     got = last_losses(ref / "loss.jsonl")
     assert sorted({s for _, s in got}) == list(range(1, STEPS + 1))
     return got
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_mid_epoch_with_identical_losses(tmp_path, reference):
-    r = run(launch(tmp_path, "--steps", str(STEPS), "--die-at-steps", "12"))
+def test_killed_worker_resumes_mid_epoch_with_identical_losses(tmp_path, reference, ns_env):
+    r = run(launch(tmp_path, "--steps", str(STEPS), "--die-at-steps", "12"), env=ns_env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     restored = events(tmp_path, "restored")
     # Step 12 is mid-epoch (16 steps per epoch): both ranks resume from the checkpoint of step 10.
@@ -67,8 +83,8 @@ def test_killed_worker_resumes_mid_epoch_with_identical_losses(tmp_path, referen
 
 
 @pytest.mark.slow
-def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, reference):
-    r = run(launch(tmp_path, "--steps", "20"))
+def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, reference, ns_env):
+    r = run(launch(tmp_path, "--steps", "20"), env=ns_env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     newest = tmp_path / "ckpt" / "epoch=1-step=20.ckpt"
     data = sorted(p for p in newest.rglob("*.ert"))
@@ -78,7 +94,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, reference):
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
-    r = run(launch(tmp_path, "--steps", "25"))
+    r = run(launch(tmp_path, "--steps", "25"), env=ns_env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout + r.stderr
     assert "resuming from" in out and "epoch=0-step=15.ckpt (step 15) instead of" in out and "digest mismatch" in out
@@ -92,9 +108,9 @@ def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, reference):
 
 
 @pytest.mark.slow
-def test_spike_on_one_rank_rolls_back_both_in_process(tmp_path, reference):
+def test_spike_on_one_rank_rolls_back_both_in_process(tmp_path, reference, ns_env):
     r = run(launch(tmp_path, "--steps", str(STEPS), "--spike-at-step", "20", "--spike-rank", "1",
-                   "--margin", "3", "--skip-after", "3", "--lr-scale", "0.5"))
+                   "--margin", "3", "--skip-after", "3", "--lr-scale", "0.5"), env=ns_env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rollbacks = events(tmp_path, "rollback")
     assert sorted(e["rank"] for e in rollbacks) == [0, 1]
@@ -114,10 +130,10 @@ def test_spike_on_one_rank_rolls_back_both_in_process(tmp_path, reference):
 
 
 @pytest.mark.slow
-def test_sigusr1_saves_exits_75_and_the_requeued_run_continues(tmp_path, reference):
+def test_sigusr1_saves_exits_75_and_the_requeued_run_continues(tmp_path, reference, ns_env):
     # Async saves: the preemption save must still be committed before the workers exit.
     cmd = launch(tmp_path, "--steps", str(STEPS), "--step-seconds", "0.15", "--async-save")
-    proc = start(cmd, str(tmp_path / "launch.log"))
+    proc = start(cmd, str(tmp_path / "launch.log"), env=ns_env)
     try:
         wait_event(str(tmp_path / "events.jsonl"), lambda e: e["event"] == "step" and e["step"] >= 7, proc=proc)
         proc.send_signal(signal.SIGUSR1)
@@ -128,7 +144,7 @@ def test_sigusr1_saves_exits_75_and_the_requeued_run_continues(tmp_path, referen
     assert sorted(e["rank"] for e in saves) == [0, 1] and len({e["step"] for e in saves}) == 1
     saved = saves[0]["step"]
     assert f"preempted-epoch=0-step={saved}.ckpt" in bundles(tmp_path)
-    r = run(launch(tmp_path, "--steps", str(STEPS)))  # the requeued job
+    r = run(launch(tmp_path, "--steps", str(STEPS)), env=ns_env)  # the requeued job
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert sorted((e["rank"], e["step"]) for e in events(tmp_path, "restored")) == [(0, saved), (1, saved)]
     assert last_losses(tmp_path / "loss.jsonl") == reference
@@ -136,11 +152,11 @@ def test_sigusr1_saves_exits_75_and_the_requeued_run_continues(tmp_path, referen
 
 @pytest.mark.slow
 @pytest.mark.s3
-def test_checkpoints_on_s3_survive_a_killed_worker(tmp_path, reference, s3_endpoint):
+def test_checkpoints_on_s3_survive_a_killed_worker(tmp_path, reference, ns_env, s3_endpoint):
     import s3fs
 
     bucket = make_bucket(s3_endpoint)
-    env = dict(S3_ENV, AWS_ENDPOINT_URL=s3_endpoint)
+    env = dict(ns_env, **S3_ENV, AWS_ENDPOINT_URL=s3_endpoint)
     r = run(launch(tmp_path, "--steps", "20", "--die-at-steps", "12", "--save-last", "--async-save",
                    root=f"s3://{bucket}/run"), env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -156,14 +172,14 @@ def test_checkpoints_on_s3_survive_a_killed_worker(tmp_path, reference, s3_endpo
 
 
 @pytest.mark.slow
-def test_three_ranks_resume_bit_for_bit_once_ddp_is_settled(tmp_path):
+def test_three_ranks_resume_bit_for_bit_once_ddp_is_settled(tmp_path, ns_env):
     """DDP re-orders its gradient sums after the first backward, which shows at 3+ ranks; the
     callback settles it from the module's example_input_array in every run alike."""
     common = ("--steps", "16", "--dataset-size", "384")
     (tmp_path / "ref").mkdir()
-    r = run(launch(tmp_path / "ref", *common, nproc=3))
+    r = run(launch(tmp_path / "ref", *common, nproc=3), env=ns_env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r = run(launch(tmp_path, *common, "--die-at-steps", "12", nproc=3))
+    r = run(launch(tmp_path, *common, "--die-at-steps", "12", nproc=3), env=ns_env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert sorted(e["step"] for e in events(tmp_path, "restored")) == [10, 10, 10]
     assert last_losses(tmp_path / "loss.jsonl") == last_losses(tmp_path / "ref" / "loss.jsonl")

@@ -9,12 +9,12 @@ from argparse import Namespace
 
 import pytest
 
-pytest.importorskip("lightning", reason="the Lightning integration needs the 'lightning' extra")
+pytest.importorskip("pytorch_lightning", reason="the Lightning integration needs the 'pytorch-lightning' extra")
 
-import lightning.pytorch as pl  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402  # the spelling of the example script (launch/train_lightning.py)
 import torch  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.plugins.io import AsyncCheckpointIO  # noqa: E402
+from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
+from pytorch_lightning.plugins.io import AsyncCheckpointIO  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
 from elastic_resume import (  # noqa: E402
@@ -191,3 +191,39 @@ def test_top_k_by_a_monitored_metric_removes_whole_bundles(tmp_path):
         (int(name.split("step=")[1].split(".")[0]) for name in kept), reverse=True)
     best = io.load_checkpoint(top.best_model_path)
     assert best["global_step"] == int(os.path.basename(top.best_model_path).split("step=")[1].split(".")[0])
+
+
+@pytest.mark.parametrize("namespace", ["pytorch_lightning", "lightning.pytorch"])
+def test_either_namespace_trainer_takes_the_plugin_and_the_callback(tmp_path, namespace):
+    """Both distributions importable in one process: the same classes serve either Trainer."""
+    import importlib
+
+    lpl = importlib.import_module(namespace)
+
+    class Tiny(lpl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+    ckpt = lpl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+
+    def fit(steps: int, ckpt_path=None) -> lpl.Trainer:
+        io = ElasticCheckpointIO()
+        t = lpl.Trainer(accelerator="cpu", devices=1, max_steps=steps, plugins=[io], logger=False,
+                        callbacks=[ckpt, ElasticResume(policy=RollbackPolicy(margin=1))], enable_progress_bar=False,
+                        enable_model_summary=False)
+        t.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
+        return t
+
+    fit(6)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt"]
+    resumed = fit(9, ckpt_path=ElasticCheckpointIO().resume_path(tmp_path / "ckpt"))
+    assert resumed.global_step == 9

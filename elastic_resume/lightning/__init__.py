@@ -27,13 +27,7 @@ Three pieces, each in Lightning's own idiom::
 
 from __future__ import annotations
 
-try:
-    import lightning.pytorch  # noqa: F401 - fail here, with the remedy, rather than deep inside
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "elastic_resume.lightning needs PyTorch Lightning: pip install 'elastic-resume[lightning]'"
-    ) from e
-
+from . import _compat  # noqa: F401 - fails here, with the remedy, when no supported Lightning is importable
 from .callback import ElasticResume
 from .checkpoint_io import CHECKPOINT_KEY, ElasticCheckpointIO
 from .data import ResumableDataLoader

@@ -16,8 +16,8 @@ pure rollback policy as a plain loop) whose checkpoint operations go through the
 - on resume (``on_load_checkpoint``): the drift report, from the hyper-parameters of the module
   and datamodule, the model's parameters, versions and world size.
 
-Lightning internals touched (pinned by the ``lightning`` extra and covered by the tests): the
-fit loop's progress state and data fetcher, and ``ModelCheckpoint._last_global_step_saved``.
+Works with ``pytorch_lightning`` and ``lightning.pytorch`` alike; the Lightning internals it
+touches are all in ``_compat.py``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ import logging
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loops.loop import _Loop
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import fingerprint as fingerprints
@@ -40,13 +37,20 @@ from ..guard import SpikeGuard
 from ..manager import DRIFT_POLICIES, DriftError
 from ..policy import RollbackPolicy
 from ..preemption import EXIT_PREEMPTED
+from ..state import RNGState
+from . import _compat
+from ._compat import CALLBACK_BASES, mark_saved
 from .checkpoint_io import CHECKPOINT_KEY, ElasticCheckpointIO, _join, normalize_path
 from .data import ResumableDataLoader
 
 log = logging.getLogger("elastic_resume")
 
+# Either namespace's Trainer and LightningModule (annotations only).
+Trainer = Any
+LightningModule = Any
 
-def find_checkpoint_io(trainer: pl.Trainer) -> ElasticCheckpointIO:
+
+def find_checkpoint_io(trainer: Trainer) -> ElasticCheckpointIO:
     """The trainer's ElasticCheckpointIO, also inside Lightning's ``AsyncCheckpointIO``."""
     io: Any = trainer.strategy.checkpoint_io
     while not isinstance(io, ElasticCheckpointIO) and getattr(io, "checkpoint_io", None) is not None:
@@ -70,7 +74,7 @@ def _loaders(obj: Any) -> Iterable[Any]:
         yield obj
 
 
-def find_sampler(trainer: pl.Trainer) -> ResumableDistributedSampler | None:
+def find_sampler(trainer: Trainer) -> ResumableDistributedSampler | None:
     for loader in _loaders(trainer.train_dataloader):
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, ResumableDistributedSampler):
@@ -82,7 +86,7 @@ def find_sampler(trainer: pl.Trainer) -> ResumableDistributedSampler | None:
     return None
 
 
-def apply_checkpoint(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+def apply_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
     """Load a Lightning checkpoint into a trainer that is in the middle of ``fit``, in the order
     Lightning's own restore uses, leaving the loops running (not "restarting")."""
     module = trainer.lightning_module
@@ -94,18 +98,9 @@ def apply_checkpoint(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
     datamodule = trainer.datamodule
     if datamodule is not None and type(datamodule).__qualname__ in checkpoint:
         datamodule.load_state_dict(checkpoint[type(datamodule).__qualname__])
-    fit_loop = trainer.fit_loop
-    fit_loop.load_state_dict(checkpoint["loops"]["fit_loop"])
-    stack = [fit_loop]
-    while stack:  # a loaded loop marks itself (and its children) as restarting at its next run
-        loop = stack.pop()
-        loop._restarting = False
-        loop._loaded_from_state_dict = False
-        loop._resuming_from_checkpoint = False
-        stack += [v for v in vars(loop).values() if isinstance(v, _Loop)]
-    if fit_loop._combined_loader is not None:
-        fit_loop._combined_loader._load_state_dicts(fit_loop._combined_loader_states_to_load)
-    fit_loop._combined_loader_states_to_load = []
+    trainer.fit_loop.load_state_dict(checkpoint["loops"]["fit_loop"])
+    _compat.continue_loops(trainer)
+    _compat.load_dataloader_states(trainer)
     trainer.strategy.load_optimizer_state_dict(checkpoint)
     for config, state in zip(trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", [])):
         config.scheduler.load_state_dict(state)
@@ -115,15 +110,7 @@ def apply_checkpoint(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
             callback.load_state_dict(saved[callback.state_key])
 
 
-def mark_saved(trainer: pl.Trainer) -> None:
-    """Tell every ModelCheckpoint this step is saved (a preemption save, or the anchor just
-    restored), so it does not write the same step again under a ``-v1`` name."""
-    for callback in trainer.checkpoint_callbacks:
-        if isinstance(callback, ModelCheckpoint):
-            callback._last_global_step_saved = trainer.global_step
-
-
-def settle_ddp(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+def settle_ddp(trainer: Trainer, pl_module: LightningModule) -> None:
     """At 3+ DDP ranks, settle DDP's gradient buckets before the first step, in every run alike,
     so a resumed run adds gradients in the same order as one that never stopped (see
     ``elastic_resume.ddp``). Needs the module's ``example_input_array`` and a ``forward`` that
@@ -148,7 +135,7 @@ class TrainerCheckpoints:
     checkpoints under ``dirpath``, removing the ones after a rollback's anchor, loading the
     anchor into the live trainer, and saving (the re-committed anchor, preemption saves)."""
 
-    def __init__(self, trainer: pl.Trainer, io: ElasticCheckpointIO) -> None:
+    def __init__(self, trainer: Trainer, io: ElasticCheckpointIO) -> None:
         self.trainer = trainer
         self.io = io
         self.group = io.group()
@@ -217,7 +204,7 @@ class TrainerCheckpoints:
         mark_saved(self.trainer)
 
 
-class ElasticResume(Callback):
+class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback of each importable namespace
     """Loss-spike rollback, preemption saves and the drift report for a Lightning ``Trainer``.
 
     Needs ``ElasticCheckpointIO`` as the trainer's checkpoint plugin, and a checkpoint directory
@@ -261,9 +248,10 @@ class ElasticResume(Callback):
         self._loaded: dict[str, Any] | None = None
         self._last_step: int | None = None
         self._run_fingerprint: dict[str, Any] | None = None
+        self._pending_rng: tuple[dict[str, Any], bool] | None = None
 
     # -- setup ---------------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.guard is not None:
             return
         # Collective (every rank builds its groups here, in the same order): the agreement group
@@ -273,7 +261,7 @@ class ElasticResume(Callback):
         if self._loaded is not None:
             self.load_state_dict(self._loaded)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.guard is not None and self.checkpoints is not None
         dirpath = self._dirpath or getattr(trainer.checkpoint_callback, "dirpath", None)
         if not dirpath:
@@ -294,7 +282,7 @@ class ElasticResume(Callback):
         settle_ddp(trainer, pl_module)
 
     # -- the per-step check ----------------------------------------------------------------------
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.guard is not None
         step = trainer.global_step
         if step == self._last_step:
@@ -316,18 +304,14 @@ class ElasticResume(Callback):
             )
         return float(loss)
 
-    def _continue_from(self, trainer: pl.Trainer) -> None:
+    def _continue_from(self, trainer: Trainer) -> None:
         """After a rollback: the next batch must come from the restored (and skipped-ahead)
         position, so the loop's data iterator starts over from the loader."""
-        fit_loop = trainer.fit_loop
-        fetcher = fit_loop._data_fetcher
-        if fetcher is not None:
-            iter(fetcher)
-            fetcher.fetched += fit_loop.epoch_loop.batch_progress.current.ready  # as a resumed epoch does
+        _compat.restart_data_fetcher(trainer)
         self._last_step = trainer.global_step  # ModelCheckpoint already knows: the anchor was re-committed
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.guard is None or self.checkpoints is None or self.checkpoints.dirpath is None:
             return
         self.guard.settle()  # every rank: Lightning dumps checkpoints on all of them
@@ -340,9 +324,12 @@ class ElasticResume(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.guard is None or self.checkpoints is None:
             return {}
-        # Detectors judge each rank's own loss; Lightning writes rank 0's dict, so it carries all.
-        detectors = self.checkpoints.group.all_gather_object(self.guard.bank.state_dict())
-        return {"recovery": self.guard.recovery.state_dict(), "detectors": detectors}
+        # Detectors and random streams are each rank's own; Lightning writes rank 0's dict (every
+        # rank calls this while dumping), so one gather makes it carry every rank's.
+        mine = {"detectors": self.guard.bank.state_dict(), "rng": RNGState().state_dict()}
+        ranks = self.checkpoints.group.all_gather_object(mine)
+        return {"recovery": self.guard.recovery.state_dict(), "detectors": [r["detectors"] for r in ranks],
+                "rng": [r["rng"] for r in ranks]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -351,11 +338,32 @@ class ElasticResume(Callback):
             self._loaded = state_dict  # restored before setup(): applied there
             return
         self.guard.recovery.load_state_dict(state_dict["recovery"])
+        rank, world = self.checkpoints.rank, self.checkpoints.group.world_size
         detectors = state_dict["detectors"]
-        mine = detectors[self.checkpoints.rank] if len(detectors) == self.checkpoints.group.world_size else detectors[0]
-        self.guard.bank.load_state_dict(mine)
+        self.guard.bank.load_state_dict(detectors[rank] if len(detectors) == world else detectors[0])
+        streams = state_dict.get("rng")  # absent in checkpoints written before streams were saved
+        if streams:
+            self._pending_rng = (streams[rank] if len(streams) == world else streams[0], len(streams) == world)
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """The random streams of a loaded checkpoint go live here, right before the first
+        training step after the load: between the load and this point Lightning itself draws
+        from them (creating the dataloader iterator draws its base seed), which the run that
+        saved the checkpoint had done before saving."""
+        if self._pending_rng is None:
+            return
+        streams, same_world = self._pending_rng
+        self._pending_rng = None
+        rng = RNGState()
+        if same_world:
+            rng.load_state_dict(streams)
+        else:  # no saved stream for this rank; reusing another rank's would correlate them
+            assert self.checkpoints is not None
+            rng.reshard(streams, self.checkpoints.rank, self.checkpoints.group.world_size)
+            self.checkpoints.events.emit("rng_reseeded", step=trainer.global_step,
+                                         world_size=self.checkpoints.group.world_size)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("fingerprint")
         if self.drift == "ignore" or not saved:
             return
@@ -373,7 +381,7 @@ class ElasticResume(Callback):
         log.warning("%s", message)
 
     @staticmethod
-    def _fingerprint(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    def _fingerprint(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         datamodule = trainer.datamodule
         data = None
         if datamodule is not None:

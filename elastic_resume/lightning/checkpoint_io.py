@@ -20,14 +20,13 @@ import logging
 import os
 from typing import Any
 
-from lightning.fabric.plugins import CheckpointIO
-
 from ..collectives import Group, LocalGroup, default_group
 from ..errors import CheckpointCorruptError, ConfigError, ElasticResumeError, NoCheckpointError, StorageError
 from ..events import EventLog
 from ..manager import CheckpointManager, _manifest_hash, _Stager, max_resumes_from_env
 from ..storage import open_storage
 from ..store import MANIFEST_NAME, CheckpointStore, Manifest, parse_step_dir, step_dir
+from ._compat import CHECKPOINT_IO_BASES
 
 log = logging.getLogger("elastic_resume")
 
@@ -52,7 +51,7 @@ def _join(parent: str, name: str) -> str:
     return f"{parent.rstrip('/')}/{name}"
 
 
-class ElasticCheckpointIO(CheckpointIO):
+class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]  # the CheckpointIO of each importable namespace
     """Atomic, verified Lightning checkpoints on a local disk or ``s3://``.
 
     ``async_save=True``: ``save_checkpoint`` returns once the tensors are copied into reusable CPU
