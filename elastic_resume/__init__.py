@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     CheckpointCorruptError,
+    CheckpointNotFoundError,
     CheckpointSaveError,
     CommitConflictError,
     ConfigError,
@@ -91,6 +92,7 @@ __all__ = [
     "ElasticResumeError",
     "EventLog",
     "Manifest",
+    "CheckpointNotFoundError",
     "NoCheckpointError",
     "PerRank",
     "RNGState",

@@ -68,6 +68,17 @@ class NoCheckpointError(ElasticResumeError):
     """No committed, verifiable checkpoint exists where one was required."""
 
 
+class CheckpointNotFoundError(NoCheckpointError, FileNotFoundError):
+    """Nothing at all exists at the checkpoint path given (also a ``FileNotFoundError``, which
+    is what Lightning and other callers of a ``CheckpointIO`` expect for a missing path)."""
+
+    def __init__(self, message: str) -> None:
+        NoCheckpointError.__init__(self, message)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class StateError(ElasticResumeError):
     """The training state given to save/restore does not fit the checkpoint (unsupported value
     type, missing key, shape mismatch); the message names the key path."""

@@ -57,6 +57,17 @@ class EventLog:
             except OSError as e:
                 self._give_up(e)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable (Lightning's ddp_spawn, deepcopy of callbacks, torch.save(trainer)): the lock
+        # is the one thing that cannot travel; a copy gets a lock of its own.
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     @classmethod
     def from_env(cls, *, rank: int | None = None) -> "EventLog":
         return cls(os.environ.get(EVENT_LOG_ENV) or None, rank=rank)

@@ -12,7 +12,7 @@ import pytest
 
 from elastic_resume import CheckpointManager
 from elastic_resume.events import read_events
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 from tests.launcher_helpers import (
     alive,
     children,
@@ -136,6 +136,19 @@ def test_gave_up_exit_76_is_never_retried(tmp_path):
     events = read_events(tmp_path / "events.jsonl")
     assert [e["event"] for e in events].count("workers_started") == 1
     assert "gave up" in r.stderr
+
+
+def test_an_escaping_gave_up_error_exits_76_without_a_restart(tmp_path):
+    """No try/except in the script: the worker entry point maps GaveUpError to 76, and the
+    process group the script left is destroyed before teardown (which could abort otherwise)."""
+    script = os.path.join(REPO, "tests", "helpers", "gives_up.py")
+    r = run(launcher_cmd("--standalone", "--nproc-per-node=2", "--max-restarts=3",
+                         f"--er-event-log={tmp_path / 'events.jsonl'}", script=script))
+    assert r.returncode == 76, r.stdout[-3000:] + r.stderr[-3000:]
+    events = read_events(tmp_path / "events.jsonl")
+    assert [e["event"] for e in events].count("workers_started") == 1
+    assert "elastic-resume: gave up: rank 1: loss spike with the rollback budget spent (test)" in r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
 
 
 def test_sigusr1_twice_saves_once_exits_75_and_the_rerun_resumes(tmp_path):

@@ -183,3 +183,44 @@ def test_three_ranks_resume_bit_for_bit_once_ddp_is_settled(tmp_path, ns_env):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert sorted(e["step"] for e in events(tmp_path, "restored")) == [10, 10, 10]
     assert last_losses(tmp_path / "loss.jsonl") == last_losses(tmp_path / "ref" / "loss.jsonl")
+
+
+@pytest.mark.slow
+def test_gave_up_out_of_fit_exits_76_and_is_not_restarted(tmp_path, ns_env):
+    """The example script has no try/except for GaveUpError: the worker maps it to 76."""
+    r = run(launch(tmp_path, "--steps", "20", "--spike-at-step", "8", "--budget", "0"), env=ns_env)
+    assert r.returncode == 76, r.stdout[-3000:] + r.stderr[-3000:]
+    assert len(events(tmp_path, "workers_started")) == 1
+    assert "elastic-resume: gave up:" in r.stdout + r.stderr and "budget" in r.stdout + r.stderr
+
+
+OLDEST_DIR = os.path.join(REPO, ".venv", "overlays", "pytorch-lightning-2.5")
+
+
+@pytest.mark.slow
+def test_oldest_supported_release_resumes_bit_for_bit_and_rolls_back(tmp_path):
+    """pytorch-lightning 2.5.6 (the oldest release of the supported range; `make install` puts
+    it in an overlay) through the same internals: a mid-epoch kill resumes with every loss equal
+    to an uninterrupted run, and a spike rolls back in-process."""
+    if not os.path.isdir(OLDEST_DIR):
+        if os.environ.get("CI"):
+            pytest.fail(f"{OLDEST_DIR} is missing: `make install` installs the oldest supported Lightning there")
+        pytest.skip("the oldest supported Lightning is not installed (make install)")
+    env = only("pytorch_lightning")
+    env["PYTHONPATH"] = OLDEST_DIR + os.pathsep + env["PYTHONPATH"]
+    (tmp_path / "ref").mkdir()
+    r = run(launch(tmp_path / "ref", "--steps", "20"), env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "lightning namespace: pytorch_lightning 2.5.6" in r.stdout
+    reference = last_losses(tmp_path / "ref" / "loss.jsonl")
+    (tmp_path / "kill").mkdir()
+    r = run(launch(tmp_path / "kill", "--steps", "20", "--die-at-steps", "12"), env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted((e["rank"], e["step"]) for e in events(tmp_path / "kill", "restored")) == [(0, 10), (1, 10)]
+    assert last_losses(tmp_path / "kill" / "loss.jsonl") == reference
+    (tmp_path / "spike").mkdir()
+    r = run(launch(tmp_path / "spike", "--steps", "20", "--spike-at-step", "17", "--margin", "1"), env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert {(e["from_step"], e["to_step"]) for e in events(tmp_path / "spike", "rollback")} == {(17, 15)}
+    got = last_losses(tmp_path / "spike" / "loss.jsonl")
+    assert max(s for _, s in got) == 20 and all(v < 10 for v in got.values())

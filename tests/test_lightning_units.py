@@ -86,8 +86,6 @@ def test_resume_path_is_the_newest_and_loading_it_falls_back_past_corruption(tmp
 
 def test_save_errors_name_what_is_wrong_and_commit_nothing(tmp_path):
     io = ElasticCheckpointIO()
-    with pytest.raises(TypeError, match="storage_options"):
-        io.save_checkpoint(checkpoint(1), tmp_path / "a.ckpt", storage_options={"x": 1})
     bad = checkpoint(1)
     bad["hyper_parameters"]["path"] = object()
     with pytest.raises(CheckpointSaveError, match=r"\['hyper_parameters'\]\['path'\].*cannot be checkpointed"):
@@ -227,3 +225,81 @@ def test_either_namespace_trainer_takes_the_plugin_and_the_callback(tmp_path, na
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt"]
     resumed = fit(9, ckpt_path=ElasticCheckpointIO().resume_path(tmp_path / "ckpt"))
     assert resumed.global_step == 9
+
+
+def test_plugin_callback_and_trainer_are_picklable_before_and_after_fit(tmp_path):
+    """ddp_spawn, deepcopy(trainer.callbacks) and torch.save(trainer) pickle them."""
+    import copy
+    import pickle
+
+    io = ElasticCheckpointIO(event_log=tmp_path / "events.jsonl")
+    guard = ElasticResume(policy=RollbackPolicy(margin=1))
+    for obj in (io, guard):
+        assert type(pickle.loads(pickle.dumps(obj))) is type(obj)
+    t = trainer(tmp_path, [io], [guard], steps=8)
+    t.fit(Regression(8, 0.05), datamodule=SyntheticData(64, 8, 0))
+    copies = copy.deepcopy(t.callbacks)
+    (copied,) = [c for c in copies if isinstance(c, ElasticResume)]
+    assert copied.guard is None and guard.guard is not None  # the copy's is rebuilt at its setup
+    clone = pickle.loads(pickle.dumps(io))
+    clone.save_checkpoint(checkpoint(3), tmp_path / "copy.ckpt")  # a copy saves with buffers of its own
+    assert clone.load_checkpoint(tmp_path / "copy.ckpt")["global_step"] == 3
+    # (t itself holds the example's LambdaLR, which no pickler takes; a trainer holding the used plugin and callback)
+    torch.save(trainer(tmp_path, [io], [guard]), tmp_path / "trainer.pt")
+    assert any(e["event"] == "save_committed" for e in read_events(str(tmp_path / "events.jsonl")))
+
+
+def test_a_missing_checkpoint_path_is_a_file_not_found_error(tmp_path):
+    from elastic_resume import CheckpointNotFoundError
+
+    io = ElasticCheckpointIO()
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*nope.ckpt: the path does not exist") as err:
+        io.load_checkpoint(tmp_path / "nope.ckpt")
+    assert isinstance(err.value, CheckpointNotFoundError) and isinstance(err.value, NoCheckpointError)
+    t = trainer(tmp_path, [ElasticCheckpointIO()], [], steps=4)
+    with pytest.raises(FileNotFoundError):
+        t.fit(Regression(8, 0.05), datamodule=SyntheticData(64, 8, 0), ckpt_path=str(tmp_path / "nope.ckpt"))
+
+
+def test_plain_checkpoints_from_before_the_plugin_are_resumed_once_then_bundles(tmp_path, caplog):
+    plain = trainer(tmp_path, None, [], steps=8)  # Lightning's default TorchCheckpointIO
+    plain.fit(Regression(8, 0.05), datamodule=SyntheticData(64, 8, 0))
+    ckpt = tmp_path / "ckpt"
+    assert all(p.is_file() for p in ckpt.iterdir())
+    io = ElasticCheckpointIO(event_log=tmp_path / "events.jsonl")
+    path = io.resume_path(ckpt)
+    assert path.endswith("epoch=0-step=8.ckpt")
+    t = trainer(tmp_path, [io], [ElasticResume(policy=RollbackPolicy(margin=1))], steps=12)
+    with caplog.at_level("WARNING", logger="elastic_resume"):
+        t.fit(Regression(8, 0.05), datamodule=SyntheticData(64, 8, 0), ckpt_path=path)
+    assert t.global_step == 12
+    assert "a plain checkpoint written without ElasticCheckpointIO" in caplog.text
+    migrated = [e for e in read_events(str(tmp_path / "events.jsonl")) if e["event"] == "checkpoint_migrated"]
+    assert [(e["path"], e["step"]) for e in migrated] == [(path, 8)]
+    assert (ckpt / "epoch=1-step=12.ckpt").is_dir()  # saved as a verified bundle
+    assert ElasticCheckpointIO().resume_path(ckpt).endswith("epoch=1-step=12.ckpt")
+
+
+def test_a_plain_checkpoint_holding_arbitrary_objects_is_refused_not_unpickled(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"global_step": 1, "state_dict": {}, "evil": Payload()}, tmp_path / "evil.ckpt")
+    with pytest.raises(NoCheckpointError, match="evil.ckpt.*weights_only=True"):
+        ElasticCheckpointIO().load_checkpoint(tmp_path / "evil.ckpt")
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.s3
+def test_storage_options_given_per_save_apply_to_that_save(tmp_path, s3_endpoint):
+    from tests.conftest import make_bucket
+
+    bucket = make_bucket(s3_endpoint)
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    io = ElasticCheckpointIO()  # no options of its own, no AWS_ENDPOINT_URL in the environment
+    io.save_checkpoint(checkpoint(5, 2.0), f"s3://{bucket}/run/last.ckpt", storage_options=options)
+    loaded = ElasticCheckpointIO(storage_options=options).load_checkpoint(f"s3://{bucket}/run/last.ckpt")
+    assert loaded["global_step"] == 5 and torch.equal(loaded["state_dict"]["w"], torch.full((3, 2), 2.0))
+    with pytest.raises(ConfigError, match="storage_options for .* must be a dict"):
+        io.save_checkpoint(checkpoint(6), tmp_path / "x.ckpt", storage_options="endpoint")

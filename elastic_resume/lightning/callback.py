@@ -250,6 +250,13 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback of e
         self._run_fingerprint: dict[str, Any] | None = None
         self._pending_rng: tuple[dict[str, Any], bool] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable (ddp_spawn, deepcopy(trainer.callbacks), torch.save(trainer)): the settings
+        # travel; the live guard (process groups, the trainer, optimizers) is rebuilt at setup.
+        state = dict(self.__dict__)
+        state.update(guard=None, checkpoints=None, _state={}, _pending_rng=None, _run_fingerprint=None)
+        return state
+
     # -- setup ---------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.guard is not None:

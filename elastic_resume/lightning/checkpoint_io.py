@@ -18,10 +18,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 from ..collectives import Group, LocalGroup, default_group
-from ..errors import CheckpointCorruptError, ConfigError, ElasticResumeError, NoCheckpointError, StorageError
+from ..errors import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    ConfigError,
+    ElasticResumeError,
+    NoCheckpointError,
+    StorageError,
+)
 from ..events import EventLog
 from ..manager import CheckpointManager, _manifest_hash, _Stager, max_resumes_from_env
 from ..storage import open_storage
@@ -92,13 +100,29 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]  # the Ch
         self._resolved: str | None = None
 
     # -- bundles -------------------------------------------------------------------------------
-    def _manager(self, path: str, *, read_only: bool) -> CheckpointManager:
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable (ddp_spawn, deepcopy, torch.save(trainer)): settings travel; what belongs to
+        # this process (a background save, the staging buffers, the process group) does not.
+        self.wait()
+        state = dict(self.__dict__)
+        state.update(_stager=None, _active=None, _active_path=None, _group=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._stager = _Stager()
+
+    def _manager(self, path: str, *, read_only: bool, storage_options: dict[str, Any] | None = None) -> CheckpointManager:
         mgr = CheckpointManager(
-            path, group=LocalGroup(), keep_last=1, storage_options=self.storage_options,
+            path, group=LocalGroup(), keep_last=1, storage_options=self._options(storage_options),
             event_log=self.events, read_only=read_only, drift="ignore", max_resumes_per_step=0,
         )
         mgr._stager = self._stager
         return mgr
+
+    def _options(self, per_call: dict[str, Any] | None) -> dict[str, Any]:
+        """The plugin's storage options, overridden key by key by those given to one call."""
+        return {**self.storage_options, **(per_call or {})}
 
     def checkpoints(self, dirpath: str | os.PathLike[str]) -> list[tuple[int, str]]:
         """Committed ``(step, path)`` of every bundle directly under ``dirpath``, newest first
@@ -136,6 +160,9 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]  # the Ch
         # A root that cannot be written fails now, not at the first save an hour into training.
         open_storage(dirpath, self.storage_options).ensure_root(create=True, probe_write=True)
         found = self.checkpoints(dirpath)
+        if not found and (plain := self._plain_checkpoints(dirpath)):
+            self._resolved = plain[0]  # written before the plugin: loaded once, as a migration
+            return self._resolved
         if not found:
             self.events.emit("restore_none", root=dirpath, reason="no committed checkpoint")
             if self.events.rank in (None, 0):  # a wrong ROOT would silently start over: say it
@@ -143,6 +170,20 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]  # the Ch
             return None
         self._resolved = found[0][1]
         return self._resolved
+
+    def _plain_checkpoints(self, dirpath: str) -> list[str]:
+        """Plain ``*.ckpt`` files directly under ``dirpath`` (Lightning's default format), the
+        one to resume first: highest ``step=N`` in the name, then (local) the newest, as
+        Lightning's ``ckpt_path="last"`` would pick."""
+        files = [rel for rel in open_storage(dirpath, self.storage_options).list_tree("")
+                 if "/" not in rel and rel.endswith(".ckpt")]
+
+        def order(name: str) -> tuple[int, float]:
+            match = re.search(r"step=(\d+)", name)
+            mtime = os.path.getmtime(os.path.join(dirpath, name)) if "://" not in dirpath else 0.0
+            return (int(match.group(1)) if match else -1, mtime)
+
+        return [_join(dirpath, name) for name in sorted(files, key=order, reverse=True)]
 
     def group(self) -> Group:
         """The group ranks agree in (a gloo group of its own; created on first use, which must
@@ -153,18 +194,18 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]  # the Ch
 
     # -- CheckpointIO ----------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError(
-                f"ElasticCheckpointIO.save_checkpoint(storage_options={storage_options!r}) is not supported; "
-                "give storage options to the plugin: ElasticCheckpointIO(storage_options=...)"
-            )
+        """``storage_options`` (as in ``trainer.save_checkpoint(path, storage_options=...)``)
+        apply to this save, over the plugin's own."""
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise ConfigError(f"storage_options for {path} must be a dict of fsspec/s3fs options, "
+                              f"got {type(storage_options).__name__}")
         path = normalize_path(path)
         self._finish()
         step = checkpoint.get("global_step", 0)
         if not isinstance(step, int) or step < 0:
             raise ConfigError(f"Lightning checkpoint for {path} has global_step={step!r}; expected an integer >= 0")
         extra = checkpoint.get(CHECKPOINT_KEY) or {}
-        mgr = self._manager(path, read_only=False)
+        mgr = self._manager(path, read_only=False, storage_options=storage_options)
         if step in mgr.committed_steps():
             mgr.allow_replace(step)  # the same path saved again at the same step: replace it
         metadata = {"lightning_path": path.rsplit("/", 1)[-1], "epoch": checkpoint.get("epoch"),
@@ -180,15 +221,68 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]  # the Ch
         listing: tuple[str, Any] | None = None
         if group.rank == 0:
             try:
-                listing = ("ok", self._candidates(path, fallback=path == self._resolved))
+                kind = self._kind(path)
+                if kind == "bundle":
+                    listing = ("ok", self._candidates(path, fallback=path == self._resolved))
+                else:
+                    listing = (kind, None)
             except (ElasticResumeError, OSError) as e:
                 listing = ("error", f"cannot list checkpoints at {path}: {e}")
         status, payload = group.broadcast_object(listing)
         if status == "error":
             raise NoCheckpointError(payload)
+        if status == "missing":
+            raise CheckpointNotFoundError(f"no checkpoint at {path}: the path does not exist")
+        if status == "file":
+            return self._migrate(path, group)
         if not payload:
             raise NoCheckpointError(f"no committed checkpoint at {path}; was it written by ElasticCheckpointIO?")
         return self._load_agreed(payload, group, requested=path)
+
+    def _kind(self, path: str) -> str:
+        """Rank 0: "bundle" (a directory or prefix: ours), "file" (a plain Lightning/torch
+        checkpoint, written before the plugin was added) or "missing"."""
+        if "://" not in path:
+            if os.path.isfile(path):
+                return "file"
+            return "bundle" if os.path.isdir(path) else "missing"
+        parent, name = path.rsplit("/", 1)
+        if open_storage(path, self.storage_options).list_tree(""):
+            return "bundle"
+        return "file" if open_storage(parent, self.storage_options).exists(name) else "missing"
+
+    def _migrate(self, path: str, group: Group) -> dict[str, Any]:
+        """Collective: a plain ``.ckpt`` from before the plugin, loaded the way Lightning's
+        default ``TorchCheckpointIO`` does (``torch.load(weights_only=True)``: tensors and plain
+        containers only, no arbitrary objects unpickled). Said once; the next save is a bundle."""
+        import io
+
+        import torch
+
+        checkpoint: Any = None
+        why = None
+        try:
+            parent, name = path.rsplit("/", 1)
+            data = open_storage(parent, self.storage_options).read(name).buffer
+            assert data is not None
+            checkpoint = torch.load(io.BytesIO(data.numpy().tobytes()), map_location="cpu", weights_only=True)
+            if not isinstance(checkpoint, dict):
+                why = f"holds a {type(checkpoint).__name__}, not a Lightning checkpoint dict"
+        except Exception as e:  # noqa: BLE001 - storage errors, and the weights-only unpickler's refusals
+            # (pickle.UnpicklingError for an object it will not build): reported, never raised raw
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        (ok,) = group.all_reduce_min([0 if why else 1])
+        if not ok:
+            self.events.emit("corruption_found", path=path, reason=why or "another rank could not load it")
+            raise NoCheckpointError(
+                f"plain checkpoint {path} (not written by ElasticCheckpointIO) could not be loaded by every rank "
+                f"with torch.load(weights_only=True): {why or 'another rank could not load it'}"
+            )
+        self.events.emit("checkpoint_migrated", path=path, step=checkpoint.get("global_step"))
+        if group.rank == 0:
+            log.warning("loading %s, a plain checkpoint written without ElasticCheckpointIO (torch.load with "
+                        "weights_only=True, unverified); checkpoints saved from now on are verified bundles", path)
+        return checkpoint
 
     def load_step(self, dirpath: str | os.PathLike[str], step: int) -> dict[str, Any]:
         """Collective: the checkpoint of exactly ``step`` under ``dirpath`` (any bundle holding
