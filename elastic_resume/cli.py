@@ -198,6 +198,35 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A Lightning bundle (a ModelCheckpoint path written by ElasticCheckpointIO) as a standard
+    ``.ckpt`` file: verified first, written atomically, never over an existing file."""
+    import os
+    import tempfile
+
+    try:
+        from .lightning.loading import load_checkpoint, to_bytes
+    except ImportError as e:
+        raise ConfigError(f"--format lightning: {e}") from None
+    out = os.path.abspath(args.output)
+    if os.path.lexists(out):
+        raise ConfigError(f"{out} already exists; export never replaces a file (remove it or pick another name)")
+    checkpoint = load_checkpoint(args.root, storage_options=parse_storage_options(args.storage_option))
+    data = to_bytes(checkpoint)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=".export-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, out)  # create-only: a file that appeared meanwhile is not replaced
+    finally:
+        os.unlink(tmp)
+    print(f"exported step {checkpoint.get('global_step')} of {args.root} to {out} ({_size(len(data))}, "
+          "Lightning .ckpt, loads with weights_only=True)")
+    return EXIT_OK
+
+
 def _nonneg_int(flag: str):  # type: ignore[no-untyped-def]
     def parse(text: str) -> int:
         try:
@@ -293,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("launch", help="run a training script like torchrun, with resume, preemption and requeue "
                                   "(takes torchrun's flags; see 'elastic-resume launch --help')")
     sub.add_parser("doctor", help="show what 'launch' detects here (Slurm, Kubernetes) and what it would run")
+
+    p = add("export", "write a Lightning checkpoint bundle as a standard .ckpt file (verified first)")
+    p.add_argument("output", metavar="OUT", help="the .ckpt file to write (must not exist)")
+    p.add_argument("--format", choices=["lightning"], default="lightning",
+                   help="lightning: what LightningModule.load_from_checkpoint and torch.load(weights_only=True) read")
+    p.set_defaults(func=cmd_export)
 
     p = add("prune", "delete old checkpoints, keeping the newest N (and milestones)")
     p.add_argument("--keep", type=_pos_int("--keep"), required=True, help="number of newest committed steps to keep")

@@ -188,7 +188,7 @@ def test_three_ranks_resume_bit_for_bit_once_ddp_is_settled(tmp_path, ns_env):
 @pytest.mark.slow
 def test_gave_up_out_of_fit_exits_76_and_is_not_restarted(tmp_path, ns_env):
     """The example script has no try/except for GaveUpError: the worker maps it to 76."""
-    r = run(launch(tmp_path, "--steps", "20", "--spike-at-step", "8", "--budget", "0"), env=ns_env)
+    r = run(launch(tmp_path, "--steps", "20", "--spike-at-step", "17", "--budget", "0"), env=ns_env)
     assert r.returncode == 76, r.stdout[-3000:] + r.stderr[-3000:]
     assert len(events(tmp_path, "workers_started")) == 1
     assert "elastic-resume: gave up:" in r.stdout + r.stderr and "budget" in r.stdout + r.stderr

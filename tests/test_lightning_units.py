@@ -303,3 +303,52 @@ def test_storage_options_given_per_save_apply_to_that_save(tmp_path, s3_endpoint
     assert loaded["global_step"] == 5 and torch.equal(loaded["state_dict"]["w"], torch.full((3, 2), 2.0))
     with pytest.raises(ConfigError, match="storage_options for .* must be a dict"):
         io.save_checkpoint(checkpoint(6), tmp_path / "x.ckpt", storage_options="endpoint")
+
+
+class Evaluated(Regression):
+    def test_step(self, batch, batch_idx):
+        _, x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        self.log("test_loss", loss)
+        return loss
+
+
+def test_a_bundle_loads_the_lightning_way_and_exports_to_a_standard_ckpt(tmp_path):
+    import subprocess
+    import sys
+
+    io = ElasticCheckpointIO()
+    t = trainer(tmp_path, [io], [], steps=8)
+    model = Evaluated(8, 0.05)
+    data = SyntheticData(64, 8, 0)
+    t.fit(model, datamodule=data)
+    best = t.checkpoint_callback.best_model_path
+    assert best.endswith("step=8.ckpt") and os.path.isdir(best)  # a bundle: plain load_from_checkpoint cannot open it
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # the one-liner: verified, in this process, through Lightning's own load_from_checkpoint
+    from elastic_resume.lightning import load_from_checkpoint
+
+    loaded = load_from_checkpoint(Evaluated, best)
+    assert loaded.hparams.hidden == 8
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.items())
+
+    # trainer.test with the plugin reads the bundle
+    data.test_dataloader = data.train_dataloader
+    (result,) = t.test(model, datamodule=data, ckpt_path="best")
+    assert "test_loss" in result
+
+    # export: a standard .ckpt file that Lightning and torch.load(weights_only=True) read
+    out = tmp_path / "model.ckpt"
+    cli = [sys.executable, "-m", "elastic_resume.cli", "export", best, str(out)]
+    r = subprocess.run(cli, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "exported step 8" in r.stdout
+    assert torch.load(out, weights_only=True)["global_step"] == 8
+    exported = Evaluated.load_from_checkpoint(out)
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in trained.items())
+    r = subprocess.run(cli, capture_output=True, text=True)  # never over an existing file
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
+    flip_a_byte(__import__("pathlib").Path(best))
+    r = subprocess.run([*cli[:-1], str(tmp_path / "other.ckpt")], capture_output=True, text=True)
+    assert r.returncode == 1 and "digest mismatch" in r.stderr and not (tmp_path / "other.ckpt").exists()

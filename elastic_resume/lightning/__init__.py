@@ -31,5 +31,7 @@ from . import _compat  # noqa: F401 - fails here, with the remedy, when no suppo
 from .callback import ElasticResume
 from .checkpoint_io import CHECKPOINT_KEY, ElasticCheckpointIO
 from .data import ResumableDataLoader
+from .loading import load_checkpoint, load_from_checkpoint
 
-__all__ = ["CHECKPOINT_KEY", "ElasticCheckpointIO", "ElasticResume", "ResumableDataLoader"]
+__all__ = ["CHECKPOINT_KEY", "ElasticCheckpointIO", "ElasticResume", "ResumableDataLoader", "load_checkpoint",
+           "load_from_checkpoint"]

@@ -68,7 +68,8 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]  # the Ch
     Lightning's ``AsyncCheckpointIO`` works too, at the cost of a full clone per save.
 
     ``storage_options`` go to s3fs (endpoint, credentials); the environment's AWS settings
-    apply otherwise. ``max_resumes_per_step``: the crash-loop limit of :meth:`resume_path`
+    apply otherwise. ``group``: where ranks agree on what to load (default: every rank of the
+    default process group; ``LocalGroup()`` loads in this process alone, no collective). ``max_resumes_per_step``: the crash-loop limit of :meth:`resume_path`
     (default: what ``elastic-resume launch --er-max-resumes-per-step`` passes, else 3).
     """
 
@@ -80,6 +81,7 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]  # the Ch
         event_log: EventLog | str | os.PathLike[str] | None = None,
         collective_timeout_s: float = 600.0,
         max_resumes_per_step: int | None = None,
+        group: Group | None = None,
     ) -> None:
         super().__init__()
         self.async_save = async_save
@@ -96,7 +98,7 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]  # the Ch
         self._stager = _Stager()  # reused by every save: buffers are allocated once
         self._active: CheckpointManager | None = None
         self._active_path: str | None = None
-        self._group: Group | None = None
+        self._group: Group | None = group
         self._resolved: str | None = None
 
     # -- bundles -------------------------------------------------------------------------------
