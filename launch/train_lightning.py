@@ -46,6 +46,7 @@ from elastic_resume import (
     EXIT_GAVE_UP,
     ConfigError,
     ElasticResumeError,
+    GaveUpError,
     NoCheckpointError,
     NonFinite,
     ResumableDistributedSampler,
@@ -183,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     model = Regression(args.hidden, args.lr, args.layers, args.dropout, args)
     data = SyntheticData(args.dataset_size, args.batch_size, args.seed)
-    # A GaveUpError (rollback budget spent) needs no handling: under elastic-resume launch it exits 76.
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_io.resume_path(args.root) if ckpt_io else None)
+    except GaveUpError:
+        raise  # the rollback budget is spent: under elastic-resume launch this exits 76 by itself
     except (ConfigError, NoCheckpointError) as e:  # drift="fail", a bad setting, nothing loadable: a retry cannot fix it
         print(f"rank {trainer.global_rank}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_GAVE_UP
