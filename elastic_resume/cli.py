@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import CheckpointCorruptError, ConfigError, ElasticResumeError, NoCheckpointError
 from .storage import open_storage, redact
-from .store import CheckpointStore, StepReport
+from .store import CheckpointStore, StepReport, parse_step_dir
 
 EXIT_OK = 0
 EXIT_NEGATIVE = 1
@@ -92,60 +92,95 @@ def _open(args: argparse.Namespace) -> CheckpointStore:
     return CheckpointStore(storage)
 
 
-def cmd_ls(args: argparse.Namespace) -> int:
+def _stores(args: argparse.Namespace) -> list[tuple[str | None, CheckpointStore]]:
+    """``[(None, store)]`` for a checkpoint root; for a Lightning ``ModelCheckpoint`` directory
+    (no steps of its own, bundles below it: ``epoch=0-step=10.ckpt/step-.../``) one
+    ``(bundle name, store)`` per bundle, newest step first."""
     store = _open(args)
-    reports = store.verify_all(full=args.full)
+    if store.step_dirs():
+        return [(None, store)]
+    bundles: dict[str, int] = {}
+    for rel in store.storage.list_tree(""):
+        parts = rel.split("/")
+        if len(parts) >= 3 and (step := parse_step_dir(parts[1])) is not None:
+            bundles[parts[0]] = max(step, bundles.get(parts[0], -1))
+    if not bundles:
+        return [(None, store)]
+    options = parse_storage_options(args.storage_option)
+    root = str(args.root).rstrip("/")
+    return [(name, CheckpointStore(open_storage(f"{root}/{name}", options)))
+            for name in sorted(bundles, key=lambda n: (-bundles[n], n))]
+
+
+def _labelled(bundle: str | None, r: StepReport) -> dict[str, Any]:
+    return {"bundle": bundle, **_report_json(r)} if bundle is not None else _report_json(r)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    stores = _stores(args)
+    reports = [(bundle, r) for bundle, store in stores for r in store.verify_all(full=args.full)]
     if args.json:
-        print(json.dumps([_report_json(r) for r in reports], indent=1))
+        print(json.dumps([_labelled(b, r) for b, r in reports], indent=1))
         return EXIT_OK
     if not reports:
-        print(f"no checkpoints under {store.storage.display()}")
+        print(f"no checkpoints under {stores[0][1].storage.display()}")
         return EXIT_OK
-    print(f"{'STEP':>12}  {'STATUS':<10}  {'SIZE':>9}  {'WORLD':>5}  {'AGE':>6}")
-    for r in reports:
+    bundled = stores[0][0] is not None
+    width = max((len(b or "") for b, _ in reports), default=0)
+    head = f"{'BUNDLE':<{width}}  " if bundled else ""
+    print(f"{head}{'STEP':>12}  {'STATUS':<10}  {'SIZE':>9}  {'WORLD':>5}  {'AGE':>6}")
+    for bundle, r in reports:
         m = r.manifest
         print(
-            f"{r.step:>12}  {r.status:<10}  {_size(r.size):>9}  "
+            (f"{bundle:<{width}}  " if bundled else "")
+            + f"{r.step:>12}  {r.status:<10}  {_size(r.size):>9}  "
             f"{(m.world_size if m else '-'):>5}  {_age(m.created if m else None):>6}"
         )
     return EXIT_OK
 
 
 def cmd_latest(args: argparse.Namespace) -> int:
-    store = _open(args)
-    step = store.latest(full=not args.quick)
-    if step is None:
-        print(f"no verified checkpoint under {store.storage.display()}", file=sys.stderr)
-        return EXIT_NEGATIVE
-    print(step)
-    return EXIT_OK
+    """The step a resume would pick; in a ModelCheckpoint directory, the bundle path to pass
+    as ``ckpt_path`` (the one ``ElasticCheckpointIO`` would load first)."""
+    stores = _stores(args)
+    for bundle, store in stores:
+        step = store.latest(full=not args.quick)
+        if step is not None:
+            print(step if bundle is None else f"{str(args.root).rstrip('/')}/{bundle}")
+            return EXIT_OK
+    print(f"no verified checkpoint under {_open(args).storage.display()}", file=sys.stderr)
+    return EXIT_NEGATIVE
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    store = _open(args)
-    if args.step is not None:
-        if args.step not in store.step_dirs():
-            print(f"step {args.step} does not exist under {store.storage.display()}", file=sys.stderr)
-            return EXIT_NEGATIVE
-        reports = [store.verify(args.step, full=not args.quick)]
-    else:
-        reports = [r for r in store.verify_all(full=not args.quick) if r.status != "incomplete"]
-    bad = [r for r in reports if not r.ok]
+    stores = _stores(args)
+    reports: list[tuple[str | None, StepReport]] = []
+    for bundle, store in stores:
+        if args.step is not None:
+            if args.step in store.step_dirs():
+                reports.append((bundle, store.verify(args.step, full=not args.quick)))
+        else:
+            reports += [(bundle, r) for r in store.verify_all(full=not args.quick) if r.status != "incomplete"]
+    if args.step is not None and not reports:
+        print(f"step {args.step} does not exist under {stores[0][1].storage.display()}", file=sys.stderr)
+        return EXIT_NEGATIVE
+    bad = [r for _, r in reports if not r.ok]
     if args.json:
-        print(json.dumps([_report_json(r) for r in reports], indent=1))
+        print(json.dumps([_labelled(b, r) for b, r in reports], indent=1))
     else:
-        for r in reports:
+        for bundle, r in reports:
+            name = f"{bundle} step {r.step}" if bundle is not None else f"step {r.step}"
             if r.ok:
                 assert r.manifest is not None
-                print(f"step {r.step}: OK ({len(r.manifest.files)} files, {_size(r.size)})")
+                print(f"{name}: OK ({len(r.manifest.files)} files, {_size(r.size)})")
             elif r.status == "incomplete":
-                print(f"step {r.step}: INCOMPLETE (never committed; resume ignores it)")
+                print(f"{name}: INCOMPLETE (never committed; resume ignores it)")
             else:
-                print(f"step {r.step}: CORRUPT")
+                print(f"{name}: CORRUPT")
                 for file, why in r.problems:
                     print(f"  {file}: {why}")
         if not reports:
-            print(f"no committed checkpoints under {store.storage.display()}")
+            print(f"no committed checkpoints under {stores[0][1].storage.display()}")
     return EXIT_NEGATIVE if bad else EXIT_OK
 
 

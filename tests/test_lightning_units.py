@@ -352,3 +352,30 @@ def test_a_bundle_loads_the_lightning_way_and_exports_to_a_standard_ckpt(tmp_pat
     flip_a_byte(__import__("pathlib").Path(best))
     r = subprocess.run([*cli[:-1], str(tmp_path / "other.ckpt")], capture_output=True, text=True)
     assert r.returncode == 1 and "digest mismatch" in r.stderr and not (tmp_path / "other.ckpt").exists()
+
+
+def test_ls_latest_verify_list_the_bundles_of_a_model_checkpoint_directory(tmp_path):
+    import subprocess
+    import sys
+
+    t = trainer(tmp_path, [ElasticCheckpointIO()], [], steps=12)
+    t.fit(Regression(8, 0.05), datamodule=SyntheticData(64, 8, 0))
+    ckpt = tmp_path / "ckpt"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "elastic_resume.cli", *args], capture_output=True, text=True)
+
+    r = cli("ls", str(ckpt))
+    assert r.returncode == 0, r.stderr
+    rows = [line.split()[:3] for line in r.stdout.splitlines()[1:]]
+    assert rows == [["epoch=1-step=12.ckpt", "12", "committed"], ["epoch=0-step=8.ckpt", "8", "committed"],
+                    ["epoch=0-step=4.ckpt", "4", "committed"]]
+    r = cli("latest", str(ckpt))
+    assert (r.returncode, r.stdout.strip()) == (0, str(ckpt / "epoch=1-step=12.ckpt"))
+    flip_a_byte(ckpt / "epoch=1-step=12.ckpt")
+    r = cli("verify", str(ckpt))
+    assert r.returncode == 1
+    assert "epoch=1-step=12.ckpt step 12: CORRUPT" in r.stdout and "epoch=0-step=8.ckpt step 8: OK" in r.stdout
+    r = cli("latest", str(ckpt))  # the one a resume would load
+    assert (r.returncode, r.stdout.strip()) == (0, str(ckpt / "epoch=0-step=8.ckpt"))
+    assert ElasticCheckpointIO().load_checkpoint(r.stdout.strip())["global_step"] == 8
