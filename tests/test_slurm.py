@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 
@@ -74,6 +75,11 @@ def test_slurm_usr1_saves_requeues_and_the_job_finishes_from_the_saved_step(slur
         info = slurm.wait_state(job, ("PENDING",), timeout=60)
         assert int(info["Restarts"]) == 1
         slurm.wait_node_idle()
+        # slurmd revoked the first run's job credential at the requeue, with a time in whole
+        # seconds; a credential issued within that same second is refused ("Job credential
+        # revoked": the job FAILS without output; seen in a fresh-clone run). Slurm's own
+        # requeue delay avoids this; StartTime=now must wait past that second itself.
+        time.sleep(2)
         slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now")
         info = slurm.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=240)
     except BaseException:

@@ -204,7 +204,8 @@ class TrainerCheckpoints:
         mark_saved(self.trainer)
 
 
-class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback of each importable namespace
+# Derives from the Callback of each importable namespace, so either Trainer accepts it.
+class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
     """Loss-spike rollback, preemption saves and the drift report for a Lightning ``Trainer``.
 
     Needs ``ElasticCheckpointIO`` as the trainer's checkpoint plugin, and a checkpoint directory

@@ -59,7 +59,8 @@ def _join(parent: str, name: str) -> str:
     return f"{parent.rstrip('/')}/{name}"
 
 
-class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]  # the CheckpointIO of each importable namespace
+# Derives from the CheckpointIO of each importable namespace, so either Trainer accepts it.
+class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
     """Atomic, verified Lightning checkpoints on a local disk or ``s3://``.
 
     ``async_save=True``: ``save_checkpoint`` returns once the tensors are copied into reusable CPU
