@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import CheckpointCorruptError, ConfigError, ElasticResumeError, NoCheckpointError
 from .storage import open_storage, redact
-from .store import CheckpointStore, StepReport, parse_step_dir
+from .store import CheckpointStore, StepReport, list_bundles
 
 EXIT_OK = 0
 EXIT_NEGATIVE = 1
@@ -99,11 +99,7 @@ def _stores(args: argparse.Namespace) -> list[tuple[str | None, CheckpointStore]
     store = _open(args)
     if store.step_dirs():
         return [(None, store)]
-    bundles: dict[str, int] = {}
-    for rel in store.storage.list_tree(""):
-        parts = rel.split("/")
-        if len(parts) >= 3 and (step := parse_step_dir(parts[1])) is not None:
-            bundles[parts[0]] = max(step, bundles.get(parts[0], -1))
+    bundles = {name: max(steps) for name, steps in list_bundles(store.storage).items()}
     if not bundles:
         return [(None, store)]
     options = parse_storage_options(args.storage_option)
@@ -240,7 +236,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import tempfile
 
     try:
-        from .lightning.loading import load_checkpoint, to_bytes
+        from .lightning.loading import check_weights_only, load_checkpoint, to_bytes
     except ImportError as e:
         raise ConfigError(f"--format lightning: {e}") from None
     out = os.path.abspath(args.output)
@@ -248,6 +244,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"{out} already exists; export never replaces a file (remove it or pick another name)")
     checkpoint = load_checkpoint(args.root, storage_options=parse_storage_options(args.storage_option))
     data = to_bytes(checkpoint)
+    check_weights_only(data)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=".export-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -69,6 +69,19 @@ def parse_step_dir(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def list_bundles(storage: Storage) -> dict[str, dict[int, bool]]:
+    """The bundles directly under a directory (Lightning paths written by ElasticCheckpointIO,
+    each a store root of its own: ``NAME/step-N/...``): ``{name: {step: committed}}``, from one
+    recursive listing."""
+    bundles: dict[str, dict[int, bool]] = {}
+    for rel in storage.list_tree(""):
+        parts = rel.split("/")
+        if len(parts) >= 3 and (step := parse_step_dir(parts[1])) is not None:
+            steps = bundles.setdefault(parts[0], {})
+            steps[step] = steps.get(step, False) or (len(parts) == 3 and parts[2] == MANIFEST_NAME)
+    return bundles
+
+
 def new_attempt_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:10]
 

@@ -61,22 +61,7 @@ def main(argv: list[str]) -> None:
         _run(argv)
     except GaveUpError as e:
         sys.stderr.write(f"elastic-resume: gave up: {e}\n")
-        _leave(EXIT_GAVE_UP)
-    except SystemExit as e:
-        if e.code == EXIT_GAVE_UP:
-            # "Do not retry" must reach the launcher as 76. Interpreter teardown with live
-            # C++ threads (a process group not destroyed) can abort instead (SIGABRT, which the
-            # launcher would restart): run the exit handlers (they finish a pending save),
-            # flush, and leave without the teardown.
-            _leave(EXIT_GAVE_UP)
-        raise
-
-
-def _leave(code: int) -> None:
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        raise SystemExit(EXIT_GAVE_UP) from None
 
 
 def _destroy_process_group() -> None:

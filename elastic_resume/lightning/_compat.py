@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 from ..errors import ConfigError
@@ -47,7 +46,6 @@ class Namespace:
 
     name: str  # "pytorch_lightning" or "lightning"
     version: str
-    pl: ModuleType
     Callback: type
     CheckpointIO: type
     ModelCheckpoint: type
@@ -78,7 +76,7 @@ def _load(name: str) -> Namespace | None:
     fabric = importlib.import_module(f"{fabric_name}.plugins")
     callbacks = importlib.import_module(f"{pytorch_name}.callbacks")
     loop = importlib.import_module(f"{pytorch_name}.loops.loop")
-    return Namespace(name=name, version=version, pl=pl, Callback=callbacks.Callback,
+    return Namespace(name=name, version=version, Callback=callbacks.Callback,
                      CheckpointIO=fabric.CheckpointIO, ModelCheckpoint=callbacks.ModelCheckpoint,
                      Loop=loop._Loop)
 

@@ -33,7 +33,7 @@ from ..errors import (
 from ..events import EventLog
 from ..manager import CheckpointManager, _manifest_hash, _Stager, max_resumes_from_env
 from ..storage import open_storage
-from ..store import MANIFEST_NAME, CheckpointStore, Manifest, parse_step_dir, step_dir
+from ..store import MANIFEST_NAME, CheckpointStore, Manifest, list_bundles, step_dir
 from ._compat import CHECKPOINT_IO_BASES
 
 log = logging.getLogger("elastic_resume")
@@ -69,9 +69,10 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
     Lightning's ``AsyncCheckpointIO`` works too, at the cost of a full clone per save.
 
     ``storage_options`` go to s3fs (endpoint, credentials); the environment's AWS settings
-    apply otherwise. ``group``: where ranks agree on what to load (default: every rank of the
-    default process group; ``LocalGroup()`` loads in this process alone, no collective). ``max_resumes_per_step``: the crash-loop limit of :meth:`resume_path`
+    apply otherwise. ``max_resumes_per_step``: the crash-loop limit of :meth:`resume_path`
     (default: what ``elastic-resume launch --er-max-resumes-per-step`` passes, else 3).
+    ``group``: where ranks agree on what to load (default: every rank of the default process
+    group; ``LocalGroup()`` loads in this process alone, with no collective).
     """
 
     def __init__(
@@ -131,13 +132,9 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         """Committed ``(step, path)`` of every bundle directly under ``dirpath``, newest first
         (manifests exist; their contents are checked when loaded). One recursive listing."""
         dirpath = normalize_path(dirpath)
-        found = []
-        for rel in open_storage(dirpath, self.storage_options).list_tree(""):
-            parts = rel.split("/")
-            if len(parts) == 3 and parts[2] == MANIFEST_NAME:
-                step = parse_step_dir(parts[1])
-                if step is not None:
-                    found.append((step, _join(dirpath, parts[0])))
+        found = [(step, _join(dirpath, name))
+                 for name, steps in list_bundles(open_storage(dirpath, self.storage_options)).items()
+                 for step, committed in steps.items() if committed]
         return sorted(found, key=lambda f: (-f[0], f[1]))
 
     def health(self, dirpath: str | os.PathLike[str]) -> list[tuple[int, bool, str]]:
@@ -268,7 +265,7 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
             parent, name = path.rsplit("/", 1)
             data = open_storage(parent, self.storage_options).read(name).buffer
             assert data is not None
-            checkpoint = torch.load(io.BytesIO(data.numpy().tobytes()), map_location="cpu", weights_only=True)
+            checkpoint = torch.load(io.BytesIO(memoryview(data.numpy())), map_location="cpu", weights_only=True)
             if not isinstance(checkpoint, dict):
                 why = f"holds a {type(checkpoint).__name__}, not a Lightning checkpoint dict"
         except Exception as e:  # noqa: BLE001 - storage errors, and the weights-only unpickler's refusals

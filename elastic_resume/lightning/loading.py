@@ -33,17 +33,19 @@ def load_checkpoint(path: str | os.PathLike[str], *, storage_options: dict[str, 
 
 
 def to_bytes(checkpoint: dict[str, Any]) -> bytes:
-    """``checkpoint`` as a standard ``.ckpt`` (``torch.save``); refuses what
-    ``torch.load(weights_only=True)`` would not read back (our decoder yields tensors and plain
-    containers only, so this holds for every bundle)."""
+    """``checkpoint`` as a standard ``.ckpt`` (what ``torch.save`` writes)."""
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
-    data = buffer.getvalue()
+    return buffer.getvalue()
+
+
+def check_weights_only(data: bytes) -> None:
+    """Refuse a ``.ckpt`` that ``torch.load(weights_only=True)`` would not read back (our decoder
+    yields tensors and plain containers only, so every bundle passes; an export proves it)."""
     try:
         torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - the weights-only unpickler's refusal, as one line
         raise ConfigError(f"checkpoint does not load with weights_only=True: {str(e).splitlines()[0]}") from None
-    return data
 
 
 def load_from_checkpoint(cls: Any, path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
