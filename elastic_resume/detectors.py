@@ -4,6 +4,12 @@ Each detector watches the loss or the gradient norm (``watch``), ignores its fir
 values, and keeps the state it needs (windows, averages) in ``state_dict()`` so a resumed run
 judges exactly as the original would have. A value judged a spike is not absorbed into the
 statistics: a baseline must not learn to accept the very spike it reported.
+
+Where a detector judges (its ``scope``): ``NonFinite`` always on each rank's own values (one
+rank's NaN is the job's NaN); ``Plateau`` always on the global loss (a plateau is a property of
+the run, not of one rank's batch); the others on whatever the guard judges (``judge="global"``
+by default: the loss averaged over all ranks, so every rank judges the same number and the
+false-positive rate does not grow with the world size; ``judge="rank"``: each rank's own).
 """
 
 from __future__ import annotations
@@ -11,8 +17,9 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import ConfigError
 
@@ -24,6 +31,12 @@ class Verdict:
     spike: bool = False
     stop: bool = False
     reason: str = ""
+    plateau: bool = False
+    """A plateau, not a spike: the rollback follows the plateau's own anchor and skip rules."""
+    rollback_to: str = "newest"
+    """``newest`` healthy checkpoint old enough, or the one with the ``lowest_loss`` recorded."""
+    skip_data: bool = True
+    """Whether the rollback skips the data window (spikes: the policy decides; plateaus: asked)."""
 
     def __bool__(self) -> bool:
         return self.spike or self.stop
@@ -39,6 +52,7 @@ class Detector:
     watch: str = "loss"
     warmup: int = 0
     seen: int = field(default=0, init=False)
+    scope: ClassVar[str | None] = None  # "rank", "global", or None: as the guard judges
 
     def __post_init__(self) -> None:
         if self.watch not in WATCH:
@@ -61,6 +75,10 @@ class Detector:
 
     def _judge(self, value: float, step: int) -> Verdict:
         return OK
+
+    def on_rollback(self, anchor: int) -> None:
+        """Called after a rollback restored this detector's state from the anchor at step
+        ``anchor``: a detector whose clock is recovery state (``Plateau``) restarts it here."""
 
     def _absorb(self, value: float) -> None:
         pass
@@ -217,7 +235,10 @@ class CUSUM(Detector):
 
 @dataclass(kw_only=True)
 class NonFinite(Detector):
-    """NaN or Inf (in the loss or the gradient norm) is always a spike, warm-up or not."""
+    """NaN or Inf (in the loss or the gradient norm) is always a spike, warm-up or not; judged
+    on each rank's own values (a mean over ranks would hide which one broke)."""
+
+    scope: ClassVar[str | None] = "rank"
 
     def update(self, value: float, step: int) -> Verdict:
         self.seen += 1
@@ -226,36 +247,91 @@ class NonFinite(Detector):
         return OK
 
 
+PLATEAU_ANCHORS = ("newest", "lowest_loss")
+
+
 @dataclass(kw_only=True)
 class Plateau(Detector):
-    """"Loss still above ``above`` after ``after_steps`` steps": once, at the first step past
-    ``after_steps`` where it holds, either ask for a rollback (``action="rollback"``, usually
-    with a lower LR) or stop the run (``action="stop"``)."""
+    """"Loss still above ``above`` after ``after_steps`` steps", judged on the global loss
+    smoothed over ``window`` steps (or over each whole epoch with ``window="epoch"``), never on
+    one batch.
+
+    When it holds it asks for a rollback (``action="rollback"``, usually with the policy's
+    ``lr_scale`` < 1) or stops the run (``action="stop"``). Its clock is recovery state: after a
+    rollback to step A it waits until step A + ``after_steps`` at the new LR before it may fire
+    again (the anchor's copy of this detector, which had not fired yet, does not bring the old
+    clock back), so a plateau that keeps coming back spends the rollback budget and stops the run
+    with exit code 76. ``rollback_to="lowest_loss"`` goes back to the healthy checkpoint with the
+    lowest recorded loss instead of the newest; data is skipped only with ``skip_data=True``
+    (a plateau is not bad data)."""
 
     above: float
     after_steps: int
+    window: int | str = 50
     action: str = "rollback"
-    fired: bool = field(default=False, init=False)
+    rollback_to: str = "newest"
+    skip_data: bool = False
+    scope: ClassVar[str | None] = "global"
+    origin: int = field(default=0, init=False)  # the step the after_steps clock counts from
+    values: deque[float] = field(default_factory=deque, init=False)
+    epoch: int | None = field(default=None, init=False)  # window="epoch": the epoch being summed
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.action not in ("rollback", "stop"):
             raise ConfigError(f"Plateau: action must be 'rollback' or 'stop' (got {self.action!r})")
+        if self.rollback_to not in PLATEAU_ANCHORS:
+            raise ConfigError(f"Plateau: rollback_to must be one of {PLATEAU_ANCHORS} (got {self.rollback_to!r})")
+        if self.after_steps < 0:
+            raise ConfigError(f"Plateau: after_steps must be >= 0 (got {self.after_steps})")
+        if self.window != "epoch" and (not isinstance(self.window, int) or self.window < 1):
+            raise ConfigError(f"Plateau: window must be a number of steps >= 1 or 'epoch' (got {self.window!r})")
+        self.values = deque(maxlen=None if self.window == "epoch" else int(self.window))
 
-    def update(self, value: float, step: int) -> Verdict:
+    def update(self, value: float, step: int, epoch: int | None = None) -> Verdict:
         self.seen += 1
-        if self.fired or step < self.after_steps or not math.isfinite(value) or value <= self.above:
+        if not math.isfinite(value):
+            return OK  # NonFinite's business; a NaN must not poison the mean
+        if self.window == "epoch":
+            if epoch is None:
+                raise ConfigError("Plateau(window='epoch') needs the epoch: pass guard.step(..., epoch=E)")
+            finished = list(self.values) if self.epoch is not None and epoch != self.epoch else None
+            if finished is not None:
+                self.values.clear()
+            self.values.append(value)
+            self.epoch = epoch
+            if not finished:
+                return OK  # judged once per epoch, when its last step is known
+            mean, over = statistics.fmean(finished), f"epoch {epoch - 1}"
+        else:
+            self.values.append(value)
+            if len(self.values) < min(int(self.window), max(1, self.after_steps)):
+                return OK
+            mean, over = statistics.fmean(self.values), f"the last {len(self.values)} steps"
+        if step - self.origin < self.after_steps or mean <= self.above:
             return OK
-        self.fired = True
-        reason = f"{self.watch} {value:.6g} still above {self.above:.6g} after {step} steps"
-        return Verdict(spike=self.action == "rollback", stop=self.action == "stop", reason=reason)
+        since = "the start" if self.origin == 0 else f"the rollback to step {self.origin}"
+        reason = (f"{self.watch} averaged over {over} is {mean:.6g}, still above {self.above:.6g} "
+                  f"{step - self.origin} steps after {since}")
+        self.origin = step  # without a rollback (ignored, or action="stop"), wait as long again
+        return Verdict(spike=self.action == "rollback", stop=self.action == "stop", reason=reason, plateau=True,
+                       rollback_to=self.rollback_to, skip_data=self.skip_data)
+
+    def on_rollback(self, anchor: int) -> None:
+        self.origin = anchor
+        self.values.clear()
+        self.epoch = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "fired": self.fired}
+        return {**super().state_dict(), "origin": self.origin, "values": list(self.values), "epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.fired = bool(state["fired"])
+        self.origin = int(state.get("origin", 0))  # absent in checkpoints of the fire-once Plateau
+        self.values.clear()
+        self.values.extend(float(v) for v in state.get("values", ()))
+        epoch = state.get("epoch")
+        self.epoch = None if epoch is None else int(epoch)
 
 
 def default_detectors() -> list[Detector]:
@@ -264,27 +340,40 @@ def default_detectors() -> list[Detector]:
     return [NonFinite(watch="loss"), NonFinite(watch="grad_norm"), RobustZScore(window=50, z=8.0)]
 
 
+def judged_where(detector: Detector, judge: str) -> str:
+    """``"rank"`` or ``"global"``: where ``detector`` judges when the guard judges ``judge``."""
+    return detector.scope or judge
+
+
 class DetectorBank:
     """Runs a list of detectors on one step's values; reports the first firing verdict."""
 
-    checkpoint_per_rank = True  # each rank judges its own loss
+    checkpoint_per_rank = True  # NonFinite's counters (and per-rank judging) are each rank's own
     reshardable = True
 
     def __init__(self, detectors: list[Detector] | None = None) -> None:
         self.detectors = list(detectors) if detectors is not None else default_detectors()
 
-    def update(self, step: int, loss: float, grad_norm: float | None = None) -> tuple[Verdict, str]:
+    def update(self, step: int, loss: float, grad_norm: float | None = None, *,
+               where: Callable[[Detector], bool] | None = None, epoch: int | None = None) -> tuple[Verdict, str]:
+        """Feed the detectors ``where`` selects (all by default) this step's values."""
         spike = stop = None
         for d in self.detectors:
+            if where is not None and not where(d):
+                continue
             value = loss if d.watch == "loss" else grad_norm
             if value is None:
                 continue
-            v = d.update(float(value), step)
+            v = d.update(float(value), step, epoch) if isinstance(d, Plateau) else d.update(float(value), step)
             if v.stop and stop is None:
                 stop = (v, d.name)
             elif v.spike and spike is None:
                 spike = (v, d.name)
         return stop or spike or (OK, "")
+
+    def on_rollback(self, anchor: int) -> None:
+        for d in self.detectors:
+            d.on_rollback(anchor)
 
     def state_dict(self) -> dict[str, Any]:
         return {"detectors": [[d.name, d.state_dict()] for d in self.detectors]}

@@ -11,8 +11,11 @@ A few lines around an existing loop::
         if outcome.rolled_back:                 # every rank, same iteration
             step, batches = outcome.step, iter(loader)
 
-Per step: local detectors (pure), then one small collective (the vote, read one step late by
-default), then the pure policy. A rollback happens in-process on every rank in the same
+Per step: this rank's NaN/Inf check (and, with ``judge="rank"``, its detectors), then one small
+collective (the vote, read one step late by default) that also yields the loss averaged over all
+ranks, then the detectors on that global loss (``judge="global"``, the default: the same number
+on every rank, so the same verdict, and a false-positive rate that does not grow with the world
+size), then the pure policy. A rollback happens in-process on every rank in the same
 iteration: newer checkpoints on the abandoned timeline are retired, the anchor is restored into
 the live objects, the bad data window is skipped, the LR optionally scaled, and the anchor is
 re-committed with the new recovery state so a requeue neither repeats nor forgets it.
@@ -21,21 +24,24 @@ re-committed with the new recovery state so a requeue neither repeats nor forget
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from . import preemption
 from .data import ResumableDistributedSampler
-from .detectors import Detector, DetectorBank
-from .errors import GaveUpError
+from .detectors import Detector, DetectorBank, Plateau, judged_where
+from .errors import ConfigError, GaveUpError
 from .manager import CheckpointManager
 from .policy import Action, Recovery, RollbackPolicy, decide
 from .vote import Quorum, Vote, VoteResult
 
+JUDGES = ("global", "rank")
 RECOVERY_KEY = "spike_guard"
 DETECTORS_KEY = "spike_detectors"
 
@@ -88,10 +94,14 @@ class SpikeGuard:
         lag: int = 1,
         health_window: int = 10,
         group: Any = "auto",
+        judge: str = "global",
         on_event: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if vote_every < 1:
-            raise ValueError(f"vote_every must be >= 1 (got {vote_every})")
+            raise ConfigError(f"SpikeGuard(vote_every=...) must be >= 1 (got {vote_every})")
+        if judge not in JUDGES:
+            raise ConfigError(f"SpikeGuard(judge=...) must be one of {', '.join(JUDGES)} (got {judge!r})")
+        self.judge = judge
         self.manager = manager
         self.state = state
         self.sampler = sampler
@@ -112,7 +122,10 @@ class SpikeGuard:
         self._last_loss = float("nan")
         self._last_trouble: int | None = None
         self._positions: dict[int, int] = {}
-        self._committed: list[tuple[int, bool]] = []  # (step, healthy) of this run's timeline
+        self._committed: list[tuple[int, bool, float | None]] = []  # (step, healthy, loss) of this timeline
+        self._values: list[tuple[int, float, float | None]] = []  # this rank's steps since the last vote
+        self._epochs: dict[int, int | None] = {}  # step -> epoch, for Plateau(window="epoch")
+        self._global_losses: deque[float] = deque(maxlen=max(1, health_window))  # recorded with checkpoints
         self._step_clock: float | None = None
         # Votes read outside step() (settle(), right before a checkpoint taken by someone else,
         # e.g. Lightning's ModelCheckpoint): acted on at the next step().
@@ -147,9 +160,14 @@ class SpikeGuard:
         back to: the newest healthy one at least ``margin`` steps old (today's anchor) and the
         healthy ones younger than that (tomorrow's anchors)."""
         limit = step - self.policy.margin
-        healthy = [s for s, ok in self._committed if ok]
+        healthy = [s for s, ok, _ in self._committed if ok]
         old = [s for s in healthy if s <= limit]
         keep = {s for s in healthy if s > limit} | ({max(old)} if old else set())
+        if old and any(isinstance(d, Plateau) and d.rollback_to == "lowest_loss" for d in self.bank.detectors):
+            losses = {s: loss for s, ok, loss in self._committed if ok and loss is not None and math.isfinite(loss)}
+            recorded = [s for s in old if s in losses]
+            if recorded:  # a plateau's anchor, which decide() may pick over the newest
+                keep.add(min(recorded, key=lambda s: (losses[s], -s)))
         if self.policy.restart_from_scratch and 0 in healthy:
             keep.add(0)
         self.manager.protected_steps = keep
@@ -176,9 +194,10 @@ class SpikeGuard:
         meta = {"loss": self._last_loss, **(metadata or {})}
         if self.sampler is not None:
             meta["samples_seen"] = self.sampler.position
+        loss = statistics.fmean(self._global_losses) if self._global_losses else None
         health = {"healthy": self.healthy(step), "last_trouble_step": self._last_trouble,
-                  "rollbacks": self.recovery.rollbacks}
-        self._committed = [(s, ok) for s, ok in self._committed if s != step] + [(step, health["healthy"])]
+                  "rollbacks": self.recovery.rollbacks, "loss": loss}
+        self._committed = [c for c in self._committed if c[0] != step] + [(step, health["healthy"], loss)]
         self._protect_anchor(step)
         return meta, health
 
@@ -189,9 +208,7 @@ class SpikeGuard:
         ``step()``."""
         result = self.vote.flush()
         if result is not None:
-            if result.trouble:
-                self._last_trouble = max(self._last_trouble or 0, result.step)
-            self._deferred.append(result)
+            self._deferred.append(self._receive(result))
 
     # -- the per-step check -------------------------------------------------------------------
     def step(
@@ -203,8 +220,10 @@ class SpikeGuard:
         save: bool = False,
         blocking: bool = True,
         metadata: dict[str, Any] | None = None,
+        epoch: int | None = None,
     ) -> StepOutcome:
         """Feed this step's loss (and gradient norm); returns what every rank must do now.
+        ``epoch`` is needed by ``Plateau(window="epoch")`` only.
 
         ``save=True`` checkpoints this step, after reading this step's vote too (one extra wait
         on save steps only), so a checkpoint is never taken, nor marked healthy, while a spike
@@ -214,13 +233,18 @@ class SpikeGuard:
         self._record_step(step, loss)
         if self.recovery.cooldown_left > 0:
             self.recovery.cooldown_left -= 1
-        verdict, name = self.bank.update(step, loss, None if grad_norm is None else float(grad_norm))
-        if verdict:
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        nonfinite = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
+        verdict, name = self.bank.update(step, loss, grad_norm, where=self._local)
+        if verdict or nonfinite:
             self._flags["spike"] |= verdict.spike
             self._flags["stop"] |= verdict.stop
-            self._flags["nonfinite"] |= not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
+            self._flags["nonfinite"] |= nonfinite  # one rank's NaN is the job's, detector or not
             self._last_trouble = step
-            self.emit("spike_detected", step=step, detector=name, reason=verdict.reason, loss=loss)
+            self.emit("spike_detected", step=step, detector=name or "non-finite", reason=verdict.reason or
+                      f"loss {loss}, gradient norm {grad_norm}", loss=loss, judged="rank")
+        self._values.append((step, loss, grad_norm))
+        self._epochs[step] = epoch
         if self.sampler is not None:
             self._positions[step] = self.sampler.position
             self._positions.pop(step - 4 * (self.policy.skip_after + self.policy.margin + 8), None)
@@ -228,11 +252,12 @@ class SpikeGuard:
         self._deferred.clear()
         if step % self.vote_every == 0 or save:
             preempt = self._preempt or preemption.requested() is not None
-            results.append(self.vote.submit(step, loss=loss, preempt=preempt, **self._flags))
+            results.append(self._receive(self.vote.submit(step, values=self._values, preempt=preempt, **self._flags)))
+            self._values = []
             self._flags = {"spike": False, "nonfinite": False, "stop": False}
             self._preempt = False
         if save:
-            results.append(self.vote.flush())
+            results.append(self._receive(self.vote.flush()))
         for result in results:
             if result is not None:
                 outcome = self._act(result, now=step)
@@ -241,6 +266,34 @@ class SpikeGuard:
         if save:
             self.save(step, metadata=metadata, blocking=blocking)
         return CONTINUE
+
+    def _local(self, detector: Detector) -> bool:
+        return judged_where(detector, self.judge) == "rank"
+
+    def _global(self, detector: Detector) -> bool:
+        return judged_where(detector, self.judge) == "global"
+
+    def _receive(self, result: VoteResult | None) -> VoteResult | None:
+        """A vote result has come in: judge its global losses (the same numbers, hence the same
+        verdict, on every rank) and mark trouble for the health of the next checkpoint."""
+        if result is None:
+            return None
+        found = None
+        for values in result.values:
+            epoch = self._epochs.pop(values.step, None)
+            if values.nonfinite:
+                continue  # the mean of the finite ranks is no loss to learn a baseline from
+            self._global_losses.append(values.loss)
+            verdict, name = self.bank.update(values.step, values.loss, values.grad_norm, where=self._global, epoch=epoch)
+            if verdict and found is None:
+                found = verdict
+                self.emit("spike_detected", step=values.step, detector=name, reason=verdict.reason, loss=values.loss,
+                          judged="global", plateau=verdict.plateau)
+        if found is not None:
+            result = replace(result, verdict=found, stop=result.stop + int(found.stop))
+        if result.trouble:
+            self._last_trouble = max(self._last_trouble or 0, result.step)
+        return result
 
     def _record_step(self, step: int, loss: float) -> None:
         """One line per step in the event file (rank 0): the loss curve and the step times that
@@ -253,14 +306,13 @@ class SpikeGuard:
                                        seconds=None if seconds is None else round(seconds, 6))
 
     def _act(self, result: VoteResult, now: int) -> StepOutcome:
-        if result.trouble:
-            self._last_trouble = max(self._last_trouble or 0, result.step)
         action = decide(self.policy, result, None, self.recovery)
         if action.kind == "needs_checkpoints":
             action = decide(self.policy, result, self.manager.checkpoint_health(), self.recovery)
         if result.spike or result.stop:
             self.emit("vote_triggered", step=result.step, spikes=result.spikes, nonfinite=result.nonfinite,
-                      ranks=result.world_size, quorum=result.quorum, mean_loss=result.mean_loss, action=action.kind)
+                      ranks=result.world_size, quorum=result.quorum, mean_loss=result.mean_loss, action=action.kind,
+                      judged=self.judge, plateau=result.plateau_only)
         if action.kind == "continue":
             if action.reason:
                 self.emit("spike_ignored", step=result.step, reason=action.reason)
@@ -303,10 +355,15 @@ class SpikeGuard:
         # Load the anchor before retiring anything: only a step every rank just loaded may make
         # the newer ones (the abandoned timeline) go, so a rollback never leaves less than it found.
         self.manager.restore(self.state, step=action.anchor)
+        # The anchor's detectors had not seen what came after it; clocks that are recovery
+        # state (a plateau's after_steps) restart from the anchor instead of replaying.
+        self.bank.on_rollback(action.anchor)
+        self._values, self._epochs = [], {}
+        self._global_losses.clear()
         # The anchor is re-committed below with the recovery state: replace what was restored.
         self.manager.allow_replace(action.anchor)
         self.manager.retire_newer_than(action.anchor, reason=f"rollback from a spike at step {action.onset}")
-        self._committed = [(s, ok) for s, ok in self._committed if s <= action.anchor]
+        self._committed = [c for c in self._committed if c[0] <= action.anchor]
         anchor_lr_scale = self.recovery.lr_scale  # what the anchor's optimizer already carries
         start = self.sampler.position if self.sampler is not None else None
         after = before

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import os
 import sys
 import time
@@ -713,10 +714,10 @@ class CheckpointManager:
         logging.getLogger("elastic_resume").warning("%s", message)
 
     # -- rollback support ---------------------------------------------------------------------
-    def checkpoint_health(self) -> list[tuple[int, bool]]:
-        """Committed steps with their recorded health, the same list on every rank (rank 0
-        reads, then broadcasts). A step without a health record counts as healthy; a step
-        whose manifest does not validate is left out."""
+    def checkpoint_health(self) -> list[tuple[int, bool, float | None]]:
+        """Committed steps with their recorded health and loss (the guard's smoothed global
+        loss), the same list on every rank (rank 0 reads, then broadcasts). A step without a
+        health record counts as healthy; a step whose manifest does not validate is left out."""
         self.wait()
         found = None
         if self.rank == 0:
@@ -726,7 +727,7 @@ class CheckpointManager:
                     m = self.store.read_manifest(s)
                 except CheckpointCorruptError:
                     continue
-                found.append((s, bool(m.health.get("healthy", True))))
+                found.append((s, bool(m.health.get("healthy", True)), recorded_loss(m.health)))
         return self.group.broadcast_object(found)
 
     def retire_newer_than(self, step: int, *, reason: str) -> list[int]:
@@ -808,3 +809,11 @@ def _wait_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:
             # atexit cannot change the exit status any other way; a process whose last save was
             # lost must not report success (the launcher then restarts from the last commit).
             os._exit(EXIT_SAVE_FAILED)
+
+
+def recorded_loss(health: dict[str, Any]) -> float | None:
+    """The loss a checkpoint's health record carries, if it is a finite number (untrusted bytes)."""
+    loss = health.get("loss")
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss):
+        return float(loss)
+    return None

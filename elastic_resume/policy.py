@@ -8,6 +8,7 @@ skipped 200-500 batches; OPT and BLOOM rolled back and lowered the learning rate
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,8 @@ class RollbackPolicy:
     skip_after: int = 200
     """Skip the data from the anchor's position through the data of step S + skip_after."""
     skip_data: bool = True
-    """False: roll back and replay the same data (only sensible for transient spikes)."""
+    """False: roll back and replay the same data (only sensible for transient spikes). A
+    plateau's rollback skips data only when its ``Plateau(skip_data=True)`` asks too."""
     lr_scale: float = 1.0
     """Multiply the learning rate by this after each rollback (e.g. 0.5)."""
     clip_scale: float = 1.0
@@ -80,36 +82,58 @@ class Action:
     reason: str = ""
 
 
+def trigger(vote: VoteResult) -> str:
+    """What the vote agreed on, in words (for the reason of the action taken on it)."""
+    at = f"at step {vote.step}"
+    if vote.nonfinite:
+        return f"non-finite loss or gradient norm {at} on {vote.nonfinite} of {vote.world_size} ranks"
+    if vote.verdict is not None and vote.verdict.spike and vote.spikes < vote.quorum:
+        kind = "plateau" if vote.verdict.plateau else "loss spike"
+        return f"{kind} {at} in the loss over all {vote.world_size} ranks ({vote.verdict.reason})"
+    return f"loss spike {at} on {vote.spikes} of {vote.world_size} ranks"
+
+
 def decide(
     policy: RollbackPolicy,
     vote: VoteResult,
-    checkpoints: list[tuple[int, bool]] | None,
+    checkpoints: list[tuple[int, bool]] | list[tuple[int, bool, float | None]] | None,
     recovery: Recovery,
 ) -> Action:
-    """``checkpoints``: committed (step, healthy) pairs; only consulted for a rollback (None
-    means not fetched yet: the caller fetches them when the answer is ``needs_checkpoints``)."""
+    """``checkpoints``: committed ``(step, healthy)`` or ``(step, healthy, recorded loss)``;
+    only consulted for a rollback (None means not fetched yet: the caller fetches them when the
+    answer is ``needs_checkpoints``)."""
     if vote.stop:
-        return Action("stop", onset=vote.step, reason=f"a detector asked to stop the run at step {vote.step}")
+        reason = f"a detector asked to stop the run at step {vote.step}"
+        if vote.verdict is not None and vote.verdict.stop:
+            reason += f": {vote.verdict.reason}"
+        return Action("stop", onset=vote.step, reason=reason)
     if not vote.spike:
         return Action("save" if vote.preempt else "continue")
     onset = vote.step
+    what = trigger(vote)
     if recovery.cooldown_left > 0:
-        return Action("continue", onset=onset, reason=f"spike at step {onset} ignored: cooling down for {recovery.cooldown_left} more steps")
+        return Action("continue", onset=onset, reason=f"{what} ignored: cooling down for {recovery.cooldown_left} more steps")
     if recovery.rollbacks >= policy.budget:
         return Action("stop", onset=onset, reason=(
-            f"loss spike at step {onset} ({vote.spikes} of {vote.world_size} ranks, {vote.nonfinite} non-finite) "
-            f"but the rollback budget of {policy.budget} is spent"))
+            f"{what}, but the rollback budget of {policy.budget} is spent"))
     if checkpoints is None:
         return Action("needs_checkpoints", onset=onset)
+    plateau = vote.verdict if vote.plateau_only else None
     limit = onset - policy.margin
-    healthy = [s for s, ok in checkpoints if ok and s <= limit]
-    if not healthy and policy.restart_from_scratch and any(s == 0 for s, _ in checkpoints):
+    losses = {c[0]: (c[2] if len(c) > 2 else None) for c in checkpoints}
+    healthy = [c[0] for c in checkpoints if c[1] and c[0] <= limit]
+    if not healthy and policy.restart_from_scratch and any(c[0] == 0 for c in checkpoints):
         healthy = [0]
     if not healthy:
         return Action("stop", onset=onset, reason=(
-            f"loss spike at step {onset} but no healthy checkpoint at or before step {limit} "
+            f"{what}, but no healthy checkpoint at or before step {limit} "
             f"(margin {policy.margin}) to roll back to; set restart_from_scratch=True to restart from step 0"))
     anchor = max(healthy)
-    skip_through = onset + policy.skip_after if policy.skip_data else None
+    if plateau is not None and plateau.rollback_to == "lowest_loss":
+        recorded = [s for s in healthy if isinstance(losses.get(s), float) and math.isfinite(losses[s])]
+        if recorded:  # the lowest loss; of equal ones the newest
+            anchor = min(recorded, key=lambda s: (losses[s], -s))
+    skip = policy.skip_data and (plateau is None or plateau.skip_data)
+    skip_through = onset + policy.skip_after if skip else None
     return Action("rollback", onset=onset, anchor=anchor, skip_through_step=skip_through,
-                  reason=f"loss spike at step {onset} ({vote.spikes} of {vote.world_size} ranks, {vote.nonfinite} non-finite)")
+                  reason=what)

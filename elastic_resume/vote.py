@@ -1,10 +1,16 @@
 """The spike vote: the one place that does a per-step collective.
 
-Each rank puts its loss and its local verdicts into one small tensor
-``[loss_sum, spike, nonfinite, preempt, stop]`` and one ``all_reduce(SUM)`` combines them; every
-rank then derives the same decision from the same reduced numbers. With ``lag=1`` (default) the
-reduction is launched asynchronously and read at the next check, so its latency hides behind a
-training step instead of stalling it.
+Each rank puts its local verdicts and, for every step since the last check, its loss and
+gradient norm into one small tensor::
+
+    [spike, nonfinite, preempt, stop,  (loss, grad_norm, grad_norm_present, nonfinite) per step]
+
+and one ``all_reduce(SUM)`` combines them; every rank then derives the same decision from the
+same reduced numbers: the global (mean over ranks) loss of every step, which the guard's global
+detectors judge identically on every rank, and the ranks' own flags. With ``lag=1`` (default)
+the reduction is launched asynchronously and read at the next check, so its latency hides behind
+a training step instead of stalling it. The steps per check are the same on every rank (every
+rank calls the guard with the same steps), so the tensors have the same length.
 
 Where it runs: under NCCL, on the default process group with the tensor on the current CUDA
 device (one tiny kernel on the stream the step already uses). Under gloo, on a gloo group of its
@@ -20,9 +26,21 @@ from typing import Any
 
 import torch
 
+from .detectors import Verdict
 from .errors import ConfigError
 
-FIELDS = ("loss_sum", "spike", "nonfinite", "preempt", "stop")
+FLAGS = ("spike", "nonfinite", "preempt", "stop")
+PER_STEP = ("loss", "grad_norm", "grad_norm_present", "nonfinite")
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """One step's values as the vote reports them: means over the ranks."""
+
+    step: int
+    loss: float
+    grad_norm: float | None
+    nonfinite: int  # ranks whose loss or gradient norm was NaN/Inf (left out of the means)
 
 
 @dataclass(frozen=True)
@@ -56,16 +74,29 @@ class VoteResult:
     preempt: int
     stop: int
     quorum: int
+    values: tuple[StepValues, ...] = ()
+    verdict: Verdict | None = None
+    """What the global detectors found in ``values`` (the same on every rank), set by the guard."""
 
     @property
     def spike(self) -> bool:
-        """Agreed spike: NaN/Inf on any rank always counts; other verdicts need the quorum."""
-        return self.nonfinite > 0 or self.spikes >= self.quorum
+        """Agreed spike: NaN/Inf on any rank always counts, and so does a global verdict; a
+        per-rank verdict needs the quorum."""
+        return (self.nonfinite > 0 or self.spikes >= self.quorum
+                or (self.verdict is not None and self.verdict.spike))
+
+    @property
+    def plateau_only(self) -> bool:
+        """The rollback is for a plateau alone (its own anchor and data rules apply)."""
+        return (self.verdict is not None and self.verdict.plateau and self.nonfinite == 0
+                and self.spikes < self.quorum)
 
     @property
     def trouble(self) -> bool:
-        """Any rank saw anything, quorum or not (used to mark checkpoints unhealthy)."""
-        return self.spikes > 0 or self.nonfinite > 0
+        """Any rank saw anything, quorum or not (used to mark checkpoints unhealthy); a plateau
+        is no trouble: the checkpoints taken during it are as good as training got."""
+        global_spike = self.verdict is not None and self.verdict.spike and not self.verdict.plateau
+        return self.spikes > 0 or self.nonfinite > 0 or global_spike
 
 
 class Vote:
@@ -89,17 +120,25 @@ class Vote:
         self.device = torch.device("cpu")
         if self._dist and self._dist.get_backend(group) == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self._pending: tuple[int, torch.Tensor, Any] | None = None
+        self._pending: tuple[int, tuple[int, ...], torch.Tensor, Any] | None = None
 
-    def submit(self, step: int, *, loss: float, spike: bool, nonfinite: bool, preempt: bool, stop: bool) -> VoteResult | None:
-        t = torch.tensor([loss if math.isfinite(loss) else 0.0, float(spike), float(nonfinite), float(preempt), float(stop)],
-                         dtype=torch.float64, device=self.device)
+    def submit(self, step: int, *, values: list[tuple[int, float, float | None]], spike: bool, nonfinite: bool,
+               preempt: bool, stop: bool) -> VoteResult | None:
+        """``values``: ``(step, loss, grad_norm or None)`` of this rank for every step since the
+        last check (the same steps on every rank)."""
+        row = [float(spike), float(nonfinite), float(preempt), float(stop)]
+        for _, loss, grad_norm in values:
+            bad = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
+            row += [0.0 if bad else loss, 0.0 if bad or grad_norm is None else grad_norm,
+                    0.0 if bad or grad_norm is None else 1.0, float(bad)]
+        t = torch.tensor(row, dtype=torch.float64, device=self.device)
+        steps = tuple(s for s, _, _ in values)
         work = None
         if self._dist and self.world_size > 1:
             work = self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, group=self.group, async_op=self.lag > 0)
         if self.lag == 0:
-            return self._finish(step, t, None)
-        previous, self._pending = self._pending, (step, t, work)
+            return self._finish(step, steps, t, None)
+        previous, self._pending = self._pending, (step, steps, t, work)
         return self._finish(*previous) if previous else None
 
     def flush(self) -> VoteResult | None:
@@ -110,16 +149,23 @@ class Vote:
     def discard(self) -> None:
         """Drop the check in flight (its step lies on a timeline that was just rolled back);
         the collective is still completed so every rank stays in step."""
-        if self._pending is not None and self._pending[2] is not None:
-            self._pending[2].wait()
+        if self._pending is not None and self._pending[3] is not None:
+            self._pending[3].wait()
         self._pending = None
 
-    def _finish(self, step: int, t: torch.Tensor, work: Any) -> VoteResult:
+    def _finish(self, step: int, steps: tuple[int, ...], t: torch.Tensor, work: Any) -> VoteResult:
         if work is not None:
             work.wait()
-        loss_sum, spike, nonfinite, preempt, stop = (float(v) for v in t.tolist())
+        numbers = t.tolist()
+        spike, nonfinite, preempt, stop = numbers[:len(FLAGS)]
+        values = []
+        for i, s in enumerate(steps):
+            loss, grad, present, bad = numbers[len(FLAGS) + i * len(PER_STEP):len(FLAGS) + (i + 1) * len(PER_STEP)]
+            good = self.world_size - round(bad)
+            values.append(StepValues(step=s, loss=loss / good if good else float("nan"),
+                                     grad_norm=grad / present if present >= 0.5 else None, nonfinite=round(bad)))
         return VoteResult(
-            step=step, world_size=self.world_size, mean_loss=loss_sum / self.world_size,
+            step=step, world_size=self.world_size, mean_loss=values[-1].loss if values else float("nan"),
             spikes=round(spike), nonfinite=round(nonfinite), preempt=round(preempt), stop=round(stop),
-            quorum=self.quorum.needed(self.world_size),
+            quorum=self.quorum.needed(self.world_size), values=tuple(values),
         )

@@ -39,6 +39,7 @@ from elastic_resume import (
     GaveUpError,
     NonFinite,
     PerRank,
+    Plateau,
     ResumableDistributedSampler,
     RNGState,
     RobustZScore,
@@ -84,6 +85,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--restart-from-scratch", action="store_true", help="with no old-enough checkpoint, restart from step 0")
     g.add_argument("--detector-window", type=int, default=20)
     g.add_argument("--detector-z", type=float, default=8.0)
+    g.add_argument("--judge", default="global", choices=["global", "rank"],
+                   help="judge the loss averaged over all ranks (default) or each rank's own")
+    g.add_argument("--plateau-above", type=float, help="add Plateau(above=...): roll back while the loss stays above this")
+    g.add_argument("--plateau-after", type=int, default=8, help="the plateau's after_steps")
+    g.add_argument("--plateau-window", type=int, default=4, help="the plateau's smoothing window (steps)")
+    g.add_argument("--plateau-lowest", action="store_true", help="a plateau rolls back to the lowest-loss checkpoint")
+    g.add_argument("--high-loss-while-lr-above", type=float,
+                   help="fault injection: add --high-loss-offset to the loss while the LR is above this")
+    g.add_argument("--high-loss-offset", type=float, default=10.0)
     g.add_argument("--spike-at-step", type=int, help="multiply --spike-rank's loss by --spike-factor at this step (once)")
     g.add_argument("--spike-rank", type=int, default=1)
     g.add_argument("--spike-factor", type=float, default=1e4)
@@ -152,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
                                 lr_scale=args.lr_scale, budget=args.budget, restart_from_scratch=args.restart_from_scratch)
         detectors = [NonFinite(watch="loss"), NonFinite(watch="grad_norm"),
                      RobustZScore(window=args.detector_window, z=args.detector_z)]
-        guard = SpikeGuard(mgr, state, sampler=sampler, detectors=detectors, policy=policy,
+        if args.plateau_above is not None:
+            detectors.append(Plateau(above=args.plateau_above, after_steps=args.plateau_after,
+                                     window=args.plateau_window,
+                                     rollback_to="lowest_loss" if args.plateau_lowest else "newest"))
+        guard = SpikeGuard(mgr, state, sampler=sampler, detectors=detectors, policy=policy, judge=args.judge,
                            on_event=lambda e: fault_in_rollback(e, rank, args))
         restored = guard.start() or None
     else:
@@ -181,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                 yb = torch.where(bad[:, None], yb * args.poison_factor, yb)
             loss = torch.nn.functional.mse_loss(ddp(xb), yb)
             loss = inject(loss, step + 1, rank, args)
+            lr = optimizer.param_groups[0]["lr"]
+            if args.high_loss_while_lr_above is not None and lr > args.high_loss_while_lr_above:
+                loss = loss + args.high_loss_offset  # a constant: the gradients, hence training, are unchanged
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9 if guard is None else 10.0 * guard.clip_scale)
@@ -189,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             step += 1
             if log:
                 log.write(json.dumps({"rank": rank, "world": world, "step": step, "epoch": sampler.epoch,
-                                      "loss": loss.item(), "samples": idx.tolist(),
+                                      "loss": loss.item(), "samples": idx.tolist(), "lr": lr,
                                       "rollbacks": guard.recovery.rollbacks if guard else 0}) + "\n")
                 log.flush()
             die_once(args.root, step, rank, args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -72,12 +73,45 @@ def test_non_finite_fires_always_even_in_warmup():
     assert all(math.isfinite(v) for v in z.values)
 
 
-def test_plateau_asks_once_for_rollback_or_stop():
-    d = Plateau(above=1.0, after_steps=100, action="stop")
-    verdicts = [d.update(2.0, s) for s in range(95, 110)]
-    assert [v.stop for v in verdicts].count(True) == 1 and verdicts[5].stop
-    d = Plateau(above=1.0, after_steps=10)
-    assert d.update(0.5, 20).spike is False and d.update(1.5, 21).spike is True
+def test_plateau_judges_a_smoothed_loss_not_one_batch():
+    d = Plateau(above=1.0, after_steps=10, window=5)
+    assert fired(d, [0.5] * 20 + [2.0] + [0.5] * 10) == []  # one noisy batch: mean 0.8
+    d = Plateau(above=1.0, after_steps=10, window=5, action="stop")
+    verdicts = [d.update(v, s) for s, v in enumerate([0.5] * 20 + [1.5] * 5)]
+    assert [s for s, v in enumerate(verdicts) if v.stop] == [22]  # mean (2 x 0.5 + 3 x 1.5) / 5 > 1
+    assert verdicts[22].plateau and "averaged over the last 5 steps" in verdicts[22].reason
+
+
+def test_plateau_clock_restarts_at_the_rollback_anchor_not_at_the_anchor_copy():
+    d = Plateau(above=1.0, after_steps=10, window=3)
+    at_anchor = None
+    hits = []
+    for step in range(1, 60):
+        if step == 5:
+            at_anchor = d.state_dict()  # the checkpoint a rollback goes back to
+        if d.update(2.0, step).spike:
+            hits.append(step)
+            d.load_state_dict(at_anchor)  # the rollback restores the anchor's copy...
+            d.on_rollback(5)  # ...and the guard restarts the clock there
+            break
+    assert hits == [10]
+    # Back at step 5 with a clock that says "rolled back at 5": nothing before 15.
+    assert [s for s in range(6, 30) if d.update(2.0, s).spike] == [15, 25]
+    e = Plateau(above=1.0, after_steps=10, window=3)
+    e.load_state_dict(d.state_dict())
+    assert (e.origin, list(e.values)) == (d.origin, list(d.values))
+
+
+def test_plateau_over_an_epoch_judges_each_epoch_once_at_its_end():
+    d = Plateau(above=1.0, after_steps=0, window="epoch")
+    epochs = [0] * 10 + [1] * 10 + [2] * 10 + [3]
+    losses = [2.0] * 4 + [0.1] * 6 + [1.5] * 10 + [0.5] * 10 + [0.5]  # means 0.86, 1.5, 0.5
+    hits = [s for s, (v, e) in enumerate(zip(losses, epochs)) if d.update(v, s, e).spike]
+    assert hits == [20]  # the first step of epoch 2 closes epoch 1
+    with pytest.raises(ConfigError, match="needs the epoch"):
+        Plateau(above=1.0, after_steps=0, window="epoch").update(1.0, 0)
+    with pytest.raises(ConfigError, match="rollback_to must be one of"):
+        Plateau(above=1.0, after_steps=0, rollback_to="best")
 
 
 def test_detector_state_round_trips_so_a_resume_judges_identically():
@@ -129,6 +163,28 @@ def test_policy_picks_newest_healthy_anchor_before_the_margin():
     assert decide(policy, vote(), None, Recovery()).kind == "needs_checkpoints"
     a = decide(policy, vote(step=50), cps, Recovery())
     assert (a.kind, a.anchor, a.skip_through_step) == ("rollback", 30, 70)  # 40 unhealthy, 45 too close
+
+
+def test_policy_for_a_plateau_keeps_the_data_and_can_pick_the_lowest_loss():
+    from elastic_resume.detectors import Verdict
+
+    def plateau(**kw):
+        return replace(vote(step=50, spikes=0), verdict=Verdict(spike=True, plateau=True, reason="flat", **kw))
+
+    cps = [(0, True, 3.0), (20, True, 1.2), (30, True, 1.4), (40, False, 0.9), (45, True, 1.0)]
+    policy = RollbackPolicy(margin=10, skip_after=20)
+    a = decide(policy, plateau(skip_data=False), cps, Recovery())
+    assert (a.kind, a.anchor, a.skip_through_step) == ("rollback", 30, None)  # newest, no data skipped
+    assert "plateau at step 50 in the loss over all 4 ranks (flat)" in a.reason
+    a = decide(policy, plateau(skip_data=False, rollback_to="lowest_loss"), cps, Recovery())
+    assert a.anchor == 20  # 40 is lower but unhealthy, 45 too close
+    a = decide(policy, plateau(skip_data=True), cps, Recovery())
+    assert a.skip_through_step == 70
+    a = decide(policy, plateau(), cps, Recovery(rollbacks=3))
+    assert a.kind == "stop" and "plateau at step 50" in a.reason and "budget of 3 is spent" in a.reason
+    # A real spike in the same vote is a spike: the policy's own data rule applies.
+    a = decide(policy, replace(plateau(skip_data=False), spikes=1), cps, Recovery())
+    assert a.skip_through_step == 70
 
 
 def test_policy_quorum_budget_cooldown_and_no_anchor():

@@ -109,3 +109,50 @@ def test_kill_in_the_middle_of_a_rollback_then_resume_is_consistent(tmp_path):
     assert mgr.restore({"spike_guard": recovery}) == 30
     # The interrupted rollback was never committed, so it was done again exactly once.
     assert recovery.rollbacks == 1 and len(recovery.windows) == 1
+
+
+def test_a_plateau_that_never_ends_rolls_back_at_each_lower_lr_then_gives_up_with_76(tmp_path):
+    # The loss never drops below 0: the plateau fires after 8 steps, rolls back (LR x0.5), waits
+    # 8 steps at the new LR before it may fire again (its clock restarts at the anchor instead of
+    # coming back with the anchor's copy), and the third plateau finds the budget spent.
+    r, events, records = run(tmp_path, "--plateau-above", "0", "--plateau-after", "8", "--plateau-window", "4",
+                             "--lr-scale", "0.5", "--budget", "2")
+    assert "exitcode: 76" in r.stderr, why(r)
+    rollbacks = [(e["from_step"], e["to_step"]) for e in named(events, "rollback") if e["rank"] == 0]
+    assert rollbacks == [(8, 4), (12, 8)]  # 12 - 4 = after_steps trained at the new LR
+    assert all(e["skipped"] is None for e in named(events, "rollback")) and not named(events, "data_skipped")
+    gave_up = named(events, "gave_up")
+    assert {e["rank"] for e in gave_up} == {0, 1}
+    assert "plateau at step 16" in gave_up[0]["reason"] and "budget of 2 is spent" in gave_up[0]["reason"]
+    assert "gave up: plateau at step 16" in r.stderr
+    timeline = final_timeline(records)
+    first, second = timeline[(0, 5)]["lr"], timeline[(0, 9)]["lr"]
+    assert second < first * 0.55, "the LR was not lowered by the rollbacks"
+
+
+def test_a_plateau_that_ends_at_the_lower_lr_rolls_back_once_and_finishes(tmp_path):
+    # High loss while the LR is above 0.03 (the run starts at 0.05): one rollback at LR x0.5
+    # ends the plateau, and the run finishes with the data of every step trained (no skip).
+    r, events, records = run(tmp_path, "--plateau-above", "5", "--plateau-after", "8", "--plateau-window", "4",
+                             "--lr-scale", "0.5", "--high-loss-while-lr-above", "0.03")
+    assert r.returncode == 0, why(r)
+    assert [(e["from_step"], e["to_step"]) for e in named(events, "rollback") if e["rank"] == 0] == [(8, 4)]
+    assert "finished at step 30" in r.stdout
+    timeline = final_timeline(records)
+    assert all(rec["loss"] < 5 for rec in timeline.values() if rec["step"] > 4)
+    trained = sorted(i for rec in timeline.values() for i in rec["samples"])
+    assert trained == sorted(set(trained)) and len(trained) == 30 * 16  # nothing skipped, nothing twice
+
+
+def test_a_spike_on_one_rank_is_judged_on_the_global_loss_unless_asked_per_rank(tmp_path):
+    # A 1e4x spike on one of two ranks moves the mean loss 5000x: global judging sees it on
+    # every rank (the same verdict from the same number), per-rank judging on rank 1 only.
+    for judge in ("global", "rank"):
+        d = tmp_path / judge
+        d.mkdir()
+        r, events, _ = run(d, "--spike-at-step", "15", "--spike-rank", "1", "--judge", judge)
+        assert r.returncode == 0, why(r)
+        detected = named(events, "spike_detected")
+        assert {e["judged"] for e in detected} == {judge}
+        assert {e["rank"] for e in detected} == ({0, 1} if judge == "global" else {1})
+        assert {(e["from_step"], e["to_step"]) for e in named(events, "rollback")} == {(15, 12)}

@@ -20,7 +20,10 @@ over the oldest and newest supported releases (:data:`SUPPORTED`):
   ``_resuming_from_checkpoint`` flags; ``fit_loop._combined_loader`` and
   ``_combined_loader_states_to_load``; ``fit_loop._data_fetcher`` and its ``fetched`` count
   (an in-process rollback continues the running loops from a loaded state);
-- ``ModelCheckpoint._last_global_step_saved`` (a restored anchor is not saved again).
+- ``ModelCheckpoint._last_global_step_saved`` (a restored anchor is not saved again);
+- the ``loss`` in ``on_train_batch_end``'s outputs is, under automatic optimization, the
+  training step's loss divided by ``accumulate_grad_batches`` (``ClosureResult``'s
+  ``normalize``): :func:`raw_loss` undoes it.
 """
 
 from __future__ import annotations
@@ -142,3 +145,11 @@ def mark_saved(trainer: Any) -> None:
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, MODEL_CHECKPOINTS):
             callback._last_global_step_saved = trainer.global_step
+
+
+def raw_loss(trainer: Any, pl_module: Any, value: float) -> float:
+    """The loss ``training_step`` returned, from the normalized one Lightning hands to
+    ``on_train_batch_end`` (divided by ``accumulate_grad_batches`` for the backward pass)."""
+    if pl_module.automatic_optimization:
+        return value * trainer.accumulate_grad_batches
+    return value

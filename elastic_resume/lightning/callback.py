@@ -4,7 +4,10 @@ The callback runs a ``SpikeGuard`` (the same detectors, the same one-collective 
 pure rollback policy as a plain loop) whose checkpoint operations go through the Trainer and
 ``ElasticCheckpointIO`` instead of a ``CheckpointManager``:
 
-- per optimizer step (``on_train_batch_end``): detectors on this rank's loss, then the vote;
+- per optimizer step (``on_train_batch_end``): the loss of the step (with gradient
+  accumulation, the mean over its micro-batches; a NaN/Inf in any of them counts), this rank's
+  NaN/Inf check, the vote, then the detectors on the loss averaged over all ranks (or on each
+  rank's, with ``judge="rank"``);
 - before every checkpoint, whoever takes it (``on_save_checkpoint``, on every rank): the vote in
   flight is read, so a checkpoint that holds a spike is recorded as unhealthy;
 - rollback, in-process and on every rank in the same step: newer checkpoints are removed, the
@@ -166,14 +169,14 @@ class TrainerCheckpoints:
     def wait(self) -> None:
         self.io.wait()
 
-    def checkpoint_health(self) -> list[tuple[int, bool]]:
+    def checkpoint_health(self) -> list[tuple[int, bool, float | None]]:
         self.io.wait()
         assert self.dirpath is not None
         found = self._on_rank0(lambda: self.io.health(self.dirpath))
         self._paths = {}
-        for step, _, path in found:  # newest first; one path per step
+        for step, _, _, path in found:  # newest first; one path per step
             self._paths.setdefault(step, path)
-        return [(step, ok) for step, ok, _ in found]
+        return [(step, ok, loss) for step, ok, loss, _ in found]
 
     def retire_newer_than(self, step: int, *, reason: str) -> list[int]:
         self.io.wait()
@@ -229,6 +232,7 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
         lag: int = 1,
         health_window: int = 10,
         dirpath: str | None = None,
+        judge: str = "global",
         loss_key: str = "loss",
         drift: str = "warn",
         drift_allow: Iterable[str] = (),
@@ -237,7 +241,8 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
             raise ConfigError(f"ElasticResume(drift=...) must be one of {', '.join(DRIFT_POLICIES)} (got {drift!r})")
         self.policy = policy or RollbackPolicy()
         self._guard_options = {"detectors": detectors, "policy": self.policy, "quorum": quorum,
-                               "vote_every": vote_every, "lag": lag, "health_window": health_window}
+                               "vote_every": vote_every, "lag": lag, "health_window": health_window,
+                               "judge": judge}
         self._dirpath = dirpath
         self.loss_key = loss_key
         self.drift = drift
@@ -250,6 +255,7 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
         self._last_step: int | None = None
         self._run_fingerprint: dict[str, Any] | None = None
         self._pending_rng: tuple[dict[str, Any], bool] | None = None
+        self._micro_losses: list[float] = []  # this optimizer step's micro-batches so far
 
     def __getstate__(self) -> dict[str, Any]:
         # Picklable (ddp_spawn, deepcopy(trainer.callbacks), torch.save(trainer)): the settings
@@ -292,11 +298,16 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
     # -- the per-step check ----------------------------------------------------------------------
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.guard is not None
+        self._micro_losses.append(_compat.raw_loss(trainer, pl_module, self._loss(outputs)))
         step = trainer.global_step
         if step == self._last_step:
             return  # accumulating gradients: no optimizer step yet
         self._last_step = step
-        outcome = self.guard.step(step, self._loss(outputs))
+        # The step's loss is the mean over its micro-batches (NaN if any of them was): a spike
+        # in the first micro-batch of an accumulated step counts as much as one in the last.
+        loss = sum(self._micro_losses) / len(self._micro_losses)
+        self._micro_losses = []
+        outcome = self.guard.step(step, loss, epoch=trainer.current_epoch)
         if outcome.rolled_back:
             self._continue_from(trainer)
         elif outcome.preempted:
@@ -316,6 +327,7 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
         """After a rollback: the next batch must come from the restored (and skipped-ahead)
         position, so the loop's data iterator starts over from the loader."""
         _compat.restart_data_fetcher(trainer)
+        self._micro_losses = []
         self._last_step = trainer.global_step  # ModelCheckpoint already knows: the anchor was re-committed
 
     # -- checkpoints -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from ..errors import (
     StorageError,
 )
 from ..events import EventLog
-from ..manager import CheckpointManager, _manifest_hash, _Stager, max_resumes_from_env
+from ..manager import CheckpointManager, _manifest_hash, _Stager, max_resumes_from_env, recorded_loss
 from ..storage import open_storage
 from ..store import MANIFEST_NAME, CheckpointStore, Manifest, list_bundles, step_dir
 from ._compat import CHECKPOINT_IO_BASES
@@ -137,9 +137,9 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
                  for step, committed in steps.items() if committed]
         return sorted(found, key=lambda f: (-f[0], f[1]))
 
-    def health(self, dirpath: str | os.PathLike[str]) -> list[tuple[int, bool, str]]:
-        """``(step, healthy, path)`` of the committed bundles under ``dirpath`` whose manifest
-        validates, newest first (health as the ElasticResume callback recorded it)."""
+    def health(self, dirpath: str | os.PathLike[str]) -> list[tuple[int, bool, float | None, str]]:
+        """``(step, healthy, recorded loss, path)`` of the committed bundles under ``dirpath``
+        whose manifest validates, newest first (health as the ElasticResume callback recorded it)."""
         storage = open_storage(normalize_path(dirpath), self.storage_options)  # one client for all manifests
         out = []
         for step, path in self.checkpoints(dirpath):
@@ -148,7 +148,7 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
                 manifest = Manifest.parse(storage.read_small(rel), step=step, where=storage.display(rel))
             except (CheckpointCorruptError, StorageError, OSError):
                 continue
-            out.append((step, bool(manifest.health.get("healthy", True)), path))
+            out.append((step, bool(manifest.health.get("healthy", True)), recorded_loss(manifest.health), path))
         return out
 
     def resume_path(self, dirpath: str | os.PathLike[str]) -> str | None:
