@@ -1,11 +1,14 @@
 """Spike-guard benchmark, ratios measured side by side in one run:
 
   step time with the vote / without it, DDP-like loop, 2 ranks (gloo)   goal <= 1.02
+    (judging the global loss, the default, and each rank's own)
+  false-positive rollbacks per 10,000 clean steps at 2, 4 and 8 ranks, judging the global loss
+    vs each rank's own (a real gloo job, small noisy batches)          goal: 0 for global
   in-process rollback time / raw read of the same checkpoint bytes      goal <= 1.3
   a poisoned-data recovery: time lost to the in-process rollback vs restarting the job (a new
   process: import, process group, restore) from the same checkpoint, also in steps
 
-Usage: python benchmarks/bench_guard.py [--mib 128] [--steps 400]
+Usage: python benchmarks/bench_guard.py [--mib 128] [--steps 1200] [--fp-steps 5000] [--fp-worlds 2,4,8]
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def _vote_rank(rank: int, world: int, port: int, root: str, steps_total: int, ou
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     state = {"model": model, "optimizer": opt}
     mgr = CheckpointManager(root, keep_last=1)
-    guards = {k: SpikeGuard(mgr, dict(state), vote_every=k) for k in (1, 10)}
+    guards = {"every 1": SpikeGuard(mgr, dict(state)), "every 10": SpikeGuard(mgr, dict(state), vote_every=10),
+              "every 1, per rank": SpikeGuard(mgr, dict(state), judge="rank")}
     x = torch.randn(64, 256)
 
     def train_step() -> float:
@@ -57,18 +61,17 @@ def _vote_rank(rank: int, world: int, port: int, root: str, steps_total: int, ou
 
     for _ in range(20):
         train_step()
-    times: dict[str, list[float]] = {"plain": [], "every 1": [], "every 10": []}
-    steps = {1: 0, 10: 0}
+    times: dict[str, list[float]] = {"plain": [], **{mode: [] for mode in guards}}
+    steps = dict.fromkeys(guards, 0)
     modes = list(times)
     for block in range(steps_total // 25):
-        mode = modes[block % 3]  # interleaved blocks, so drift hits every mode alike
+        mode = modes[block % len(modes)]  # interleaved blocks, so drift hits every mode alike
         for _ in range(25):
             t = time.perf_counter()
             loss = train_step()
             if mode != "plain":
-                k = int(mode.split()[1])
-                steps[k] += 1
-                guards[k].step(steps[k], loss)
+                steps[mode] += 1
+                guards[mode].step(steps[mode], loss)
             times[mode].append(time.perf_counter() - t)
     if rank == 0:
         out.put({m: statistics.median(v) for m, v in times.items()})
@@ -77,6 +80,65 @@ def _vote_rank(rank: int, world: int, port: int, root: str, steps_total: int, ou
 
 def vote_overhead(steps: int) -> dict[str, float]:
     return run_ranks(_vote_rank, 2, WORK, steps)
+
+
+def _false_positive_rank(rank: int, world: int, port: int, root: str, steps_total: int, judge: str,
+                         detectors: str, batch: int, out: "mp.Queue[dict[str, float]]") -> None:
+    """A clean job (no injected fault): a small regression model on small batches per rank, so
+    each rank's loss is noisy; every rollback is a false positive."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from elastic_resume import NonFinite, RobustZScore
+    from elastic_resume.detectors import default_detectors
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(8192, 16, generator=g)
+    y = (x @ torch.randn(16, 1, generator=g)).tanh() + 0.1 * torch.randn(8192, 1, generator=g)
+    sampler = ResumableDistributedSampler(x, num_replicas=world, rank=rank, seed=0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    ddp = DDP(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    state = {"model": model, "optimizer": opt, "sampler": sampler}
+    mgr = CheckpointManager(root, keep_last=None)  # a false rollback can cascade further back: keep them all
+    chosen = (default_detectors() if detectors == "default"
+              else [NonFinite(watch="loss"), NonFinite(watch="grad_norm"), RobustZScore(window=100, z=6)])
+    guard = SpikeGuard(mgr, state, sampler=sampler, detectors=chosen, judge=judge,
+                       policy=RollbackPolicy(margin=20, skip_after=20, budget=10**6))
+    step = guard.start()
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch, sampler=sampler)
+
+    def batches():  # endless, from wherever the sampler stands
+        while True:
+            sampler.set_epoch(sampler.epoch if not sampler.epoch_finished else sampler.epoch + 1)
+            yield from loader
+
+    stream, judged, rollbacks = batches(), 0, 0
+    while judged < steps_total:
+        xb, yb = next(stream)
+        loss = torch.nn.functional.mse_loss(ddp(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        judged += 1
+        outcome = guard.step(step, loss.item(), save=step % 100 == 0)
+        if outcome.rolled_back:
+            rollbacks += 1
+            step, stream = outcome.step, batches()
+    mgr.close()
+    if rank == 0:
+        out.put({"rollbacks": rollbacks, "steps": judged})
+    dist.destroy_process_group()
+
+
+def false_positives(world: int, steps: int, judge: str, detectors: str, batch: int) -> dict[str, float]:
+    return run_ranks(_false_positive_rank, world, WORK, steps, judge, detectors, batch)
 
 
 def raw_read_all(root: str) -> None:
@@ -154,15 +216,29 @@ def main() -> int:
     p.add_argument("--mib", type=int, default=128)
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--fp-steps", type=int, default=5000, help="clean steps per false-positive job")
+    p.add_argument("--fp-worlds", default="2,4,8")
+    p.add_argument("--fp-batch", type=int, default=8, help="samples per rank per step in the false-positive jobs")
     args = p.parse_args()
     os.makedirs(WORK, exist_ok=True)
     torch.set_num_threads(1)
     print(f"# spike-guard benchmark  torch {torch.__version__}")
     t = vote_overhead(args.steps)
     plain = t["plain"]
-    for mode in ("every 1", "every 10"):
+    for mode in ("every 1", "every 10", "every 1, per rank"):
         print(f"step with vote {mode} step(s) / without (2 ranks, gloo, read one vote late)  {t[mode] / plain:.3f}   "
               f"({t[mode] * 1e3:.2f} ms vs {plain * 1e3:.2f} ms)", flush=True)
+    print(f"global judging / per-rank judging, step time  {t['every 1'] / t['every 1, per rank']:.3f}", flush=True)
+    for world in (int(w) for w in args.fp_worlds.split(",")):
+        for detectors in ("readme", "default"):
+            counts = {judge: false_positives(world, args.fp_steps, judge, detectors, args.fp_batch)
+                      for judge in ("global", "rank")}
+            per10k = {j: 1e4 * c["rollbacks"] / c["steps"] for j, c in counts.items()}
+            name = "RobustZScore(window=100, z=6)" if detectors == "readme" else "default detectors"
+            print(f"false-positive rollbacks per 10,000 clean steps, {world} ranks, {name}: "
+                  f"global {per10k['global']:.1f} vs per-rank {per10k['rank']:.1f}   "
+                  f"({counts['global']['rollbacks']} and {counts['rank']['rollbacks']} in {args.fp_steps} steps each)",
+                  flush=True)
     rb, rd = rollback_vs_read(args.mib, args.reps)
     print(f"in-process rollback / raw read of the checkpoint ({args.mib} MiB, cold cache)  {rb / rd:.3f}   "
           f"({rb:.3f}s vs {rd:.3f}s)", flush=True)

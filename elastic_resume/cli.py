@@ -236,14 +236,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     import tempfile
 
     try:
-        from .lightning.loading import check_weights_only, load_checkpoint, to_bytes
+        from .lightning.loading import check_weights_only, exportable, load_checkpoint, to_bytes
     except ImportError as e:
         raise ConfigError(f"--format lightning: {e}") from None
     out = os.path.abspath(args.output)
     if os.path.lexists(out):
         raise ConfigError(f"{out} already exists; export never replaces a file (remove it or pick another name)")
     checkpoint = load_checkpoint(args.root, storage_options=parse_storage_options(args.storage_option))
-    data = to_bytes(checkpoint)
+    data = to_bytes(exportable(checkpoint))
     check_weights_only(data)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=".export-", suffix=".tmp")
     try:

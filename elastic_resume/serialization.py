@@ -16,6 +16,8 @@ Layout of a file::
 
 The tree encodes dicts as key/value pairs (so int keys and key order survive, as optimizer state
 needs), tuples, bytes, dtypes and devices with small tags; tensors are references into the table.
+Ordinary Python values of configs (paths, enums, sets, dataclasses, datetimes, namespaces,
+OmegaConf containers) have tags of their own, defined in ``values.py``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from typing import Any
 
 import torch
 
-from .errors import StateError, UnsafeCheckpointError, CheckpointCorruptError
+from .errors import CheckpointCorruptError, StateError, UnsafeCheckpointError
+from .values import decode_value, encode_value
 
 MAGIC = b"ERCKPT\x00\x01"
 ALIGN = 64
@@ -129,12 +132,8 @@ class _Encoder:
     def encode(self, value: Any, path: str, depth: int = 0) -> Any:
         if depth > MAX_TREE_DEPTH:
             raise StateError(f"{path}: the state nests deeper than {MAX_TREE_DEPTH} levels and cannot be checkpointed")
-        if value is None or isinstance(value, (bool, str)):
+        if value is None or type(value) in (bool, str, int, float):
             return value
-        if isinstance(value, int):
-            return int(value)
-        if isinstance(value, float):
-            return float(value)
         if isinstance(value, torch.Tensor):
             if self.sharded is not None and _is_dtensor(value):
                 self.sharded[path] = value
@@ -167,10 +166,20 @@ class _Encoder:
                 return {"np": self.tensor(torch.from_numpy(np.ascontiguousarray(value)), path)}
             if isinstance(value, np.generic):
                 return self.encode(value.item(), path, depth)
+        node = encode_value(value, lambda v, p: self.encode(v, p, depth + 1), path)
+        if node is not NotImplemented:
+            return node
+        if isinstance(value, (bool, str)):  # subclasses that are no Enum
+            return bool(value) if isinstance(value, bool) else str(value)
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            return float(value)
         raise StateError(
             f"{path}: values of type {type(value).__module__}.{type(value).__qualname__} cannot be "
-            "checkpointed; use tensors, numbers, strings, bytes, lists, tuples and dicts, or an "
-            "object with state_dict()/load_state_dict()"
+            "checkpointed; use tensors, numbers, strings, bytes, lists, tuples, dicts, sets, paths, enums, "
+            "dataclasses, datetimes, argparse namespaces, OmegaConf configs, or an object with "
+            "state_dict()/load_state_dict()"
         )
 
 
@@ -313,6 +322,9 @@ class _Decoder:
                 if payload not in self.sharded:
                     raise self.fail(f"sharded tensor {payload[:80]!r} was not loaded")
                 return self.sharded[payload]
+            value = decode_value(tag, payload, lambda n: self._decode(n, depth + 1), self.fail)
+            if value is not NotImplemented:
+                return value
         raise self.fail(f"unknown node {str(node)[:80]}")
 
 
@@ -436,3 +448,12 @@ def decode(buf: torch.Tensor, *, where: str) -> Any:
         for dtype, shape, offset, nbytes in _tensor_table(header, size, _align(16 + hlen), where)
     ]
     return _Decoder(tensors, where).decode(header["tree"])
+
+
+def encodable(value: Any, path: str) -> bool:
+    """Whether ``value`` can be saved in a checkpoint tree (tensors included, nothing copied)."""
+    try:
+        _Encoder(to_cpu=False).encode(value, path)
+    except StateError:
+        return False
+    return True

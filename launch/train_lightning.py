@@ -49,6 +49,7 @@ from elastic_resume import (
     GaveUpError,
     NoCheckpointError,
     NonFinite,
+    Plateau,
     ResumableDistributedSampler,
     RobustZScore,
     RollbackPolicy,
@@ -88,6 +89,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--spike-at-step", type=int)
     g.add_argument("--spike-rank", type=int, default=1)
     g.add_argument("--spike-factor", type=float, default=1e4)
+    g.add_argument("--accumulate", type=int, default=1, help="Trainer(accumulate_grad_batches=...); a spike "
+                   "injected at a step lands in its first micro-batch")
+    g.add_argument("--judge", default="global", choices=["global", "rank"])
+    g.add_argument("--plateau-above", type=float, help="add Plateau(above=...): roll back while the loss stays above this")
+    g.add_argument("--plateau-after", type=int, default=10)
+    g.add_argument("--plateau-window", type=int, default=4)
+    g.add_argument("--high-loss-while-lr-above", type=float,
+                   help="fault injection: add --high-loss-offset to the loss while the LR is above this")
+    g.add_argument("--high-loss-offset", type=float, default=10.0)
     return p.parse_args(argv)
 
 
@@ -113,6 +123,9 @@ class Regression(pl.LightningModule):
         step = self.global_step + 1  # the optimizer step this batch is for
         if a is not None and a.spike_at_step == step and a.spike_rank == self.global_rank and once(a, f"spike-{step}"):
             loss = loss * a.spike_factor
+        high = getattr(a, "high_loss_while_lr_above", None)
+        if high is not None and self.trainer.optimizers[0].param_groups[0]["lr"] > high:
+            loss = loss + a.high_loss_offset  # a constant: the gradients, hence training, are unchanged
         self.log("train_loss", loss)  # for ModelCheckpoint(monitor="train_loss")
         return loss
 
@@ -169,15 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
 
     ckpt_io = ElasticCheckpointIO(async_save=args.async_save) if args.checkpoint_io == "elastic" else None
+    detectors = [NonFinite(watch="loss"), RobustZScore(window=20, z=8.0)]
+    if args.plateau_above is not None:
+        detectors.append(Plateau(above=args.plateau_above, after_steps=args.plateau_after, window=args.plateau_window))
     guard = None if args.no_guard or ckpt_io is None else ElasticResume(
-        detectors=[NonFinite(watch="loss"), RobustZScore(window=20, z=8.0)],
+        detectors=detectors, judge=args.judge,
         policy=RollbackPolicy(margin=args.margin, skip_after=args.skip_after, lr_scale=args.lr_scale, budget=args.budget),
         drift=args.drift,
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=local_world, num_nodes=max(1, world // local_world),
         strategy=DDPStrategy(process_group_backend="gloo") if world > 1 else "auto",
-        max_steps=args.steps, use_distributed_sampler=False, plugins=[ckpt_io] if ckpt_io else None,
+        max_steps=args.steps, use_distributed_sampler=False, accumulate_grad_batches=args.accumulate, plugins=[ckpt_io] if ckpt_io else None,
         callbacks=[ModelCheckpoint(dirpath=args.root, every_n_train_steps=args.save_every, save_top_k=-1,
                                    save_last=args.save_last), *([guard] if guard else [])],
         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

@@ -84,13 +84,21 @@ def test_resume_path_is_the_newest_and_loading_it_falls_back_past_corruption(tmp
         fresh.load_checkpoint(tmp_path / "ckpt" / "step=20.ckpt")
 
 
-def test_save_errors_name_what_is_wrong_and_commit_nothing(tmp_path):
+def test_save_errors_name_what_is_wrong_and_commit_nothing(tmp_path, caplog):
     io = ElasticCheckpointIO()
     bad = checkpoint(1)
-    bad["hyper_parameters"]["path"] = object()
-    with pytest.raises(CheckpointSaveError, match=r"\['hyper_parameters'\]\['path'\].*cannot be checkpointed"):
+    bad["state_dict"]["extra"] = object()  # model state is never converted: an error naming it
+    with pytest.raises(CheckpointSaveError, match=r"\['state_dict'\]\['extra'\].*cannot be checkpointed"):
         io.save_checkpoint(bad, tmp_path / "b.ckpt")
     assert io.checkpoints(tmp_path) == []
+    # A hyper-parameter with no pickle-free form is saved as its text, with a warning: a config
+    # holding a callable must not fail fit() at its first checkpoint.
+    odd = checkpoint(2)
+    odd["hyper_parameters"]["make"] = __import__("functools").partial(max, 1)
+    with caplog.at_level("WARNING", logger="elastic_resume"):
+        io.save_checkpoint(odd, tmp_path / "c.ckpt")
+    assert "hyper-parameter ['hyper_parameters']['make'] (partial) cannot be saved without pickle" in caplog.text
+    assert io.load_checkpoint(tmp_path / "c.ckpt")["hyper_parameters"]["make"] == "functools.partial(<built-in function max>, 1)"
 
 
 def test_resumable_dataloader_counts_delivered_batches_and_keeps_a_whole_epoch_length():
@@ -379,3 +387,67 @@ def test_ls_latest_verify_list_the_bundles_of_a_model_checkpoint_directory(tmp_p
     r = cli("latest", str(ckpt))  # the one a resume would load
     assert (r.returncode, r.stdout.strip()) == (0, str(ckpt / "epoch=0-step=8.ckpt"))
     assert ElasticCheckpointIO().load_checkpoint(r.stdout.strip())["global_step"] == 8
+
+
+class Stage(__import__("enum").Enum):
+    TRAIN = "train"
+
+
+@__import__("dataclasses").dataclass
+class Schedule:
+    warmup: int
+    decay: float
+
+
+class Configured(Regression):
+    """A module whose hyper-parameters are of the types users keep in configs."""
+
+    def __init__(self, cfg, root, stage, tags, schedule, started, loader_args, factory, scale, hidden=8, lr=0.05):
+        super().__init__(hidden, lr)
+        self.save_hyperparameters()
+
+
+def test_hyperparameters_of_ordinary_types_save_load_and_export_without_pickle(tmp_path, caplog):
+    import datetime as dt
+    import functools
+    import pathlib
+    import subprocess
+    import sys
+
+    import numpy as np
+    from omegaconf import DictConfig, OmegaConf
+
+    from elastic_resume.lightning import load_from_checkpoint
+
+    hparams = dict(
+        cfg=OmegaConf.create({"depth": 2, "name": "${stage}", "stage": "a"}), root=pathlib.Path("/data/x"),
+        stage=Stage.TRAIN, tags={"b", "a"}, schedule=Schedule(100, 0.5), started=dt.datetime(2026, 12, 1, 8, 0),
+        loader_args=Namespace(workers=2, inner=Namespace(pin=True)), factory=functools.partial(torch.optim.SGD, lr=0.1),
+        scale=np.float32(0.5),
+    )
+    io = ElasticCheckpointIO()
+    t = trainer(tmp_path, [io], [ElasticResume()], steps=4)
+    with caplog.at_level("WARNING", logger="elastic_resume"):
+        t.fit(Configured(**hparams), datamodule=SyntheticData(64, 4, 0))  # no failed save in fit
+    assert "['hyper_parameters']['factory'] (partial) cannot be saved without pickle" in caplog.text
+    best = t.checkpoint_callback.best_model_path
+    loaded = load_from_checkpoint(Configured, best).hparams
+    assert isinstance(loaded.cfg, DictConfig) and loaded.cfg.name == "a"  # the interpolation still resolves
+    assert loaded.root == pathlib.Path("/data/x") and loaded.stage is Stage.TRAIN and loaded.tags == {"a", "b"}
+    assert loaded.schedule == Schedule(100, 0.5) and loaded.started == dt.datetime(2026, 12, 1, 8, 0)
+    assert loaded.loader_args.inner.pin is True and loaded.scale == 0.5
+    assert loaded.factory.startswith("functools.partial(<class 'torch.optim.sgd.SGD'>")
+    # A resume restores the same hyper-parameters: no drift reported for any of them.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="elastic_resume"):
+        trainer(tmp_path, [io], [ElasticResume()], steps=8).fit(
+            Configured(**hparams), datamodule=SyntheticData(64, 4, 0), ckpt_path=io.resume_path(tmp_path / "ckpt"))
+    assert "differs from the run that saved it" not in caplog.text
+    # Exported: plain values only, so torch.load(weights_only=True) and Lightning's own loader read it.
+    out = tmp_path / "model.ckpt"
+    r = subprocess.run([sys.executable, "-m", "elastic_resume.cli", "export", best, str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    exported = torch.load(out, weights_only=True)["hyper_parameters"]
+    assert exported["root"] == "/data/x" and exported["stage"] == "train" and exported["tags"] == ["a", "b"]
+    assert exported["cfg"] == {"depth": 2, "name": "${stage}", "stage": "a"} and exported["schedule"] == {"warmup": 100, "decay": 0.5}
+    assert Configured.load_from_checkpoint(out).hparams.loader_args == {"workers": 2, "inner": {"pin": True}}

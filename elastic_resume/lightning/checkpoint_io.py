@@ -32,8 +32,10 @@ from ..errors import (
 )
 from ..events import EventLog
 from ..manager import CheckpointManager, _manifest_hash, _Stager, max_resumes_from_env, recorded_loss
+from ..serialization import encodable
 from ..storage import open_storage
 from ..store import MANIFEST_NAME, CheckpointStore, Manifest, list_bundles, step_dir
+from ..values import hparams_text
 from ._compat import CHECKPOINT_IO_BASES
 
 log = logging.getLogger("elastic_resume")
@@ -60,6 +62,23 @@ def _join(parent: str, name: str) -> str:
 
 
 # Derives from the CheckpointIO of each importable namespace, so either Trainer accepts it.
+#: Where Lightning puts hyper-parameters (the module's, the datamodule's) in a checkpoint.
+HPARAMS_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
+
+
+def savable_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint with hyper-parameters that have no pickle-free encoding (a callable, an
+    arbitrary object) in text form, each with a warning: the first save must not fail ``fit``.
+    The rest of the checkpoint (weights, optimizer and loop state) is never converted."""
+    if not any(key in checkpoint for key in HPARAMS_KEYS):
+        return checkpoint
+    out = dict(checkpoint)
+    for key in HPARAMS_KEYS:
+        if key in out:
+            out[key] = hparams_text(out[key], f"[{key!r}]", encodable)
+    return out
+
+
 class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
     """Atomic, verified Lightning checkpoints on a local disk or ``s3://``.
 
@@ -205,6 +224,7 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         if not isinstance(step, int) or step < 0:
             raise ConfigError(f"Lightning checkpoint for {path} has global_step={step!r}; expected an integer >= 0")
         extra = checkpoint.get(CHECKPOINT_KEY) or {}
+        checkpoint = savable_hparams(checkpoint)
         mgr = self._manager(path, read_only=False, storage_options=storage_options)
         if step in mgr.committed_steps():
             mgr.allow_replace(step)  # the same path saved again at the same step: replace it

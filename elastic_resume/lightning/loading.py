@@ -9,11 +9,14 @@ cannot open it. Two ways instead:
   ``map_location`` and ``**kwargs`` behave as there. One process, any rank, no collective; local
   paths and ``s3://``.
 - ``elastic-resume export --format lightning BUNDLE OUT.ckpt``: a standard ``.ckpt`` file that
-  Lightning's ``load_from_checkpoint`` and ``torch.load(weights_only=True)`` read anywhere.
+  Lightning's ``load_from_checkpoint`` and ``torch.load(weights_only=True)`` read anywhere. Its
+  hyper-parameters are plain (a path as text, an enum as its value, a config as a dict: see
+  ``values.plain``), since ``weights_only=True`` refuses every other class.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 from typing import Any
@@ -22,6 +25,7 @@ import torch
 
 from ..collectives import LocalGroup
 from ..errors import ConfigError
+from ..values import plain
 from .checkpoint_io import ElasticCheckpointIO
 
 
@@ -39,13 +43,20 @@ def to_bytes(checkpoint: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+def exportable(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """``checkpoint`` with every config value in the plain form ``weights_only=True`` reads."""
+    return plain(checkpoint)
+
+
 def check_weights_only(data: bytes) -> None:
     """Refuse a ``.ckpt`` that ``torch.load(weights_only=True)`` would not read back (our decoder
     yields tensors and plain containers only, so every bundle passes; an export proves it)."""
     try:
         torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - the weights-only unpickler's refusal, as one line
-        raise ConfigError(f"checkpoint does not load with weights_only=True: {str(e).splitlines()[0]}") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(e).__name__)
+        raise ConfigError(f"checkpoint does not load with weights_only=True: {why[:300]}") from None
 
 
 def load_from_checkpoint(cls: Any, path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
@@ -53,4 +64,9 @@ def load_from_checkpoint(cls: Any, path: str | os.PathLike[str], *, storage_opti
     """``cls.load_from_checkpoint(path, **kwargs)`` for a bundle (``cls``: a LightningModule or
     LightningDataModule class of either namespace)."""
     data = to_bytes(load_checkpoint(path, storage_options=storage_options))
+    if "weights_only" not in kwargs and "weights_only" in inspect.signature(cls.load_from_checkpoint).parameters:
+        # These bytes were pickled a moment ago, in this process, from values decoded without
+        # pickle: unpickling them runs nothing a file chose. The full unpickler gives the
+        # hyper-parameters back with their types (paths, enums, OmegaConf configs, ...).
+        kwargs["weights_only"] = False
     return cls.load_from_checkpoint(io.BytesIO(data), **kwargs)
