@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OLDEST_LIGHTNING := pytorch-lightning==2.5.6
 OLDEST_LIGHTNING_DIR := $(VENV)/overlays/pytorch-lightning-2.5
+AZURITE_VERSION := 3.35.0
 
 .PHONY: demo test test-fast bench install services clean
 
@@ -19,6 +20,9 @@ $(STAMP): pyproject.toml
 	# The oldest supported Lightning, beside the newest: a PYTHONPATH overlay the tests put first
 	# (with lightning hidden), so one environment tests both releases.
 	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(OLDEST_LIGHTNING_DIR) "$(OLDEST_LIGHTNING)"
+	# Azurite (Azure Blob Storage emulator, from npm) for the object-store tests.
+	if command -v npm >/dev/null 2>&1; then npm install -s --no-audit --no-fund --prefix $(VENV)/node "azurite@$(AZURITE_VERSION)"; \
+	else echo "make: npm not found; the Azure tests will be skipped" >&2; fi
 	touch $(STAMP)
 
 install: $(STAMP)

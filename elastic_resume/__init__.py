@@ -16,6 +16,7 @@ from .errors import (
     CheckpointSaveError,
     CommitConflictError,
     ConfigError,
+    DriftError,
     ElasticResumeError,
     GaveUpError,
     NoCheckpointError,
@@ -33,7 +34,6 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "CheckpointManager": "manager",
-    "DriftError": "manager",
     "CheckpointStore": "store",
     "Manifest": "store",
     "ResumableDistributedSampler": "data",
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from .detectors import CUSUM, EMARatio, MovingAverageRatio, NonFinite, Plateau, RobustZScore, Threshold
     from .guard import SpikeGuard
     from .policy import RollbackPolicy
-    from .manager import CheckpointManager, DriftError
+    from .manager import CheckpointManager
     from .state import PerRank, RNGState
     from .store import CheckpointStore, Manifest
 

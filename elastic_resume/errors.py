@@ -16,6 +16,10 @@ class ConfigError(ElasticResumeError, ValueError):
     """An argument, flag or option has a value that cannot work; the message names it."""
 
 
+class DriftError(ConfigError):
+    """The run being resumed differs from the one that saved the checkpoint (``drift="fail"``)."""
+
+
 class StorageError(ElasticResumeError, OSError):
     """The storage backend refused or failed an operation (missing root, no permission, bad
     credentials, network). Messages never contain secrets."""

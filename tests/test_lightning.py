@@ -98,6 +98,9 @@ def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, reference, n
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout + r.stderr
     assert "resuming from" in out and "epoch=0-step=15.ckpt (step 15) instead of" in out and "digest mismatch" in out
+    # Lightning's own line names the checkpoint loaded, not the corrupt one resume_path chose.
+    assert "Restored all states from the checkpoint at" in out
+    assert all(line.rstrip().endswith("epoch=0-step=15.ckpt") for line in out.splitlines() if "Restored all states" in line)
     corrupt = events(tmp_path, "corruption_found")
     assert {e["rank"] for e in corrupt} == {0, 1} and all(e["step"] == 20 for e in corrupt)
     assert sorted((e["rank"], e["step"]) for e in events(tmp_path, "restored")) == [(0, 15), (1, 15)]

@@ -155,7 +155,8 @@ def test_resume_reports_drift_in_hyperparameters(tmp_path, caplog):
             Regression(8, 0.02), datamodule=SyntheticData(64, 4, 0), ckpt_path=io.resume_path(root))
     drift = [e for e in read_events(log) if e["event"] == "drift_found"]
     assert len(drift) == 1 and drift[0]["step"] == 4
-    assert "config.lr: saved 0.05, now 0.02" in drift[0]["differences"]
+    (lr_line,) = [d for d in drift[0]["differences"] if d.startswith("config.lr: saved 0.05, now 0.02")]
+    assert "overridden by the checkpoint: the restored optimizer keeps lr=0.048" in lr_line
     assert "differs from the run that saved it" in caplog.text
     with pytest.raises(DriftError, match=r"config\.lr: saved 0\.02, now 0\.03"):
         trainer(tmp_path, [io], [ElasticResume(drift="fail")], steps=12).fit(

@@ -39,8 +39,8 @@ def test_unwritable_root_is_refused(tmp_path):
 
 
 def test_unknown_scheme_is_a_config_error():
-    with pytest.raises(ConfigError, match="unsupported scheme 'gs'"):
-        CheckpointManager("gs://bucket/x")
+    with pytest.raises(ConfigError, match="unsupported scheme 'hdfs'.*gs://, az:// or memory://"):
+        CheckpointManager("hdfs://namenode/x")
 
 
 def test_missing_bucket_is_named(s3_endpoint):

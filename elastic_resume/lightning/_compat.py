@@ -21,6 +21,8 @@ over the oldest and newest supported releases (:data:`SUPPORTED`):
   ``_combined_loader_states_to_load``; ``fit_loop._data_fetcher`` and its ``fetched`` count
   (an in-process rollback continues the running loops from a loaded state);
 - ``ModelCheckpoint._last_global_step_saved`` (a restored anchor is not saved again);
+- ``trainer._checkpoint_connector._ckpt_path`` (what Lightning's "Restored all states from the
+  checkpoint at ..." and ``trainer.ckpt_path`` name: after a fallback, the bundle loaded);
 - the ``loss`` in ``on_train_batch_end``'s outputs is, under automatic optimization, the
   training step's loss divided by ``accumulate_grad_batches`` (``ClosureResult``'s
   ``normalize``): :func:`raw_loss` undoes it.
@@ -153,3 +155,9 @@ def raw_loss(trainer: Any, pl_module: Any, value: float) -> float:
     if pl_module.automatic_optimization:
         return value * trainer.accumulate_grad_batches
     return value
+
+
+def set_restored_path(trainer: Any, path: str) -> None:
+    """Make ``trainer.ckpt_path`` (and the log line Lightning writes at the end of its restore)
+    name the checkpoint that was actually loaded."""
+    trainer._checkpoint_connector._ckpt_path = path

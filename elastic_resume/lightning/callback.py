@@ -31,13 +31,13 @@ from typing import Any
 
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import drift as drift_report
 from .. import fingerprint as fingerprints
 from ..data import ResumableDistributedSampler
 from ..ddp import settle_ddp_buckets
 from ..detectors import Detector
 from ..errors import ConfigError
 from ..guard import SpikeGuard
-from ..manager import DRIFT_POLICIES, DriftError
 from ..policy import RollbackPolicy
 from ..preemption import EXIT_PREEMPTED
 from ..state import RNGState
@@ -237,8 +237,7 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
         drift: str = "warn",
         drift_allow: Iterable[str] = (),
     ) -> None:
-        if drift not in DRIFT_POLICIES:
-            raise ConfigError(f"ElasticResume(drift=...) must be one of {', '.join(DRIFT_POLICIES)} (got {drift!r})")
+        drift_report.check_policy(drift, "ElasticResume")
         self.policy = policy or RollbackPolicy()
         self._guard_options = {"detectors": detectors, "policy": self.policy, "quorum": quorum,
                                "vote_every": vote_every, "lag": lag, "health_window": health_window,
@@ -384,21 +383,15 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
                                          world_size=self.checkpoints.group.world_size)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("fingerprint")
-        if self.drift == "ignore" or not saved:
+        restored_from = (checkpoint.get(CHECKPOINT_KEY) or {}).get("restored_from")
+        if restored_from:  # a fallback: the log and trainer.ckpt_path name what was loaded
+            _compat.set_restored_path(trainer, restored_from["path"])
+        if self.drift == "ignore":
             return
-        diffs = fingerprints.diff(saved, self._fingerprint(trainer, pl_module), allow=self.drift_allow)
-        if not diffs:
-            return
-        lines = [d.line() for d in diffs]
-        step = checkpoint.get("global_step")
         events = self.checkpoints.events if self.checkpoints is not None else find_checkpoint_io(trainer).events
-        events.emit("drift_found", step=step, differences=lines, policy=self.drift)
-        message = (f"the run resuming from step {step} differs from the run that saved it "
-                   f"({len(lines)} difference{'s' if len(lines) != 1 else ''}):\n  " + "\n  ".join(lines))
-        if self.drift == "fail":
-            raise DriftError(message + "\nAllow expected differences with ElasticResume(drift_allow=[...]) or drift='warn'.")
-        log.warning("%s", message)
+        drift_report.check((checkpoint.get(CHECKPOINT_KEY) or {}).get("fingerprint"), self._fingerprint(trainer, pl_module),
+                           step=checkpoint.get("global_step"), policy=self.drift, allow=self.drift_allow, events=events,
+                           restored_tree=checkpoint.get("optimizer_states"), hint="ElasticResume(drift_allow=[...])")
 
     @staticmethod
     def _fingerprint(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:

@@ -341,11 +341,16 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
             if ok and low == -neg_high:
                 assert checkpoint is not None
                 self.events.emit("restored", step=step, path=bundle, skipped=skipped)
-                if skipped and group.rank == 0:
-                    log.warning(
-                        "resuming from %s (step %d) instead of %s: %s", bundle, step, requested,
-                        "; ".join(f"{s['path']} step {s['step']}: {s['reason']}" for s in skipped),
-                    )
+                if skipped:
+                    if group.rank == 0:
+                        log.warning(
+                            "resuming from %s (step %d) instead of %s: %s", bundle, step, requested,
+                            "; ".join(f"{s['path']} step {s['step']}: {s['reason']}" for s in skipped),
+                        )
+                    # For ElasticResume: Lightning's own "Restored all states from ..." then names
+                    # the checkpoint that was loaded, not the one that was asked for.
+                    checkpoint.setdefault(CHECKPOINT_KEY, {})["restored_from"] = {"path": bundle, "step": step,
+                                                                                  "requested": requested}
                 return checkpoint
             if why is not None:
                 self.events.emit("corruption_found", step=step, path=bundle, file=file, reason=why)
