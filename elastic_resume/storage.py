@@ -249,7 +249,7 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
             )
         try:
             return backend(url, storage_options or {})
-        except ImportError as e:
+        except ImportError:
             raise ConfigError(f"checkpoint root {url!r} needs the {_PACKAGES[backend]} package "
                               f"(pip install {_PACKAGES[backend]})") from None
     return LocalStorage(url)

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from elastic_resume.errors import CheckpointCorruptError, StateError
-from elastic_resume.serialization import _parse_header, decode, encode, encodable
+from elastic_resume.serialization import _parse_header, decode, encodable, encode
 
 
 class Color(enum.Enum):
