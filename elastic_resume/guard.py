@@ -38,7 +38,7 @@ from .data import ResumableDistributedSampler
 from .detectors import Detector, DetectorBank, Plateau, judged_where
 from .errors import ConfigError, GaveUpError
 from .manager import CheckpointManager
-from .policy import Action, Recovery, RollbackPolicy, decide
+from .policy import Action, Recovery, RollbackPolicy, decide, lowest_loss
 from .vote import Quorum, Vote, VoteResult
 
 JUDGES = ("global", "rank")
@@ -164,10 +164,10 @@ class SpikeGuard:
         old = [s for s in healthy if s <= limit]
         keep = {s for s in healthy if s > limit} | ({max(old)} if old else set())
         if old and any(isinstance(d, Plateau) and d.rollback_to == "lowest_loss" for d in self.bank.detectors):
-            losses = {s: loss for s, ok, loss in self._committed if ok and loss is not None and math.isfinite(loss)}
-            recorded = [s for s in old if s in losses]
-            if recorded:  # a plateau's anchor, which decide() may pick over the newest
-                keep.add(min(recorded, key=lambda s: (losses[s], -s)))
+            # A plateau's anchor, which decide() may pick over the newest.
+            chosen = lowest_loss(old, {s: loss for s, _, loss in self._committed})
+            if chosen is not None:
+                keep.add(chosen)
         if self.policy.restart_from_scratch and 0 in healthy:
             keep.add(0)
         self.manager.protected_steps = keep

@@ -82,6 +82,13 @@ class Action:
     reason: str = ""
 
 
+def lowest_loss(steps: list[int], losses: dict[int, float | None]) -> int | None:
+    """Of ``steps``, the one with the lowest finite recorded loss (of equal ones the newest);
+    None when none has one. A plateau's ``rollback_to="lowest_loss"`` anchor."""
+    recorded = [s for s in steps if isinstance(losses.get(s), float) and math.isfinite(losses[s])]  # type: ignore[arg-type]
+    return min(recorded, key=lambda s: (losses[s], -s)) if recorded else None
+
+
 def trigger(vote: VoteResult) -> str:
     """What the vote agreed on, in words (for the reason of the action taken on it)."""
     at = f"at step {vote.step}"
@@ -130,9 +137,7 @@ def decide(
             f"(margin {policy.margin}) to roll back to; set restart_from_scratch=True to restart from step 0"))
     anchor = max(healthy)
     if plateau is not None and plateau.rollback_to == "lowest_loss":
-        recorded = [s for s in healthy if isinstance(losses.get(s), float) and math.isfinite(losses[s])]
-        if recorded:  # the lowest loss; of equal ones the newest
-            anchor = min(recorded, key=lambda s: (losses[s], -s))
+        anchor = lowest_loss(healthy, losses) or anchor
     skip = policy.skip_data and (plateau is None or plateau.skip_data)
     skip_through = onset + policy.skip_after if skip else None
     return Action("rollback", onset=onset, anchor=anchor, skip_through_step=skip_through,

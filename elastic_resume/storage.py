@@ -1,17 +1,20 @@
 """The storage seam: the only module that talks to file systems and object stores (and the only
 one that imports fsspec/s3fs).
 
-Two backends, one contract (paths are relative to the checkpoint root, '/'-separated):
+Backends, one contract (paths are relative to the checkpoint root, '/'-separated): local disk,
+and object stores through fsspec (``FsspecStorage``: S3, GCS, Azure Blob, in-process memory).
 
 - ``write_atomic``  no torn file ever stands under its final name. Local: temp name, fsync,
   rename, fsync the directory. S3: one PUT, or a multipart upload whose parts go up concurrently
-  and which only becomes visible when completed.
+  and which only becomes visible when completed; GCS/Azure: one upload, visible when complete.
 - ``write_create_only``  fails with ``FileExistsError`` if the name exists. Local: ``os.link`` of
-  an fsynced temp file (atomic, never overwrites). S3: ``If-None-Match: *``.
+  an fsynced temp file (atomic, never overwrites). S3 and Azure: ``If-None-Match: *``; GCS:
+  ``ifGenerationMatch=0``; memory: a process-wide lock.
 - ``replace_if``  compare-and-swap: replaces a file only while it still holds the bytes whose
   digest the caller names (``FileExistsError`` otherwise); the old content stays readable until
   the new one stands, so no reader ever finds the name missing. Local: a lock and ``rename``
-  over the old file. S3: ``If-Match`` on the ETag of the bytes just compared.
+  over the old file. S3 and Azure: ``If-Match`` on the ETag of the bytes just compared; GCS:
+  ``ifGenerationMatch`` on their generation.
 - ``read``  one pass: bytes land in a single preallocated buffer and are hashed as they arrive.
 - ``list_tree``/``list_dirs``/``delete_tree``/``lock``.
 
@@ -583,7 +586,7 @@ class FsspecStorage:
         if size is not None and len(data) != size:
             raise StorageError(errno.EIO, f"{self.display(rel)}: got {len(data)} bytes, expected {size}")
         try:
-            self.fs.pipe_file(self._p(rel), bytes(data))
+            self.fs.pipe_file(self._p(rel), bytes(data))  # bytes: adlfs refuses a bytearray
         except Exception as e:  # noqa: BLE001
             raise self._error("write", rel, e) from None
         self._invalidate(self._p(rel))
