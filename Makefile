@@ -1,6 +1,8 @@
-# Two entry points (see README): `make demo` runs the main job, `make test` the whole suite.
-# Both create .venv and install what they need; the pinned CPU torch wheel goes in first so no
-# dependency pulls a multi-GB CUDA build. Override with `make TORCH_SPEC=torch==X.Y ...`.
+# Two entry points (see README): `make demo` runs the main job, `make test` the whole suite (lint,
+# type check, then the tests). Both create .venv and install what they need; the pinned CPU torch
+# wheel goes in first so no dependency pulls a multi-GB CUDA build (override with
+# `make TORCH_SPEC=torch==X.Y ...`), then the tested set of every other dependency
+# (constraints.txt), so a fresh install resolves the same versions every time.
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
@@ -10,13 +12,15 @@ OLDEST_LIGHTNING := pytorch-lightning==2.5.6
 OLDEST_LIGHTNING_DIR := $(VENV)/overlays/pytorch-lightning-2.5
 AZURITE_VERSION := 3.35.0
 
-.PHONY: demo test test-fast bench install services clean
+CONSTRAINTS := constraints.txt
 
-$(STAMP): pyproject.toml
+.PHONY: demo test test-fast lint bench install services constraints clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	# The oldest supported Lightning, beside the newest: a PYTHONPATH overlay the tests put first
 	# (with lightning hidden), so one environment tests both releases.
 	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(OLDEST_LIGHTNING_DIR) "$(OLDEST_LIGHTNING)"
@@ -34,11 +38,21 @@ demo: $(STAMP)
 services:
 	sh scripts/install-services.sh
 
-test: $(STAMP) services
+# The linter and the type checker first (configured in pyproject.toml): they take seconds and a
+# failure there fails the test command.
+lint: $(STAMP)
+	$(BIN)/ruff check elastic_resume tests benchmarks launch harness
+	$(BIN)/mypy
+
+test: $(STAMP) services lint
 	$(BIN)/python -m pytest -v --durations=15
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) lint
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Re-pin the tested set after changing dependencies in pyproject.toml (torch is pinned by TORCH_SPEC).
+constraints: $(STAMP)
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|elastic-resume)==' > $(CONSTRAINTS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_store.py
@@ -49,4 +63,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_lightning.py
 
 clean:
-	rm -rf $(VENV) demo-run .bench .pytest_cache elastic-resume-logs
+	rm -rf $(VENV) demo-run .bench .pytest_cache .mypy_cache .ruff_cache elastic-resume-logs

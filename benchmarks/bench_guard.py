@@ -28,21 +28,23 @@ import torch.multiprocessing as mp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.common import drop_caches, run_ranks  # noqa: E402
-from elastic_resume import CheckpointManager, ResumableDistributedSampler, RollbackPolicy, SpikeGuard  # noqa: E402
-from elastic_resume.guard import StepOutcome  # noqa: E402
+from benchmarks.common import drop_caches, join_group, run_ranks
+from elastic_resume import (
+    CheckpointManager,
+    ResumableDistributedSampler,
+    RollbackPolicy,
+    SpikeGuard,
+)
+from elastic_resume.spike.guard import StepOutcome
 
 WORK = os.path.abspath(os.environ.get("BENCH_DIR", ".bench"))
 
 
-def _vote_rank(rank: int, world: int, port: int, root: str, steps_total: int, out: "mp.Queue[dict[str, float]]") -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+def _vote_rank(rank: int, world: int, port: int, root: str, steps_total: int, out: mp.Queue[dict[str, float]]) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
+    join_group(rank, world, port)
     model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256))
     ddp = DDP(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -83,19 +85,16 @@ def vote_overhead(steps: int) -> dict[str, float]:
 
 
 def _false_positive_rank(rank: int, world: int, port: int, root: str, steps_total: int, judge: str,
-                         detectors: str, batch: int, out: "mp.Queue[dict[str, float]]") -> None:
+                         detectors: str, batch: int, out: mp.Queue[dict[str, float]]) -> None:
     """A clean job (no injected fault): a small regression model on small batches per rank, so
     each rank's loss is noisy; every rollback is a false positive."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from elastic_resume import NonFinite, RobustZScore
-    from elastic_resume.detectors import default_detectors
+    from elastic_resume.spike.detectors import default_detectors
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
+    join_group(rank, world, port)
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(8192, 16, generator=g)
     y = (x @ torch.randn(16, 1, generator=g)).tanh() + 0.1 * torch.randn(8192, 1, generator=g)

@@ -31,11 +31,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import WORK, drop_caches, timed  # noqa: E402
-from elastic_resume import CheckpointManager  # noqa: E402
-from elastic_resume.storage import LocalStorage, open_storage  # noqa: E402
-from elastic_resume.store import CheckpointStore, step_dir  # noqa: E402
-
+from benchmarks.common import WORK, drop_caches, timed
+from elastic_resume import CheckpointManager
+from elastic_resume.checkpoint.layout import step_dir
+from elastic_resume.checkpoint.store import CheckpointStore
+from elastic_resume.storage import LocalStorage, open_storage
 
 
 def make_state(size_mib: int) -> dict:
@@ -67,7 +67,7 @@ class CountingReads:
         self.bytes = 0
         self._real = LocalStorage.open_stream
 
-    def __enter__(self) -> "CountingReads":
+    def __enter__(self) -> CountingReads:
         counter = self
 
         def open_stream(storage, rel, expected_size=None):  # type: ignore[no-untyped-def]

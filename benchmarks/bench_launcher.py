@@ -33,8 +33,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
-from elastic_resume.report import summarize  # noqa: E402
-from tests.launcher_helpers import children  # noqa: E402
+from elastic_resume.report import summarize
+from harness.processes import children
 
 WORKER = os.path.join(HERE, "recovery_worker.py")
 

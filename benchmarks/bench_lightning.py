@@ -16,6 +16,7 @@ interleaved over ``--repeats`` rounds so drift of this shared machine hits all o
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -59,7 +60,7 @@ def run_variant(flags: list[str], args: argparse.Namespace, work: str) -> tuple[
             if rec["rank"] == 0:
                 times[rec["step"]] = rec["t"]
     steps = sorted(times)
-    durations = {s: times[s] - times[p] for p, s in zip(steps, steps[1:])}
+    durations = {s: times[s] - times[p] for p, s in itertools.pairwise(steps)}
     # Warm-up: the first steps build buffers and DDP's buckets; the first save allocates staging.
     plain = [d for s, d in durations.items() if s % args.save_every and s > 3]
     base = statistics.median(plain)

@@ -30,10 +30,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import WORK, drop_caches, timed  # noqa: E402
-from elastic_resume import CheckpointManager  # noqa: E402
-from elastic_resume.serialization import tensor_bytes  # noqa: E402
-
+from benchmarks.common import WORK, drop_caches, timed
+from elastic_resume import CheckpointManager
+from elastic_resume.storage import tensor_bytes
 
 
 def raw_write(path: str, tensor: torch.Tensor) -> None:
@@ -117,7 +116,8 @@ def bench_local(size_mib: int, reps: int, cold: bool) -> dict[str, float]:
 @contextlib.contextmanager
 def moto_server():
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tests.conftest import S3_ENV, make_bucket, start_moto, stop_process
+    from harness.processes import stop_process
+    from harness.s3 import S3_ENV, make_bucket, start_moto
 
     os.environ.update(S3_ENV)
     proc, endpoint = start_moto()
@@ -186,7 +186,8 @@ def main() -> int:
     os.makedirs(WORK, exist_ok=True)
     torch.set_num_threads(1)
     cold = drop_caches()
-    print(f"# store benchmark  torch {torch.__version__}  reads from {'disk (page cache dropped)' if cold else 'page cache (cannot drop caches here)'}")
+    source = "disk (page cache dropped)" if cold else "page cache (cannot drop caches here)"
+    print(f"# store benchmark  torch {torch.__version__}  reads from {source}")
     print("ratios: median of repetitions (min of repetitions); seconds: medians")
     print(f"{'size':>8}  {'save/raw_write':>15}  {'save/torch.save':>15}  {'restore/raw_read':>16}  "
           f"{'save s':>7}  {'raw s':>7}  {'torch s':>7}  {'restore s':>9}")
@@ -197,11 +198,13 @@ def main() -> int:
               f"{r['save_s']:>7.3f}  {r['raw_write_s']:>7.3f}  {r['torch_save_s']:>7.3f}  {r['restore_s']:>9.3f}", flush=True)
     if args.s3_sizes_mib:
         with moto_server() as (endpoint, bucket):
-            print(f"\n# S3 (moto server on 127.0.0.1)\n{'size':>8}  {'save/PUT':>9}  {'(-complete)/PUT':>15}  {'save s':>7}  {'PUT s':>7}  "
+            print(f"\n# S3 (moto server on 127.0.0.1)\n{'size':>8}  {'save/PUT':>9}  {'(-complete)/PUT':>15}  "
+                  f"{'save s':>7}  {'PUT s':>7}  "
                   f"{'requests/save':>13}  {'commit+bookkeeping requests':>27}")
             for size in args.s3_sizes_mib:
                 r = bench_s3(size, args.s3_reps, endpoint, bucket)
-                print(f"{size:>5}MiB  {r['save/put']:>9.3f}  {r['save_minus_complete/put']:>15.3f}  {r['save_s']:>7.3f}  {r['put_s']:>7.3f}  "
+                print(f"{size:>5}MiB  {r['save/put']:>9.3f}  {r['save_minus_complete/put']:>15.3f}  "
+                      f"{r['save_s']:>7.3f}  {r['put_s']:>7.3f}  "
                       f"{r['requests_per_save']:>13.1f}  {r['small_requests_per_save']:>27.1f}   {r['calls']}", flush=True)
     shutil.rmtree(WORK, ignore_errors=True)
     return 0

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-
 #: Where benchmarks write their checkpoints (``BENCH_DIR`` overrides).
 WORK = os.path.abspath(os.environ.get("BENCH_DIR", ".bench"))
 
@@ -34,13 +33,25 @@ def drop_caches() -> bool:
         return False
 
 
+def join_group(rank: int, world: int, port: int) -> None:
+    """In a rank started by :func:`run_ranks`: one thread for torch, the gloo process group
+    over 127.0.0.1, and the same seed everywhere (the replicated state is identical)."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+
+
 def run_ranks(target: Callable[..., None], world: int, work: str, *args: Any) -> Any:
     """Start ``world`` spawned processes running ``target(rank, world, port, root, *args, queue)``
     with a fresh checkpoint root; return what rank 0 puts on the queue."""
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tests.conftest import free_port
+    from harness.processes import free_port
 
     root = tempfile.mkdtemp(dir=work)
     ctx = mp.get_context("spawn")

@@ -1,5 +1,15 @@
 """elastic-resume: distributed PyTorch training that survives node failures, preemption and loss
-spikes. The public API is this flat namespace.
+spikes. The public API is this flat namespace, whatever the package layout behind it:
+
+- ``storage/``    where bytes are written and read (local disk, S3, GCS, Azure, memory)
+- ``checkpoint/`` what a checkpoint is; how ranks write it, agree on one and load it
+- ``spike/``      loss-spike detectors, the per-step vote, the rollback policy, the guard
+- ``training/``   what a training loop holds to resume exactly (resumable sampler, DDP settling)
+- ``launcher/``   ``elastic-resume launch``: torchrun's agent, platform detection, Slurm, the worker
+- ``lightning/``  the PyTorch Lightning plugin and callback (optional)
+- ``contract.py`` exit codes, environment variables, event names, default ports
+- ``errors.py``, ``events.py``, ``collectives.py``, ``preemption.py``, ``report.py``, ``cli.py``,
+  ``_torch_compat.py`` (every torch internal used)
 
 Names that need torch are imported on first use (PEP 562), so the command line's listing and
 verification start in a fraction of a second instead of paying for ``import torch``.
@@ -10,6 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .contract import Event, ExitCode
 from .errors import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
@@ -23,43 +34,64 @@ from .errors import (
     StateError,
     StorageError,
     UnsafeCheckpointError,
+    UnsupportedVersionError,
 )
 from .events import EventLog
-from .preemption import EXIT_PREEMPTED
 
+#: Exit code after a committed preemption save: safe to requeue.
+EXIT_PREEMPTED = ExitCode.PREEMPTED
 #: Exit code of a run that gave up (spike budget spent, nothing verifiable): do not retry.
-EXIT_GAVE_UP = GaveUpError.exit_code
+EXIT_GAVE_UP = ExitCode.GAVE_UP
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "CheckpointManager": "manager",
-    "CheckpointStore": "store",
-    "Manifest": "store",
-    "ResumableDistributedSampler": "data",
-    "RNGState": "state",
-    "PerRank": "state",
-    "SpikeGuard": "guard",
-    "RollbackPolicy": "policy",
-    "Threshold": "detectors",
-    "MovingAverageRatio": "detectors",
-    "EMARatio": "detectors",
-    "RobustZScore": "detectors",
-    "CUSUM": "detectors",
-    "NonFinite": "detectors",
-    "Plateau": "detectors",
-    "settle_ddp_buckets": "ddp",
+    "CheckpointManager": "checkpoint.manager",
+    "CheckpointOptions": "checkpoint.manager",
+    "CheckpointStore": "checkpoint.store",
+    "Manifest": "checkpoint.manifest",
+    "RNGState": "checkpoint.state",
+    "PerRank": "checkpoint.state",
+    "ResumableDistributedSampler": "training.sampler",
+    "settle_ddp_buckets": "training.ddp",
+    "SpikeGuard": "spike.guard",
+    "GuardOptions": "spike.guard",
+    "CheckpointBackend": "spike.backend",
+    "RollbackPolicy": "spike.policy",
+    "Threshold": "spike.detectors",
+    "MovingAverageRatio": "spike.detectors",
+    "EMARatio": "spike.detectors",
+    "RobustZScore": "spike.detectors",
+    "CUSUM": "spike.detectors",
+    "NonFinite": "spike.detectors",
+    "Plateau": "spike.detectors",
+    "default_detectors": "spike.detectors",
 }
 
 if TYPE_CHECKING:
-    from .data import ResumableDistributedSampler
-    from .ddp import settle_ddp_buckets
-    from .detectors import CUSUM, EMARatio, MovingAverageRatio, NonFinite, Plateau, RobustZScore, Threshold
-    from .guard import SpikeGuard
-    from .policy import RollbackPolicy
-    from .manager import CheckpointManager
-    from .state import PerRank, RNGState
-    from .store import CheckpointStore, Manifest
+    from .checkpoint.manager import CheckpointManager, CheckpointOptions
+    from .checkpoint.manifest import Manifest
+    from .checkpoint.state import PerRank, RNGState
+    from .checkpoint.store import CheckpointStore
+    from .spike.backend import CheckpointBackend
+    from .spike.detectors import (
+        CUSUM,
+        EMARatio,
+        MovingAverageRatio,
+        NonFinite,
+        Plateau,
+        RobustZScore,
+        Threshold,
+        default_detectors,
+    )
+    from .spike.guard import GuardOptions, SpikeGuard
+    from .spike.policy import RollbackPolicy
+    from .training.ddp import settle_ddp_buckets
+    from .training.sampler import ResumableDistributedSampler
+
+    def _manager_is_a_backend(manager: CheckpointManager) -> CheckpointBackend:
+        """The type checker proves CheckpointManager fulfils the guard's backend protocol."""
+        return manager
 
 
 def __getattr__(name: str) -> Any:
@@ -70,35 +102,42 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CUSUM",
-    "EMARatio",
-    "GaveUpError",
-    "settle_ddp_buckets",
-    "EXIT_PREEMPTED",
     "EXIT_GAVE_UP",
-    "MovingAverageRatio",
-    "NonFinite",
-    "Plateau",
-    "RobustZScore",
-    "RollbackPolicy",
-    "SpikeGuard",
-    "Threshold",
+    "EXIT_PREEMPTED",
+    "CheckpointBackend",
     "CheckpointCorruptError",
-    "CheckpointNotFoundError",
     "CheckpointManager",
+    "CheckpointNotFoundError",
+    "CheckpointOptions",
     "CheckpointSaveError",
     "CheckpointStore",
     "CommitConflictError",
     "ConfigError",
     "DriftError",
+    "EMARatio",
     "ElasticResumeError",
+    "Event",
     "EventLog",
+    "ExitCode",
+    "GaveUpError",
+    "GuardOptions",
     "Manifest",
+    "MovingAverageRatio",
     "NoCheckpointError",
+    "NonFinite",
     "PerRank",
+    "Plateau",
     "RNGState",
     "ResumableDistributedSampler",
+    "RobustZScore",
+    "RollbackPolicy",
+    "SpikeGuard",
     "StateError",
     "StorageError",
+    "Threshold",
     "UnsafeCheckpointError",
+    "UnsupportedVersionError",
     "__version__",
+    "default_detectors",
+    "settle_ddp_buckets",
 ]

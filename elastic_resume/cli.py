@@ -15,15 +15,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .checkpoint.store import CheckpointStore, StepReport, StepStatus, list_bundles
+from .contract import DEFAULT_RDZV_PORT, ExitCode
 from .errors import CheckpointCorruptError, ConfigError, ElasticResumeError, NoCheckpointError
 from .storage import open_storage, redact
-from .store import CheckpointStore, StepReport, list_bundles
 
-EXIT_OK = 0
-EXIT_NEGATIVE = 1
-EXIT_USAGE = 2
-EXIT_PREEMPTED = 75
-EXIT_GAVE_UP = 76
+EXIT_OK = ExitCode.OK
+EXIT_NEGATIVE = ExitCode.NEGATIVE
+EXIT_USAGE = ExitCode.USAGE
 
 # Errors that answer the question with "no" rather than signal a usage problem.
 _NEGATIVE_ERRORS = (CheckpointCorruptError, NoCheckpointError)
@@ -156,7 +155,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             if args.step in store.step_dirs():
                 reports.append((bundle, store.verify(args.step, full=not args.quick)))
         else:
-            reports += [(bundle, r) for r in store.verify_all(full=not args.quick) if r.status != "incomplete"]
+            reports += [(bundle, r) for r in store.verify_all(full=not args.quick) if r.status != StepStatus.INCOMPLETE]
     if args.step is not None and not reports:
         print(f"step {args.step} does not exist under {stores[0][1].storage.display()}", file=sys.stderr)
         return EXIT_NEGATIVE
@@ -169,7 +168,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             if r.ok:
                 assert r.manifest is not None
                 print(f"{name}: OK ({len(r.manifest.files)} files, {_size(r.size)})")
-            elif r.status == "incomplete":
+            elif r.status == StepStatus.INCOMPLETE:
                 print(f"{name}: INCOMPLETE (never committed; resume ignores it)")
             else:
                 print(f"{name}: CORRUPT")
@@ -199,8 +198,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"created     {body['created_iso']} ({_age(m.created)} ago)")
     print(f"world size  {m.world_size}")
     print(f"size        {_size(m.total_bytes)} in {len(m.files)} files")
-    for f in m.files:
-        print(f"  {f.path}  {_size(f.size)}  {f.digest}  rank={f.rank}")
+    for entry in m.files:
+        print(f"  {entry.path}  {_size(entry.size)}  {entry.digest}  rank={entry.rank}")
     for title, section in (("metadata", m.metadata), ("fingerprint", m.fingerprint), ("health", m.health)):
         if section:
             print(f"{title}:")
@@ -286,8 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="elastic-resume",
         description="Launch resumable training; inspect, verify and prune its checkpoints (local paths, file:// or s3:// roots).",
-        epilog="Exit codes: 0 ok, 1 none found or corruption found, 2 bad usage or root, "
-        "75 preempted after a committed save (requeue), 76 gave up (do not retry).",
+        epilog=f"Exit codes: {ExitCode.OK} ok, {ExitCode.NEGATIVE} none found or corruption found, {ExitCode.USAGE} bad "
+        f"usage or root, {ExitCode.PREEMPTED} preempted after a committed save (requeue), {ExitCode.GAVE_UP} gave up "
+        "(do not retry).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log structured events to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--log", default="logs/%x-%j.out", help="sbatch --output pattern (appended across requeues)")
-    p.add_argument("--rdzv-port", type=_pos_int("--rdzv-port"), default=29400)
+    p.add_argument("--rdzv-port", type=_pos_int("--rdzv-port"), default=DEFAULT_RDZV_PORT)
     p.add_argument("--launcher", default="elastic-resume", help="command that runs elastic-resume on the nodes")
     p.add_argument("--setup", action="append", default=[], help="shell line run before srun (repeatable)")
     p.add_argument("-o", "--output", help="write the script here instead of stdout")
@@ -391,7 +391,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sbatch(args: argparse.Namespace) -> int:
-    from .slurm import SbatchOptions, render_sbatch
+    from .launcher.slurm import SbatchOptions, render_sbatch
 
     text = render_sbatch(SbatchOptions(
         script=args.script, script_args=tuple(args.script_args), job_name=args.job_name, nodes=args.nodes,
@@ -419,9 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _PASSTHROUGH:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        from . import launcher
+        from .launcher import launch
 
-        return launcher.main(argv[1:]) if argv[0] == "launch" else launcher.doctor(argv[1:])
+        return launch.main(argv[1:]) if argv[0] == "launch" else launch.doctor(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

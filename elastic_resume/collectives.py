@@ -1,17 +1,27 @@
-"""Where ranks agree: the few collectives the checkpoint manager needs, behind one small interface.
+"""Where ranks agree: the few collectives checkpointing needs, behind one small interface.
 
-``LocalGroup`` is a world of one (plain scripts, the CLI). ``TorchGroup`` runs over
-``torch.distributed`` on a dedicated gloo group with its own timeout, so checkpoint agreement never
-waits on (or is blocked by) the training backend, works the same under NCCL, and no collective
-can hang forever.
+``LocalGroup`` is a world of one (plain scripts, the CLI, Lightning's single writer).
+``TorchGroup`` runs over ``torch.distributed`` on a dedicated gloo group with its own timeout, so
+checkpoint agreement never waits on (or is blocked by) the training backend, works the same under
+NCCL, and no collective can hang forever. :func:`on_rank0` is the one way a decision made by
+rank 0 alone (listing a root, reading health records, deleting) reaches every rank, errors
+included, so no rank waits for an answer that never comes.
+
+Objects travel between ranks of one job with ``broadcast_object_list`` (pickle): the peers are
+the job's own processes, never bytes read from storage.
 """
 
 from __future__ import annotations
 
 import datetime
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import torch
+
+from .errors import ElasticResumeError
+
+T = TypeVar("T")
 
 
 class Group(Protocol):
@@ -75,3 +85,27 @@ def default_group(timeout_s: float = 600.0) -> Group:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return TorchGroup(timeout_s)
     return LocalGroup()
+
+
+def process_group(group: Group) -> Any:
+    """The torch process group behind ``group`` (None for a world of one: torch's default)."""
+    return getattr(group, "group", None)
+
+
+def on_rank0(group: Group, work: Callable[[], T], *, error: Callable[[str], Exception], what: str) -> T:
+    """Collective: run ``work`` on rank 0 and return its result on every rank. If it fails, every
+    rank raises ``error(f"{what}: {reason}")`` (on rank 0 chained to the original exception),
+    instead of rank 0 raising alone while the others wait for a broadcast until their timeout."""
+    outcome: tuple[str, Any] | None = None
+    failure: BaseException | None = None
+    if group.rank == 0:
+        try:
+            outcome = ("ok", work())
+        except Exception as e:  # noqa: BLE001 - every rank must hear it, or the others hang
+            failure = e
+            reason = str(e) if isinstance(e, (ElasticResumeError, OSError)) else f"{type(e).__name__}: {e}"
+            outcome = ("error", f"{what}: {reason}")
+    status, payload = group.broadcast_object(outcome)
+    if status == "error":
+        raise error(payload) from failure
+    return payload

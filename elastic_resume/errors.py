@@ -1,11 +1,15 @@
 """The error hierarchy: one base, a few subclasses, each message naming what is wrong and where.
 
-Every error raised for a user-facing problem (bad root, bad flag, corrupt checkpoint, conflicting
-commit) is an ``ElasticResumeError``; the CLI turns these into a one-line message and an exit code
-instead of a traceback. Anything else escaping is a bug in this library.
+Every error this library raises on purpose is an ``ElasticResumeError`` defined here, mixing in
+the built-in type callers already catch where there is one (``ConfigError`` is a ``ValueError``,
+``StorageError`` an ``OSError``, ``CheckpointNotFoundError`` a ``FileNotFoundError``). The CLI
+turns them into a one-line message and an exit code instead of a traceback. Anything else
+escaping is a bug in this library. All of them pickle (they travel between ranks).
 """
 
 from __future__ import annotations
+
+from .contract import ExitCode
 
 
 class ElasticResumeError(Exception):
@@ -20,6 +24,11 @@ class DriftError(ConfigError):
     """The run being resumed differs from the one that saved the checkpoint (``drift="fail"``)."""
 
 
+class ConfigTypeError(ElasticResumeError, TypeError):
+    """A value has a type that cannot work (a model output that is no tensor, ...); the message
+    names it."""
+
+
 class StorageError(ElasticResumeError, OSError):
     """The storage backend refused or failed an operation (missing root, no permission, bad
     credentials, network). Messages never contain secrets."""
@@ -32,6 +41,15 @@ class StorageError(ElasticResumeError, OSError):
 
     def __str__(self) -> str:
         return self.strerror if isinstance(self.strerror, str) else super().__str__()
+
+
+class FileTooLargeError(StorageError):
+    """A file that should be small (a manifest, a JSON record) is larger than the bound it is read
+    under: damage or a hostile file, refused before it is read into memory."""
+
+
+class SizeMismatchError(StorageError):
+    """A file is shorter or longer than the size its manifest records."""
 
 
 class CheckpointCorruptError(ElasticResumeError):
@@ -92,9 +110,14 @@ class GaveUpError(ElasticResumeError):
     """The run cannot go on by itself: the rollback budget is spent, no checkpoint is old
     enough to roll back to, or a detector asked to stop. Do not retry (exit code 76)."""
 
-    exit_code = 76
+    exit_code = ExitCode.GAVE_UP
 
 
 class CheckpointUnreadableError(CheckpointCorruptError):
     """A file of a committed checkpoint could not be read (permission denied, I/O error): the
     step is not loadable, like a corrupt one, but nothing says its bytes are damaged."""
+
+
+class UnsupportedVersionError(ElasticResumeError, ImportError):
+    """An installed library (torch, Lightning) is outside the releases the code that touches its
+    internals was written for; the message names the supported range."""

@@ -9,6 +9,7 @@ processes append to the same file, so each event is written with a single ``writ
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
@@ -17,14 +18,16 @@ import threading
 import time
 from typing import Any
 
-logger = logging.getLogger("elastic_resume")
+from .contract import WARNING_EVENTS, Env
 
-#: Environment variable naming the JSONL file events are appended to (set by the launcher).
-EVENT_LOG_ENV = "ER_EVENT_LOG"
+logger = logging.getLogger("elastic_resume")
 
 
 def jsonable(value: Any) -> Any:
-    """Make a field JSON-safe without losing what it says (non-finite floats become strings)."""
+    """Make a field JSON-safe without losing what it says (non-finite floats become strings,
+    enums their value)."""
+    if isinstance(value, enum.Enum):
+        value = value.value
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)
     if isinstance(value, dict):
@@ -39,11 +42,6 @@ def jsonable(value: Any) -> Any:
 class EventLog:
     """Appends structured events to ``path`` (if given) and logs them at INFO (WARNING for
     events whose name says something went wrong)."""
-
-    _WARN_EVENTS = frozenset(
-        {"corruption_found", "restore_fallback", "drift_found", "save_failed", "prune_failed",
-         "resume_crash_loop", "workers_failed", "preemption_grace_expired", "requeue_failed", "launch_error"}
-    )
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, rank: int | None = None):
         self.path = os.fspath(path) if path is not None else None
@@ -69,15 +67,12 @@ class EventLog:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_env(cls, *, rank: int | None = None) -> "EventLog":
-        return cls(os.environ.get(EVENT_LOG_ENV) or None, rank=rank)
+    def from_env(cls, *, rank: int | None = None) -> EventLog:
+        return cls(os.environ.get(Env.EVENT_LOG) or None, rank=rank)
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
-        record: dict[str, Any] = {"ts": round(time.time(), 6), "event": event}
-        if self.rank is not None:
-            record["rank"] = self.rank
-        record.update({k: jsonable(v) for k, v in fields.items()})
-        level = logging.WARNING if event in self._WARN_EVENTS else logging.INFO
+        record = self._record(event, fields)
+        level = logging.WARNING if event in WARNING_EVENTS else logging.INFO
         if logger.isEnabledFor(level):
             details = " ".join(f"{k}={v}" for k, v in record.items() if k not in ("ts", "event"))
             logger.log(level, "%s %s", event, details)
@@ -88,11 +83,14 @@ class EventLog:
         """Append to the file only, without logging: for high-rate events (one per training
         step) that feed ``elastic-resume report`` but would flood a console."""
         if self.path is not None:
-            record: dict[str, Any] = {"ts": round(time.time(), 6), "event": event}
-            if self.rank is not None:
-                record["rank"] = self.rank
-            record.update({k: jsonable(v) for k, v in fields.items()})
-            self._append(record)
+            self._append(self._record(event, fields))
+
+    def _record(self, event: str, fields: dict[str, Any]) -> dict[str, Any]:
+        record: dict[str, Any] = {"ts": round(time.time(), 6), "event": str(event)}
+        if self.rank is not None:
+            record["rank"] = self.rank
+        record.update({k: jsonable(v) for k, v in fields.items()})
+        return record
 
     def _append(self, record: dict[str, Any]) -> None:
         if self.path is None:

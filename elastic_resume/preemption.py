@@ -19,10 +19,12 @@ import threading
 import time
 from typing import Any
 
+from .contract import ExitCode
+
 #: Signals that ask for a save-and-exit rather than an immediate death.
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 #: Exit code of a worker (and of the launcher) after a committed preemption save.
-EXIT_PREEMPTED = 75
+EXIT_PREEMPTED = ExitCode.PREEMPTED
 
 _lock = threading.Lock()
 _requested: dict[str, Any] | None = None

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .contract import Event
 from .errors import ConfigError
 from .events import read_events
 
@@ -124,15 +125,15 @@ class Summary:
         return "\n".join(lines)
 
 
-_PROBLEMS = ("corruption_found", "restore_fallback", "resume_crash_loop", "gave_up", "save_failed",
-             "launch_error", "preemption_grace_expired", "requeue_failed", "drift_found")
+_PROBLEMS = (Event.CORRUPTION_FOUND, Event.RESTORE_FALLBACK, Event.RESUME_CRASH_LOOP, Event.GAVE_UP, Event.SAVE_FAILED,
+             Event.LAUNCH_ERROR, Event.PREEMPTION_GRACE_EXPIRED, Event.REQUEUE_FAILED, Event.DRIFT_FOUND)
 
 
 def _wall(events: list[dict[str, Any]]) -> tuple[float, int]:
     """Union of the launcher sessions' intervals (or first to last event without a launcher)."""
     sessions: dict[tuple[Any, Any], list[float]] = {}
     for e in events:
-        if e.get("event") == "launch_started":
+        if e.get("event") == Event.LAUNCH_STARTED:
             sessions[(e.get("node"), e.get("pid"))] = [e["ts"], e["ts"]]
         elif (e.get("node"), e.get("pid")) in sessions:
             sessions[(e.get("node"), e.get("pid"))][1] = e["ts"]
@@ -146,16 +147,15 @@ def _wall(events: list[dict[str, Any]]) -> tuple[float, int]:
     for i, span in enumerate(spans):
         later = [e["ts"] for e in events if span[0] <= e["ts"] < starts[i + 1]]
         span[1] = max(span[1], max(later, default=span[1]))
-    total, cur_start, cur_end = 0.0, None, None
-    for s, e in spans:
-        if cur_end is None or s > cur_end:
-            if cur_end is not None:
-                total += cur_end - cur_start  # type: ignore[operator]
-            cur_start, cur_end = s, e
+    total = 0.0
+    cur_start, cur_end = spans[0]
+    for start, end in spans[1:]:
+        if start > cur_end:
+            total += cur_end - cur_start
+            cur_start, cur_end = start, end
         else:
-            cur_end = max(cur_end, e)
-    if cur_end is not None:
-        total += cur_end - cur_start  # type: ignore[operator]
+            cur_end = max(cur_end, end)
+    total += cur_end - cur_start
     return total, len(spans)
 
 
@@ -185,7 +185,7 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
     commits: set[tuple[Any, Any]] = set()
     for e in events:
         kind = e.get("event")
-        if kind == "step" and _rank0(e):
+        if kind == Event.STEP and _rank0(e):
             step = int(e["step"])
             s.steps_executed += 1
             # Keys stay in increasing order (a step is only added once every later one is gone),
@@ -203,9 +203,9 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
                 if r.get("recover_s") is None and r.get("_failed_ts") is not None:
                     r["recover_s"] = round(e["ts"] - r["_failed_ts"], 3)
             pending_restarts = []
-        elif kind == "workers_failed":
+        elif kind == Event.WORKERS_FAILED:
             failed_at = e["ts"] if failed_at is None else failed_at
-        elif kind == "restart":
+        elif kind == Event.RESTART:
             # Every node's agent restarts for the same incident; count it once.
             if e["ts"] - last_restart_ts > 15.0:
                 r = {"ts": e["ts"], "node": e.get("node"), "cause": _cause(e.get("failures")),
@@ -214,28 +214,28 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
                 pending_restarts.append(r)
             last_restart_ts = e["ts"]
             failed_at = None
-        elif kind in ("restored", "restore_none") and _rank0(e) and pending_restarts:
-            pending_restarts[-1]["resumed_from"] = e.get("step", 0) if kind == "restored" else 0
-        elif kind == "rollback" and _rank0(e):
+        elif kind in (Event.RESTORED, Event.RESTORE_NONE) and _rank0(e) and pending_restarts:
+            pending_restarts[-1]["resumed_from"] = e.get("step", 0) if kind == Event.RESTORED else 0
+        elif kind == Event.ROLLBACK and _rank0(e):
             s.rollbacks.append({k: e.get(k) for k in ("from_step", "to_step", "skipped", "steps_lost", "lr_scale")})
-        elif kind == "preemption_requested":
+        elif kind == Event.PREEMPTION_REQUESTED:
             if not s.preemptions or e["ts"] - s.preemptions[-1]["ts"] > 30.0:
                 s.preemptions.append({"ts": e["ts"], "signal": e.get("signal"), "saved_step": None})
-        elif kind == "preemption_save" and _rank0(e):
+        elif kind == Event.PREEMPTION_SAVE and _rank0(e):
             if s.preemptions:
                 s.preemptions[-1]["saved_step"] = e.get("step")
             else:
                 s.preemptions.append({"ts": e["ts"], "signal": e.get("signal") or "api", "saved_step": e.get("step")})
-        elif kind == "save_committed" and (e.get("step"), e.get("attempt")) not in commits:
+        elif kind == Event.SAVE_COMMITTED and (e.get("step"), e.get("attempt")) not in commits:
             # Every rank reports the same commit; a node's log may lack rank 0's line.
             commits.add((e.get("step"), e.get("attempt")))
             s.saves += 1
             s.save_bytes += int(e.get("bytes") or 0)
             if isinstance(e.get("seconds"), (int, float)):
                 s.save_seconds.append(float(e["seconds"]))
-        elif kind in _PROBLEMS and (_rank0(e) or kind in ("corruption_found", "save_failed")):
+        elif kind in _PROBLEMS and (_rank0(e) or kind in (Event.CORRUPTION_FOUND, Event.SAVE_FAILED)):
             s.problems.append({k: v for k, v in e.items() if k not in ("pid",)})
-        elif kind == "launch_finished":
+        elif kind == Event.LAUNCH_FINISHED:
             s.exits.append({"node": e.get("node"), "exit_code": e.get("exit_code"), "reason": e.get("reason")})
     for r in s.restarts:
         r.pop("_failed_ts", None)
@@ -272,7 +272,7 @@ def plot(events: list[dict[str, Any]], summary: Summary, path: str) -> None:
         ax.axvline(r["from_step"], color="tab:orange", ls=":", lw=1.2, label="spike (rolled back)" if i == 0 else None)
         ax.annotate("", xy=(r["to_step"], 0.5), xytext=(r["from_step"], 0.5), xycoords=("data", "axes fraction"),
                     arrowprops={"arrowstyle": "->", "color": "tab:orange"})
-    skips = [e for e in events if e.get("event") == "data_skipped" and _rank0(e)]
+    skips = [e for e in events if e.get("event") == Event.DATA_SKIPPED and _rank0(e)]
     rolls = summary.rollbacks
     for i, (sk, rb) in enumerate(zip(skips, rolls)):
         if sk.get("through_step") is not None:

@@ -45,9 +45,9 @@ from elastic_resume import (
     RobustZScore,
     RollbackPolicy,
     SpikeGuard,
+    default_detectors,
     settle_ddp_buckets,
 )
-from elastic_resume.detectors import default_detectors
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -54,7 +54,11 @@ from elastic_resume import (
     RobustZScore,
     RollbackPolicy,
 )
-from elastic_resume.lightning import ElasticCheckpointIO, ElasticResume, ResumableDataLoader
+from elastic_resume.lightning import (
+    ElasticCheckpointIO,
+    ElasticResume,
+    ResumableDataLoader,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -193,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer = pl.Trainer(
         accelerator="cpu", devices=local_world, num_nodes=max(1, world // local_world),
         strategy=DDPStrategy(process_group_backend="gloo") if world > 1 else "auto",
-        max_steps=args.steps, use_distributed_sampler=False, accumulate_grad_batches=args.accumulate, plugins=[ckpt_io] if ckpt_io else None,
+        max_steps=args.steps, use_distributed_sampler=False, accumulate_grad_batches=args.accumulate,
+        plugins=[ckpt_io] if ckpt_io else None,
         callbacks=[ModelCheckpoint(dirpath=args.root, every_n_train_steps=args.save_every, save_top_k=-1,
                                    save_last=args.save_last), *([guard] if guard else [])],
         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

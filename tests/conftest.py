@@ -1,70 +1,19 @@
 """Shared fixtures: a real S3 endpoint (moto's standalone server on 127.0.0.1, as s3fs's own test
-suite runs it), checkpoint roots on local disk and on S3, and process helpers."""
+suite runs it), the GCS and Azure emulators, and checkpoint roots on local disk and on S3.
+Helpers live in ``tests/helpers/`` (and, shared with the benchmarks, in ``harness/``)."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Dummy credentials for the local moto server; never real ones.
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing-key-id",
-    "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with code {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"server on port {port} did not start in {timeout}s")
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    """Stop a process this test suite started (and its process group if it leads one)."""
-    if proc.poll() is not None:
-        return
-    try:
-        proc.terminate()
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=timeout)
-
-
-def start_moto(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[Any], str]:
-    port = free_port()
-    env = dict(os.environ, **(extra_env or {}))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )
-    wait_for_port(port, proc)
-    return proc, f"http://127.0.0.1:{port}"
+from harness.processes import REPO, free_port, stop_process, wait_for_port
+from harness.s3 import S3_ENV, make_bucket, start_moto
+from tests.helpers.roots import Root
 
 
 @pytest.fixture(scope="session")
@@ -82,28 +31,6 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def make_bucket(endpoint: str) -> str:
-    import boto3
-
-    name = f"ckpt-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=name)
-    return name
-
-
-@dataclass
-class Root:
-    """A checkpoint root for a test: its URL, storage options, and the env a child process
-    needs to reach it."""
-
-    kind: str
-    url: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
-
-    def cli_options(self) -> list[str]:
-        return [f"--storage-option={k}={v}" for k, v in self.storage_options.items()]
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -165,21 +92,3 @@ def azurite_connection() -> Iterator[str]:
 @pytest.fixture
 def local_root(tmp_path: Any) -> Root:
     return Root("local", str(tmp_path / "ckpt"))
-
-
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.update(extra or {})
-    return env
-
-
-def kill_group(proc: subprocess.Popen[Any]) -> None:
-    """SIGKILL a child we started in its own session, with everything it spawned."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)

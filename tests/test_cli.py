@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from elastic_resume import CheckpointManager
-from tests.conftest import child_env
+from elastic_resume.cli import parse_storage_options
+from elastic_resume.errors import ConfigError
+from harness.processes import child_env
 from tests.helpers import tamper
 
 CLI = os.path.join(os.path.dirname(sys.executable), "elastic-resume")
@@ -37,7 +39,8 @@ def test_ls_text_and_json(populated):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["STEP", "STATUS", "SIZE", "WORLD", "AGE"]
-    assert [l.split()[:2] for l in lines[1:]] == [["400", "incomplete"], ["300", "committed"], ["200", "committed"], ["100", "committed"]]
+    assert [line.split()[:2] for line in lines[1:]] == [
+        ["400", "incomplete"], ["300", "committed"], ["200", "committed"], ["100", "committed"]]
     r = run_cli("ls", populated.url, "--json", *populated.cli_options(), env=populated.env)
     rows = json.loads(r.stdout)
     assert rows[1]["step"] == 300 and rows[1]["world_size"] == 1 and rows[1]["size"] > 4000
@@ -116,3 +119,12 @@ def test_user_mistakes_get_one_line_and_exit_2(tmp_path, args, expect):
 def test_inspect_missing_step_exits_1(populated):
     r = run_cli("inspect", populated.url, "250", *populated.cli_options(), env=populated.env)
     assert r.returncode == 1 and "step 250 cannot be inspected" in r.stderr
+
+
+def test_storage_option_parsing():
+    opts = parse_storage_options(["endpoint_url=http://127.0.0.1:9", "anon=false", "max_concurrency=4",
+                                  "client_kwargs.verify=false"])
+    assert opts == {"endpoint_url": "http://127.0.0.1:9", "anon": False, "max_concurrency": 4,
+                    "client_kwargs": {"verify": False}}
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_storage_options(["broken"])

@@ -34,7 +34,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedVersionError
 
 #: The Lightning releases CI tests (both distributions): 2.5 is the oldest, 2.6 the newest.
 SUPPORTED = ((2, 5), (2, 7))  # >= 2.5, < 2.7
@@ -88,7 +88,7 @@ def _load(name: str) -> Namespace | None:
 
 NAMESPACES: dict[str, Namespace] = {n: ns for n in _PACKAGES if (ns := _load(n)) is not None}
 if not NAMESPACES:
-    raise ImportError(
+    raise UnsupportedVersionError(
         (f"elastic_resume.lightning supports Lightning {SUPPORTED_TEXT}, found {', '.join(_UNSUPPORTED)}; "
          if _UNSUPPORTED else "elastic_resume.lightning needs PyTorch Lightning; ")
         + "pip install 'elastic-resume[pytorch-lightning]' (import pytorch_lightning) "
@@ -146,7 +146,8 @@ def mark_saved(trainer: Any) -> None:
     """Tell every ModelCheckpoint this step is saved, so it does not write it again as ``-v1``."""
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, MODEL_CHECKPOINTS):
-            callback._last_global_step_saved = trainer.global_step
+            checkpointer: Any = callback
+            checkpointer._last_global_step_saved = trainer.global_step
 
 
 def raw_loss(trainer: Any, pl_module: Any, value: float) -> float:

@@ -1,8 +1,8 @@
 """``ElasticResume``: the spike guard inside Lightning's training loop.
 
 The callback runs a ``SpikeGuard`` (the same detectors, the same one-collective vote, the same
-pure rollback policy as a plain loop) whose checkpoint operations go through the Trainer and
-``ElasticCheckpointIO`` instead of a ``CheckpointManager``:
+pure rollback policy as a plain loop) whose checkpoint backend is the Trainer and
+``ElasticCheckpointIO`` (``backend.py``) instead of a ``CheckpointManager``:
 
 - per optimizer step (``on_train_batch_end``): the loss of the step (with gradient
   accumulation, the mean over its micro-batches; a NaN/Inf in any of them counts), this rank's
@@ -26,24 +26,23 @@ touches are all in ``_compat.py``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable
 from typing import Any
 
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import drift as drift_report
-from .. import fingerprint as fingerprints
-from ..data import ResumableDistributedSampler
-from ..ddp import settle_ddp_buckets
-from ..detectors import Detector
+from ..checkpoint import drift as drift_report
+from ..checkpoint import fingerprint as fingerprints
+from ..checkpoint.state import RNGState
+from ..contract import Event, ExitCode
 from ..errors import ConfigError
-from ..guard import SpikeGuard
-from ..policy import RollbackPolicy
-from ..preemption import EXIT_PREEMPTED
-from ..state import RNGState
+from ..spike.guard import GuardOptions, SpikeGuard
+from ..training.ddp import settle_ddp_buckets
+from ..training.sampler import ResumableDistributedSampler
 from . import _compat
-from ._compat import CALLBACK_BASES, mark_saved
-from .checkpoint_io import CHECKPOINT_KEY, ElasticCheckpointIO, _join, normalize_path
+from ._compat import CALLBACK_BASES
+from .backend import TrainerBackend
+from .checkpoint_io import CHECKPOINT_KEY, ElasticCheckpointIO, normalize_path
 from .data import ResumableDataLoader
 
 log = logging.getLogger("elastic_resume")
@@ -89,30 +88,6 @@ def find_sampler(trainer: Trainer) -> ResumableDistributedSampler | None:
     return None
 
 
-def apply_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
-    """Load a Lightning checkpoint into a trainer that is in the middle of ``fit``, in the order
-    Lightning's own restore uses, leaving the loops running (not "restarting")."""
-    module = trainer.lightning_module
-    module.on_load_checkpoint(checkpoint)
-    trainer.strategy.load_model_state_dict(checkpoint, strict=module.strict_loading)
-    precision = trainer.precision_plugin
-    if type(precision).__qualname__ in checkpoint:
-        precision.load_state_dict(checkpoint[type(precision).__qualname__])
-    datamodule = trainer.datamodule
-    if datamodule is not None and type(datamodule).__qualname__ in checkpoint:
-        datamodule.load_state_dict(checkpoint[type(datamodule).__qualname__])
-    trainer.fit_loop.load_state_dict(checkpoint["loops"]["fit_loop"])
-    _compat.continue_loops(trainer)
-    _compat.load_dataloader_states(trainer)
-    trainer.strategy.load_optimizer_state_dict(checkpoint)
-    for config, state in zip(trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", [])):
-        config.scheduler.load_state_dict(state)
-    saved = checkpoint.get("callbacks", {})
-    for callback in trainer.callbacks:
-        if callback.state_key in saved:
-            callback.load_state_dict(saved[callback.state_key])
-
-
 def settle_ddp(trainer: Trainer, pl_module: LightningModule) -> None:
     """At 3+ DDP ranks, settle DDP's gradient buckets before the first step, in every run alike,
     so a resumed run adds gradients in the same order as one that never stopped (see
@@ -133,80 +108,6 @@ def settle_ddp(trainer: Trainer, pl_module: LightningModule) -> None:
         settle_ddp_buckets(model, *(example if isinstance(example, tuple) else (example,)))
 
 
-class TrainerCheckpoints:
-    """What ``SpikeGuard`` needs of a checkpoint manager, done through the Trainer: health of the
-    checkpoints under ``dirpath``, removing the ones after a rollback's anchor, loading the
-    anchor into the live trainer, and saving (the re-committed anchor, preemption saves)."""
-
-    def __init__(self, trainer: Trainer, io: ElasticCheckpointIO) -> None:
-        self.trainer = trainer
-        self.io = io
-        self.group = io.group()
-        self.rank = self.group.rank
-        self.events = io.events
-        self.dirpath: str | None = None
-        self.drift_allow: list[str] = []
-        self.protected_steps: set[int] = set()
-        self._paths: dict[int, str] = {}
-
-    def allow_replace(self, step: int) -> None:
-        """Nothing to do: saving a Lightning path again replaces that bundle's step (see
-        ``ElasticCheckpointIO.save_checkpoint``)."""
-
-    def _on_rank0(self, work: Any) -> Any:
-        """Run ``work`` on rank 0 and hand its result (or its error) to every rank."""
-        outcome = None
-        if self.rank == 0:
-            try:
-                outcome = ("ok", work())
-            except Exception as e:  # noqa: BLE001 - raised on every rank below
-                outcome = ("error", f"{type(e).__name__}: {e}")
-        status, payload = self.group.broadcast_object(outcome)
-        if status == "error":
-            raise RuntimeError(f"checkpoint directory {self.dirpath}: {payload}")
-        return payload
-
-    def wait(self) -> None:
-        self.io.wait()
-
-    def checkpoint_health(self) -> list[tuple[int, bool, float | None]]:
-        self.io.wait()
-        assert self.dirpath is not None
-        found = self._on_rank0(lambda: self.io.health(self.dirpath))
-        self._paths = {}
-        for step, _, _, path in found:  # newest first; one path per step
-            self._paths.setdefault(step, path)
-        return [(step, ok, loss) for step, ok, loss, _ in found]
-
-    def retire_newer_than(self, step: int, *, reason: str) -> list[int]:
-        self.io.wait()
-
-        def work() -> list[int]:
-            retired: dict[str, int] = {}
-            for s, path in self.io.checkpoints(self.dirpath):  # type: ignore[arg-type]
-                if s > step and path not in retired:
-                    self.io.remove_checkpoint(path)
-                    retired[path] = s
-                    self.events.emit("checkpoint_retired", step=s, path=path, reason=reason)
-            return sorted(set(retired.values()))
-
-        return self._on_rank0(work)
-
-    def restore(self, state: MutableMapping[str, Any], *, step: int | None = None) -> int | None:
-        assert step is not None and self.dirpath is not None
-        apply_checkpoint(self.trainer, self.io.load_step(self.dirpath, step))
-        return step
-
-    def save(self, step: int, state: Any, *, metadata: Any = None, blocking: bool = True, health: Any = None) -> None:
-        # Health and metadata reach the checkpoint through ElasticResume.on_save_checkpoint.
-        assert self.dirpath is not None
-        path = self._paths.get(step) or _join(
-            self.dirpath, f"preempted-epoch={self.trainer.current_epoch}-step={step}.ckpt")
-        self.trainer.save_checkpoint(path, weights_only=False)
-        self._paths[step] = path
-        mark_saved(self.trainer)
-
-
 # Derives from the Callback of each importable namespace, so either Trainer accepts it.
 class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
     """Loss-spike rollback, preemption saves and the drift report for a Lightning ``Trainer``.
@@ -224,31 +125,31 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
 
     def __init__(
         self,
+        options: GuardOptions | None = None,
         *,
-        detectors: list[Detector] | None = None,
-        policy: RollbackPolicy | None = None,
-        quorum: str | float = "any",
-        vote_every: int = 1,
-        lag: int = 1,
-        health_window: int = 10,
         dirpath: str | None = None,
-        judge: str = "global",
         loss_key: str = "loss",
         drift: str = "warn",
         drift_allow: Iterable[str] = (),
+        **settings: Any,
     ) -> None:
+        """``options`` (or the same names as keyword settings: ``detectors``, ``policy``,
+        ``quorum``, ``vote_every``, ``lag``, ``health_window``, ``judge``; see
+        ``GuardOptions``) say how spikes are found and handled, as for ``SpikeGuard``.
+        ``dirpath``: where ModelCheckpoint saves (default: its ``dirpath``); ``loss_key``: the
+        loss in ``training_step``'s output; ``drift``/``drift_allow``: the report on resume."""
+        if options is not None and settings:
+            raise ConfigError(f"ElasticResume: pass GuardOptions or keyword settings, not both "
+                              f"(got options and {', '.join(sorted(settings))})")
+        self.options = options if options is not None else GuardOptions(**settings)
         drift_report.check_policy(drift, "ElasticResume")
-        self.policy = policy or RollbackPolicy()
-        self._guard_options = {"detectors": detectors, "policy": self.policy, "quorum": quorum,
-                               "vote_every": vote_every, "lag": lag, "health_window": health_window,
-                               "judge": judge}
         self._dirpath = dirpath
         self.loss_key = loss_key
         self.drift = drift
         self.drift_allow = list(drift_allow)  # the fingerprint has no optimizer entries: LR scaling is no drift
         self.exit_code = 0
         self.guard: SpikeGuard | None = None
-        self.checkpoints: TrainerCheckpoints | None = None
+        self.checkpoints: TrainerBackend | None = None
         self._state: dict[str, Any] = {}
         self._loaded: dict[str, Any] | None = None
         self._last_step: int | None = None
@@ -269,8 +170,8 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
             return
         # Collective (every rank builds its groups here, in the same order): the agreement group
         # of the plugin, then the vote's.
-        self.checkpoints = TrainerCheckpoints(trainer, find_checkpoint_io(trainer))
-        self.guard = SpikeGuard(self.checkpoints, self._state, **self._guard_options)  # type: ignore[arg-type]
+        self.checkpoints = TrainerBackend(trainer, find_checkpoint_io(trainer))
+        self.guard = SpikeGuard(self.checkpoints, self._state, self.options)
         if self._loaded is not None:
             self.load_state_dict(self._loaded)
 
@@ -278,14 +179,15 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
         assert self.guard is not None and self.checkpoints is not None
         dirpath = self._dirpath or getattr(trainer.checkpoint_callback, "dirpath", None)
         if not dirpath:
-            raise ConfigError("ElasticResume needs a checkpoint directory: ModelCheckpoint(dirpath=...) or ElasticResume(dirpath=...)")
+            raise ConfigError("ElasticResume needs a checkpoint directory: ModelCheckpoint(dirpath=...) or "
+                              "ElasticResume(dirpath=...)")
         self.checkpoints.dirpath = normalize_path(dirpath)
         for i, optimizer in enumerate(trainer.optimizers):
             self._state[f"optimizer{i}"] = optimizer
         for i, config in enumerate(trainer.lr_scheduler_configs):
             self._state[f"scheduler{i}"] = config.scheduler
         self.guard.sampler = find_sampler(trainer)
-        if self.guard.sampler is None and self.policy.skip_data:
+        if self.guard.sampler is None and self.guard.policy.skip_data:
             log.warning("ElasticResume: the training dataloader has no ResumableDistributedSampler, so a rollback "
                         "cannot skip the data around a spike (it replays it); use ResumableDataLoader")
         self.guard.attach(trainer.global_step if trainer.ckpt_path else None)
@@ -310,7 +212,7 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
         if outcome.rolled_back:
             self._continue_from(trainer)
         elif outcome.preempted:
-            self.exit_code = EXIT_PREEMPTED
+            self.exit_code = ExitCode.PREEMPTED
             trainer.should_stop = True
 
     def _loss(self, outputs: Any) -> float:
@@ -334,7 +236,7 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
         if self.guard is None or self.checkpoints is None or self.checkpoints.dirpath is None:
             return
         self.guard.settle()  # every rank: Lightning dumps checkpoints on all of them
-        metadata, health = self.guard.checkpoint_info(trainer.global_step)
+        metadata, health = self.guard.record_checkpoint(trainer.global_step)
         checkpoint[CHECKPOINT_KEY] = {
             "metadata": metadata, "health": health, "world_size": trainer.world_size,
             "fingerprint": self._run_fingerprint or self._fingerprint(trainer, pl_module),
@@ -379,7 +281,7 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
         else:  # no saved stream for this rank; reusing another rank's would correlate them
             assert self.checkpoints is not None
             rng.reshard(streams, self.checkpoints.rank, self.checkpoints.group.world_size)
-            self.checkpoints.events.emit("rng_reseeded", step=trainer.global_step,
+            self.checkpoints.events.emit(Event.RNG_RESEEDED, step=trainer.global_step,
                                          world_size=self.checkpoints.group.world_size)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -389,8 +291,9 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
         if self.drift == "ignore":
             return
         events = self.checkpoints.events if self.checkpoints is not None else find_checkpoint_io(trainer).events
+        allow = [*self.drift_allow, *(self.checkpoints.recovery_drift if self.checkpoints is not None else [])]
         drift_report.check((checkpoint.get(CHECKPOINT_KEY) or {}).get("fingerprint"), self._fingerprint(trainer, pl_module),
-                           step=checkpoint.get("global_step"), policy=self.drift, allow=self.drift_allow, events=events,
+                           step=checkpoint.get("global_step"), policy=self.drift, allow=allow, events=events,
                            restored_tree=checkpoint.get("optimizer_states"), hint="ElasticResume(drift_allow=[...])")
 
     @staticmethod

@@ -10,8 +10,11 @@ its own, a *bundle*::
 so a bundle is either committed or invisible, rewriting ``last.ckpt`` commits a new step before
 the old one is pruned (a crash in between leaves one of them, never neither), and
 ``ModelCheckpoint``'s ``save_top_k`` removes whole bundles. Lightning calls ``save_checkpoint``
-on global rank 0 only, so a bundle has a single writer (a manager over a world of one); reading
-happens on every rank, and which checkpoint to load is agreed in one collective per candidate.
+on global rank 0 only, so a bundle has a single writer: the checkpoint engine's own
+``StepWriter`` over a world of one (one writer, one set of staging buffers and one background
+thread for every bundle). Reading happens on every rank through the engine's reader, and which
+checkpoint to load is decided by the engine's agreement protocol (``checkpoint/agreement.py``),
+the same one ``CheckpointManager.restore`` uses.
 """
 
 from __future__ import annotations
@@ -21,21 +24,26 @@ import os
 import re
 from typing import Any
 
-from ..collectives import Group, LocalGroup, default_group
+from ..checkpoint.agreement import Candidate, agree
+from ..checkpoint.format import encodable
+from ..checkpoint.layout import manifest_path
+from ..checkpoint.manager import max_resumes_from_env, open_events, recorded_loss
+from ..checkpoint.manifest import Manifest
+from ..checkpoint.reading import ReadAttempt, try_read
+from ..checkpoint.saving import StepWriter
+from ..checkpoint.store import CheckpointStore, list_bundles
+from ..checkpoint.values import hparams_text
+from ..collectives import Group, LocalGroup, default_group, on_rank0
+from ..contract import Event, StrEnum
 from ..errors import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
     ConfigError,
-    ElasticResumeError,
     NoCheckpointError,
     StorageError,
 )
 from ..events import EventLog
-from ..manager import CheckpointManager, _manifest_hash, _Stager, max_resumes_from_env, recorded_loss
-from ..serialization import encodable
-from ..storage import open_storage
-from ..store import MANIFEST_NAME, CheckpointStore, Manifest, list_bundles, step_dir
-from ..values import hparams_text
+from ..storage import open_storage, tensor_bytes
 from ._compat import CHECKPOINT_IO_BASES
 
 log = logging.getLogger("elastic_resume")
@@ -44,6 +52,14 @@ log = logging.getLogger("elastic_resume")
 #: the drift fingerprint of the run that saved it.
 CHECKPOINT_KEY = "elastic_resume"
 _STATE_KEY = "checkpoint"  # the stored state is {"checkpoint": <Lightning's dict>}
+
+
+class PathKind(StrEnum):
+    """What stands at a checkpoint path Lightning asks to load."""
+
+    BUNDLE = "bundle"  #: a directory or prefix written by ElasticCheckpointIO
+    FILE = "file"  #: a plain Lightning/torch ``.ckpt`` written before the plugin
+    MISSING = "missing"  #: nothing
 
 
 def normalize_path(path: str | os.PathLike[str]) -> str:
@@ -109,16 +125,11 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         self.max_resumes_per_step = max_resumes_from_env() if max_resumes_per_step is None else max_resumes_per_step
         self.storage_options = dict(storage_options or {})
         self.collective_timeout_s = collective_timeout_s
-        rank = int(os.environ.get("RANK", "0"))
-        if isinstance(event_log, EventLog):
-            self.events = event_log
-        elif event_log is not None:
-            self.events = EventLog(event_log, rank=rank)
-        else:
-            self.events = EventLog.from_env(rank=rank)
-        self._stager = _Stager()  # reused by every save: buffers are allocated once
-        self._active: CheckpointManager | None = None
-        self._active_path: str | None = None
+        self.events = open_events(event_log, int(os.environ.get("RANK", "0")))
+        # Lightning saves on global rank 0 alone: one writer over a world of one for every
+        # bundle (its staging buffers are allocated once and reused by every save).
+        self._writer = StepWriter(LocalGroup(), self.events)
+        self._active_path: str | None = None  # the bundle a background save is writing
         self._group: Group | None = group
         self._resolved: str | None = None
 
@@ -128,20 +139,15 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         # this process (a background save, the staging buffers, the process group) does not.
         self.wait()
         state = dict(self.__dict__)
-        state.update(_stager=None, _active=None, _active_path=None, _group=None)
+        state.update(_writer=None, _active_path=None, _group=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._stager = _Stager()
+        self._writer = StepWriter(LocalGroup(), self.events)
 
-    def _manager(self, path: str, *, read_only: bool, storage_options: dict[str, Any] | None = None) -> CheckpointManager:
-        mgr = CheckpointManager(
-            path, group=LocalGroup(), keep_last=1, storage_options=self._options(storage_options),
-            event_log=self.events, read_only=read_only, drift="ignore", max_resumes_per_step=0,
-        )
-        mgr._stager = self._stager
-        return mgr
+    def _store(self, path: str, storage_options: dict[str, Any] | None = None) -> CheckpointStore:
+        return CheckpointStore(open_storage(path, self._options(storage_options)), events=self.events)
 
     def _options(self, per_call: dict[str, Any] | None) -> dict[str, Any]:
         """The plugin's storage options, overridden key by key by those given to one call."""
@@ -162,7 +168,7 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         storage = open_storage(normalize_path(dirpath), self.storage_options)  # one client for all manifests
         out = []
         for step, path in self.checkpoints(dirpath):
-            rel = f"{path.rsplit('/', 1)[-1]}/{step_dir(step)}/{MANIFEST_NAME}"
+            rel = f"{path.rsplit('/', 1)[-1]}/{manifest_path(step)}"
             try:
                 manifest = Manifest.parse(storage.read_small(rel), step=step, where=storage.display(rel))
             except (CheckpointCorruptError, StorageError, OSError):
@@ -183,7 +189,7 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
             self._resolved = plain[0]  # written before the plugin: loaded once, as a migration
             return self._resolved
         if not found:
-            self.events.emit("restore_none", root=dirpath, reason="no committed checkpoint")
+            self.events.emit(Event.RESTORE_NONE, root=dirpath, reason="no committed checkpoint")
             if self.events.rank in (None, 0):  # a wrong ROOT would silently start over: say it
                 log.warning("no committed checkpoint under %s: training starts from scratch", dirpath)
             return None
@@ -219,57 +225,60 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
             raise ConfigError(f"storage_options for {path} must be a dict of fsspec/s3fs options, "
                               f"got {type(storage_options).__name__}")
         path = normalize_path(path)
-        self._finish()
+        self.wait()
         step = checkpoint.get("global_step", 0)
-        if not isinstance(step, int) or step < 0:
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ConfigError(f"Lightning checkpoint for {path} has global_step={step!r}; expected an integer >= 0")
         extra = checkpoint.get(CHECKPOINT_KEY) or {}
         checkpoint = savable_hparams(checkpoint)
-        mgr = self._manager(path, read_only=False, storage_options=storage_options)
-        if step in mgr.committed_steps():
-            mgr.allow_replace(step)  # the same path saved again at the same step: replace it
+        store = self._store(path, storage_options)
+        # A bad root fails now, naming it, not half-way through writing.
+        store.storage.ensure_root(create=True, probe_write=True)
+        # The same path saved again at the same step replaces what stands there now.
+        replace = store.manifest_digest(step) if step in store.committed_steps() else None
         metadata = {"lightning_path": path.rsplit("/", 1)[-1], "epoch": checkpoint.get("epoch"),
                     **extra.get("metadata", {})}
-        self._active, self._active_path = mgr, path
-        mgr.save(step, {_STATE_KEY: checkpoint}, metadata=metadata, health=extra.get("health"),
-                 blocking=not self.async_save)
+        self._active_path = path
+
+        def keep_newest(manifest: Manifest) -> None:
+            # Rewriting a path (last.ckpt) commits the new step before the old one is pruned.
+            try:
+                store.prune(keep_last=1)
+            except Exception as e:  # noqa: BLE001 - clean-up failure must not fail training
+                self.events.emit(Event.PRUNE_FAILED, step=manifest.step, path=path, error=str(e))
+
+        self._writer.save(store, step, {_STATE_KEY: checkpoint}, metadata=metadata, health=extra.get("health"),
+                          blocking=not self.async_save, replace=replace, after_commit=keep_newest)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         path = normalize_path(path)
         self.wait()
         group = self.group()
-        listing: tuple[str, Any] | None = None
-        if group.rank == 0:
-            try:
-                kind = self._kind(path)
-                if kind == "bundle":
-                    listing = ("ok", self._candidates(path, fallback=path == self._resolved))
-                else:
-                    listing = (kind, None)
-            except (ElasticResumeError, OSError) as e:
-                listing = ("error", f"cannot list checkpoints at {path}: {e}")
-        status, payload = group.broadcast_object(listing)
-        if status == "error":
-            raise NoCheckpointError(payload)
-        if status == "missing":
-            raise CheckpointNotFoundError(f"no checkpoint at {path}: the path does not exist")
-        if status == "file":
-            return self._migrate(path, group)
-        if not payload:
-            raise NoCheckpointError(f"no committed checkpoint at {path}; was it written by ElasticCheckpointIO?")
-        return self._load_agreed(payload, group, requested=path)
 
-    def _kind(self, path: str) -> str:
+        def listing() -> tuple[PathKind, list[Candidate]]:
+            kind = self._kind(path)
+            return kind, self._candidates(path, fallback=path == self._resolved) if kind == PathKind.BUNDLE else []
+
+        kind, candidates = on_rank0(group, listing, error=NoCheckpointError, what=f"cannot list checkpoints at {path}")
+        if kind == PathKind.MISSING:
+            raise CheckpointNotFoundError(f"no checkpoint at {path}: the path does not exist")
+        if kind == PathKind.FILE:
+            return self._migrate(path, group)
+        if not candidates:
+            raise NoCheckpointError(f"no committed checkpoint at {path}; was it written by ElasticCheckpointIO?")
+        return self._load_agreed(candidates, group, requested=path)
+
+    def _kind(self, path: str) -> PathKind:
         """Rank 0: "bundle" (a directory or prefix: ours), "file" (a plain Lightning/torch
         checkpoint, written before the plugin was added) or "missing"."""
         if "://" not in path:
             if os.path.isfile(path):
-                return "file"
-            return "bundle" if os.path.isdir(path) else "missing"
+                return PathKind.FILE
+            return PathKind.BUNDLE if os.path.isdir(path) else PathKind.MISSING
         parent, name = path.rsplit("/", 1)
         if open_storage(path, self.storage_options).list_tree(""):
-            return "bundle"
-        return "file" if open_storage(parent, self.storage_options).exists(name) else "missing"
+            return PathKind.BUNDLE
+        return PathKind.FILE if open_storage(parent, self.storage_options).exists(name) else PathKind.MISSING
 
     def _migrate(self, path: str, group: Group) -> dict[str, Any]:
         """Collective: a plain ``.ckpt`` from before the plugin, loaded the way Lightning's
@@ -285,7 +294,7 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
             parent, name = path.rsplit("/", 1)
             data = open_storage(parent, self.storage_options).read(name).buffer
             assert data is not None
-            checkpoint = torch.load(io.BytesIO(memoryview(data.numpy())), map_location="cpu", weights_only=True)
+            checkpoint = torch.load(io.BytesIO(tensor_bytes(data)), map_location="cpu", weights_only=True)
             if not isinstance(checkpoint, dict):
                 why = f"holds a {type(checkpoint).__name__}, not a Lightning checkpoint dict"
         except Exception as e:  # noqa: BLE001 - storage errors, and the weights-only unpickler's refusals
@@ -293,12 +302,12 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
             why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         (ok,) = group.all_reduce_min([0 if why else 1])
         if not ok:
-            self.events.emit("corruption_found", path=path, reason=why or "another rank could not load it")
+            self.events.emit(Event.CORRUPTION_FOUND, path=path, reason=why or "another rank could not load it")
             raise NoCheckpointError(
                 f"plain checkpoint {path} (not written by ElasticCheckpointIO) could not be loaded by every rank "
                 f"with torch.load(weights_only=True): {why or 'another rank could not load it'}"
             )
-        self.events.emit("checkpoint_migrated", path=path, step=checkpoint.get("global_step"))
+        self.events.emit(Event.CHECKPOINT_MIGRATED, path=path, step=checkpoint.get("global_step"))
         if group.rank == 0:
             log.warning("loading %s, a plain checkpoint written without ElasticCheckpointIO (torch.load with "
                         "weights_only=True, unverified); checkpoints saved from now on are verified bundles", path)
@@ -309,73 +318,60 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         it), verified and agreed by every rank. Used for rollbacks."""
         self.wait()
         group = self.group()
-        candidates = None
-        if group.rank == 0:
-            candidates = [(s, p) for s, p in self.checkpoints(dirpath) if s == step]
-        candidates = group.broadcast_object(candidates)
+        candidates = on_rank0(group, lambda: [Candidate(s, p) for s, p in self.checkpoints(dirpath) if s == step],
+                              error=NoCheckpointError, what=f"cannot list checkpoints under {normalize_path(dirpath)}")
         if not candidates:
             raise NoCheckpointError(f"no committed checkpoint of step {step} under {normalize_path(dirpath)}")
-        return self._load_agreed(candidates, group, requested=candidates[0][1])
+        assert candidates[0].path is not None
+        return self._load_agreed(candidates, group, requested=candidates[0].path)
 
-    def _candidates(self, path: str, *, fallback: bool) -> list[tuple[int, str]]:
+    def _candidates(self, path: str, *, fallback: bool) -> list[Candidate]:
         """Rank 0: what to try, in order. The path's own newest step first; when ``path`` came
         from :meth:`resume_path`, every older checkpoint beside it after that."""
-        own = CheckpointStore(open_storage(path, self.storage_options)).committed_steps()
-        first = [(s, path) for s in own]
+        own = self._store(path).committed_steps()
+        first = [Candidate(s, path) for s in own]
         if not fallback or not own:
             return first
         dirpath = path.rsplit("/", 1)[0]
-        candidates = first + [c for c in self.checkpoints(dirpath) if c[0] <= own[0] and c[1] != path]
+        candidates = first + [Candidate(s, p) for s, p in self.checkpoints(dirpath) if s <= own[0] and p != path]
         # Crash loops: a step resumed from too often without anything newer being committed is
         # skipped (resume-attempts.json beside the bundles, as for a CheckpointManager root).
-        store = CheckpointStore(open_storage(dirpath, self.storage_options), events=self.events)
-        kept, _dropped = store.resume_candidates(sorted({s for s, _ in candidates}, reverse=True), self.max_resumes_per_step)
+        kept, _dropped = self._store(dirpath).resume_candidates(
+            sorted({c.step for c in candidates}, reverse=True), self.max_resumes_per_step)
         keep = set(kept)
-        return [c for c in candidates if c[0] in keep]
+        return [c for c in candidates if c.step in keep]
 
-    def _load_agreed(self, candidates: list[tuple[int, str]], group: Group, *, requested: str) -> dict[str, Any]:
-        skipped: list[dict[str, Any]] = []
-        for step, bundle in candidates:
-            checkpoint, digest, file, why = self._read(bundle, step)
-            ok, low, neg_high = group.all_reduce_min([1 if checkpoint is not None else 0, digest, -digest])
-            if ok and low == -neg_high:
-                assert checkpoint is not None
-                self.events.emit("restored", step=step, path=bundle, skipped=skipped)
-                if skipped:
-                    if group.rank == 0:
-                        log.warning(
-                            "resuming from %s (step %d) instead of %s: %s", bundle, step, requested,
-                            "; ".join(f"{s['path']} step {s['step']}: {s['reason']}" for s in skipped),
-                        )
-                    # For ElasticResume: Lightning's own "Restored all states from ..." then names
-                    # the checkpoint that was loaded, not the one that was asked for.
-                    checkpoint.setdefault(CHECKPOINT_KEY, {})["restored_from"] = {"path": bundle, "step": step,
-                                                                                  "requested": requested}
-                return checkpoint
-            if why is not None:
-                self.events.emit("corruption_found", step=step, path=bundle, file=file, reason=why)
-            else:
-                why = "another rank could not verify or load it" if not ok else "ranks read different manifests"
-            skipped.append({"step": step, "path": bundle, "file": file, "reason": why})
-            self.events.emit("restore_fallback", step=step, path=bundle, file=file, reason=why)
-        raise NoCheckpointError(
-            f"no checkpoint at {requested} could be verified and loaded by every rank: "
-            + "; ".join(f"{s['path']} step {s['step']}: {s['file'] or ''} {s['reason']}".replace("  ", " ") for s in skipped)
-            + ". Inspect with 'elastic-resume verify PATH'."
-        )
+    def _load_agreed(self, candidates: list[Candidate], group: Group, *, requested: str) -> dict[str, Any]:
+        agreed = agree(group, candidates, self._read, events=self.events, nothing=lambda details: (
+            f"no checkpoint at {requested} could be verified and loaded by every rank: {details}. "
+            "Inspect with 'elastic-resume verify PATH'."))
+        checkpoint, chosen = agreed.value, agreed.candidate
+        self.events.emit(Event.RESTORED, **chosen.fields(), skipped=[s.as_dict() for s in agreed.skipped])
+        if agreed.skipped:
+            if group.rank == 0:
+                log.warning("resuming from %s (step %d) instead of %s: %s", chosen.path, chosen.step, requested,
+                            "; ".join(f"{s.candidate}: {s.reason}" for s in agreed.skipped))
+            # For ElasticResume: Lightning's own "Restored all states from ..." then names the
+            # checkpoint that was loaded, not the one that was asked for.
+            checkpoint.setdefault(CHECKPOINT_KEY, {})["restored_from"] = {"path": chosen.path, "step": chosen.step,
+                                                                          "requested": requested}
+        return checkpoint
 
-    def _read(self, bundle: str, step: int) -> tuple[dict[str, Any] | None, int, str | None, str | None]:
-        """(checkpoint, manifest hash, failing file, reason) as this rank sees ``bundle``."""
+    def _read(self, candidate: Candidate) -> ReadAttempt[dict[str, Any]]:
+        """The Lightning checkpoint dict of ``candidate`` as this rank reads it, verified."""
+        assert candidate.path is not None
         try:
-            manifest, tree = self._manager(bundle, read_only=True).read_verified(step)
-        except CheckpointCorruptError as e:
-            return None, 0, e.file, e.reason
-        except (ElasticResumeError, OSError) as e:
-            return None, 0, None, f"unreadable: {e}"
-        checkpoint = tree.get(_STATE_KEY)
+            store = self._store(candidate.path)
+        except (ConfigError, StorageError) as e:
+            return ReadAttempt(None, why=f"unreadable: {e}")
+        attempt = try_read(store, candidate.step, rank=0, world_size=1, state={})
+        loaded = attempt.value
+        if loaded is None:
+            return ReadAttempt(None, file=attempt.file, why=attempt.why)
+        checkpoint = (loaded.replicated or {}).get(_STATE_KEY)
         if not isinstance(checkpoint, dict):
-            return None, 0, None, "holds no Lightning checkpoint"
-        return checkpoint, _manifest_hash(manifest), None, None
+            return ReadAttempt(None, why="holds no Lightning checkpoint")
+        return ReadAttempt(checkpoint, attempt.manifest_hash)
 
     def remove_checkpoint(self, path: Any) -> None:
         path = normalize_path(path)
@@ -389,19 +385,15 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
             for step in store.committed_steps():
                 store.retire(step)  # manifests go first: never a half-deleted committed bundle
             storage.delete_tree("")
-        self.events.emit("checkpoint_deleted", path=path, reason="removed by Lightning")
+        self.events.emit(Event.CHECKPOINT_DELETED, path=path, reason="removed by Lightning")
 
     # -- background saves ------------------------------------------------------------------------
     def wait(self) -> None:
         """Wait for a background save; raise its error if it failed."""
-        if self._active is not None:
-            self._active.wait()
-
-    def _finish(self) -> None:
-        """Wait for the background save and release its thread."""
-        active, self._active, self._active_path = self._active, None, None
-        if active is not None:
-            active.close()
+        self._writer.wait()
+        self._active_path = None
 
     def teardown(self) -> None:
-        self._finish()
+        """End of ``fit``: the background save is finished and its thread released."""
+        self._active_path = None
+        self._writer.close()

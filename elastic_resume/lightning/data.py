@@ -15,8 +15,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import ResumableDistributedSampler
 from ..errors import ConfigError
+from ..training.sampler import ResumableDistributedSampler
 
 
 class ResumableDataLoader(DataLoader):
@@ -24,7 +24,8 @@ class ResumableDataLoader(DataLoader):
     ``state_dict``/``load_state_dict``. Use it with ``Trainer(use_distributed_sampler=False)``
     (the sampler already shards the data across ranks)."""
 
-    def __init__(self, dataset: Dataset[Any], *, sampler: ResumableDistributedSampler, batch_size: int = 1, **kwargs: Any) -> None:
+    def __init__(self, dataset: Dataset[Any], *, sampler: ResumableDistributedSampler, batch_size: int = 1,
+                 **kwargs: Any) -> None:
         if not isinstance(sampler, ResumableDistributedSampler):
             raise ConfigError(
                 f"ResumableDataLoader needs sampler=ResumableDistributedSampler(...), got {type(sampler).__name__} "

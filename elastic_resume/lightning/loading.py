@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
+from ..checkpoint.values import plain
 from ..collectives import LocalGroup
 from ..errors import ConfigError
-from ..values import plain
 from .checkpoint_io import ElasticCheckpointIO
 
 

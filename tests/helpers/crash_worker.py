@@ -16,12 +16,12 @@ import json
 import os
 import sys
 
+import s3fs  # noqa: F401
 import torch
 
 # Imported once in the zygote so that forked writers start saving at once; importing creates no
 # event loop or connection, so nothing unsafe crosses the fork.
-import elastic_resume.manager  # noqa: E402,F401
-import s3fs  # noqa: E402,F401
+import elastic_resume.checkpoint.manager  # noqa: F401
 
 torch.set_num_threads(1)
 

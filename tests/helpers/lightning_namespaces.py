@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tests.conftest import REPO
+from harness.processes import REPO
 
 HIDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hide_modules")
 

@@ -2,8 +2,8 @@
 
 import sys
 
+from elastic_resume.checkpoint.store import CheckpointStore
 from elastic_resume.storage import open_storage
-from elastic_resume.store import CheckpointStore
 
 store = CheckpointStore(open_storage(sys.argv[1]))
 while True:

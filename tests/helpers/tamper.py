@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from elastic_resume.checkpoint.layout import MANIFEST_NAME, step_dir
+from elastic_resume.checkpoint.manifest import canonical_json
 from elastic_resume.storage import Storage, digest_bytes, open_storage
-from elastic_resume.store import MANIFEST_NAME, canonical_json, step_dir
 
 
 def raw(url: str, storage_options: dict[str, Any] | None = None) -> Storage:
@@ -54,7 +55,7 @@ def rewrite_data_header(st: Storage, step: int, index: int, mutate: Any) -> str:
     """Rewrite the JSON header of the step's ``index``-th data file with ``mutate(header)`` (a
     dict in, a dict or raw JSON text out), then fix that file's size and digest in the manifest
     and the manifest's checksum: a hostile file whose every digest matches. Returns its path."""
-    from elastic_resume.serialization import ALIGN, MAGIC
+    from elastic_resume.checkpoint.format import ALIGN, MAGIC
 
     doc = manifest_doc(st, step)
     entry = doc["files"][index]

@@ -1,0 +1,409 @@
+"""``CheckpointManager``: rank-coordinated save and agreed restore of a training state at one root.
+
+A facade over the checkpoint engine, configured by :class:`CheckpointOptions`:
+
+- save: ``saving.StepWriter`` (the foreground snapshot and staging, the collective write, the
+  commit); then ``retention`` on rank 0;
+- restore: rank 0 lists the candidates (minus crash-looping steps, ``crash_loop``), every rank
+  reads its share (``reading``), ``agreement.agree`` picks the newest step every rank read on
+  the same commit, the drift report runs (``drift``) and the state is loaded in place;
+- for the spike guard (``spike.backend.CheckpointBackend``): the health of the committed steps,
+  retiring the steps of an abandoned timeline, protecting rollback anchors from retention,
+  replacing the anchor it re-commits, allowing the drift its own LR scaling causes.
+
+In a ``torch.distributed`` job every rank constructs the manager and calls ``save`` and
+``restore`` together. Coordination runs on a gloo group of its own with ``collective_timeout_s``,
+so a dead rank turns into an error, never a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Collection, Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..collectives import Group, default_group, on_rank0, process_group
+from ..contract import DEFAULT_MAX_RESUMES_PER_STEP, Env, Event
+from ..errors import CheckpointCorruptError, ConfigError, StateError, StorageError
+from ..events import EventLog
+from ..storage import open_storage
+from . import drift, fingerprint
+from .agreement import Agreed, Candidate, agree
+from .manifest import Manifest
+from .reading import LoadedStep, ReadAttempt, try_read
+from .saving import StepWriter
+from .state import apply_state
+from .store import CheckpointStore
+
+
+def max_resumes_from_env() -> int:
+    """The crash-loop limit the launcher passes down (``--er-max-resumes-per-step``)."""
+    raw = os.environ.get(Env.MAX_RESUMES_PER_STEP, str(DEFAULT_MAX_RESUMES_PER_STEP))
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{Env.MAX_RESUMES_PER_STEP}={raw!r} is not an integer") from None
+
+
+def open_events(event_log: EventLog | str | os.PathLike[str] | None, rank: int) -> EventLog:
+    """An ``event_log`` option as an EventLog: given, a path, or the launcher's (``ER_EVENT_LOG``)."""
+    if isinstance(event_log, EventLog):
+        return event_log
+    if event_log is not None:
+        return EventLog(event_log, rank=rank)
+    return EventLog.from_env(rank=rank)
+
+
+def recorded_loss(health: Mapping[str, Any]) -> float | None:
+    """The loss a checkpoint's health record carries, if it is a finite number (untrusted bytes)."""
+    import math
+
+    loss = health.get("loss")
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss):
+        return float(loss)
+    return None
+
+
+@dataclass(kw_only=True)
+class CheckpointOptions:
+    """How a :class:`CheckpointManager` saves, keeps and restores checkpoints."""
+
+    keep_last: int | None = 3
+    """Keep this many newest loadable steps (a corrupt step never counts); None keeps every step.
+    The newest loadable step and rollback anchors are kept whatever this says."""
+    keep_every: int | None = None
+    """Also keep every step divisible by this, forever (milestones)."""
+    storage_options: Mapping[str, Any] | None = None
+    """Options for the storage backend (fsspec: ``endpoint_url``, credentials, ...). The usual
+    environment (``AWS_*``, profiles) applies otherwise; values are never logged."""
+    event_log: EventLog | str | os.PathLike[str] | None = None
+    """Where events go: an ``EventLog``, a JSONL path, or None for the launcher's
+    (``ER_EVENT_LOG``) or none at all."""
+    read_only: bool = False
+    """Restore and inspect only: no root is created, no resume is counted, ``save`` is refused."""
+    collective_timeout_s: float = 600.0
+    """How long a rank waits for the others in a checkpoint collective before failing."""
+    config: Mapping[str, Any] | None = None
+    """Your resolved training config; part of the drift fingerprint (a resume reports what changed)."""
+    data_description: Any = None
+    """A description of the data pipeline (a dict or a string); part of the drift fingerprint."""
+    drift: str = "warn"
+    """What a difference between the saved and the current run does: ``warn``, ``fail``
+    (``DriftError``, nothing restored) or ``ignore``."""
+    drift_allow: Sequence[str] = ()
+    """Fingerprint names never reported as drift (fnmatch globs, e.g. ``versions.*``)."""
+    max_resumes_per_step: int | None = None
+    """Resumes from one step, with nothing newer committed, before restore falls back to the step
+    before (a crash loop); 0 disables; None: what the launcher passes (``--er-max-resumes-per-step``), else 3."""
+
+    def __post_init__(self) -> None:
+        for name in ("keep_last", "keep_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer or None (got {value!r})")
+        drift.check_policy(self.drift, "CheckpointManager")
+        if not self.collective_timeout_s > 0:
+            raise ConfigError(f"collective_timeout_s must be positive (got {self.collective_timeout_s!r})")
+        if isinstance(self.drift_allow, str):
+            raise ConfigError(f"drift_allow must be a list of patterns, not the string {self.drift_allow!r}")
+
+
+class CheckpointManager:
+    """Save and restore a training state at a checkpoint root (a local path, ``file://``,
+    ``s3://``, ``gs://``, ``az://`` or ``memory://``).
+
+    ``state`` is a dict whose values are objects with ``state_dict()``/``load_state_dict()``
+    (modules, optimizers, schedulers, samplers; restored in place) or plain values (tensors,
+    numbers, strings, containers of those; replaced in the dict on restore). Values are
+    replicated unless marked per-rank (``RNGState``, ``PerRank``).
+
+    Configure it with :class:`CheckpointOptions` or the same names as keyword arguments:
+    ``CheckpointManager(root, keep_last=5)`` is ``CheckpointManager(root, CheckpointOptions(keep_last=5))``.
+    ``group`` is where ranks agree (default: a gloo group over every rank of the default process
+    group; ``LocalGroup()`` for a world of one).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], options: CheckpointOptions | None = None, *,
+                 group: Group | None = None, **settings: Any) -> None:
+        if options is not None and settings:
+            raise ConfigError(f"CheckpointManager: pass CheckpointOptions or keyword settings, not both "
+                              f"(got options and {', '.join(sorted(settings))})")
+        self.options = options if options is not None else CheckpointOptions(**settings)
+        opts = self.options
+        self.group = group if group is not None else default_group(opts.collective_timeout_s)
+        self.rank = self.group.rank
+        self.world_size = self.group.world_size
+        self.events = open_events(opts.event_log, self.rank)
+        self.root = os.fspath(root)
+        self.storage = open_storage(self.root, dict(opts.storage_options or {}))
+        self.store = CheckpointStore(self.storage, events=self.events)
+        self.max_resumes_per_step = max_resumes_from_env() if opts.max_resumes_per_step is None else opts.max_resumes_per_step
+        self.last_committed: int | None = None
+        self.last_drift: list[str] = []  # the drift report's lines of the last restore
+        self._writer = StepWriter(self.group, self.events)
+        # Rollback anchors retention must keep (the spike guard says which, see protect()).
+        self._protected: frozenset[int] = frozenset()
+        # Drift the guard's own recovery causes (a scaled LR), not a difference between runs.
+        self._recovery_drift: list[str] = []
+        # Committed steps this incarnation proved it must not use (skipped as unloadable by
+        # restore, dropped by the crash-loop fallback, a rollback anchor to re-commit), each
+        # with the digest of the manifest it judged: a new save of such a step replaces exactly
+        # that manifest, and nothing someone else committed there since (rank 0 only).
+        self._replaceable: dict[int, str] = {}
+        # Raw digest of every manifest this process read while restoring, by step.
+        self._seen_manifests: dict[int, str] = {}
+        # Rank 0 creates the root and proves it can write before any training happens, so a
+        # bad root fails in the first second rather than at the first save an hour in.
+        if self.rank == 0:
+            self.storage.ensure_root(create=not opts.read_only, probe_write=not opts.read_only)
+
+    # -- save ---------------------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        blocking: bool = True,
+        health: Mapping[str, Any] | None = None,
+    ) -> Manifest | None:
+        """Write ``state`` as checkpoint ``step`` on every rank and commit it.
+
+        Blocking (default): returns the committed manifest; raises on every rank if any rank
+        failed, and then nothing is committed. ``blocking=False``: returns once this rank's share
+        of the state is copied into reusable buffers, without waiting for any other rank; writing
+        and the commit continue in the background, and the next ``save``/``restore``/``wait()``
+        (or interpreter exit) waits for it and raises its error if it failed."""
+        if self.options.read_only:
+            raise ConfigError(f"checkpoint manager for {self.root} was opened read_only; save() is not allowed")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ConfigError(f"step must be a non-negative integer (got {step!r})")
+        self.wait()
+
+        def current_fingerprint() -> dict[str, Any]:
+            return fingerprint.compute(state, world_size=self.world_size, config=self.options.config,
+                                       data_description=self.options.data_description)
+
+        return self._writer.save(self.store, step, state, metadata=metadata, health=health,
+                                 fingerprint=current_fingerprint, blocking=blocking,
+                                 replace=self._replaceable.get(step) if self.rank == 0 else None,
+                                 after_commit=self._after_commit)
+
+    def _after_commit(self, manifest: Manifest) -> None:
+        self.last_committed = manifest.step
+        self._replaceable.pop(manifest.step, None)
+        if self.rank != 0 or (self.options.keep_last is None and self.options.keep_every is None):
+            return
+        try:
+            self.store.prune(keep_last=self.options.keep_last, keep_every=self.options.keep_every,
+                             protect=self._protected)
+        except Exception as e:  # noqa: BLE001 - clean-up failure must not fail training
+            self.events.emit(Event.PRUNE_FAILED, step=manifest.step, error=str(e))
+
+    def wait(self) -> Manifest | None:
+        """Wait for a background save; raise its error if it failed."""
+        return self._writer.wait()
+
+    @property
+    def save_in_progress(self) -> bool:
+        return self._writer.save_in_progress
+
+    @property
+    def staging_bytes(self) -> int:
+        """Host memory this rank holds for background saves: its share of the replicated state
+        plus its own per-rank state and shards (about 1/N of the replicated bytes at N ranks)."""
+        return self._writer.stager.nbytes
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- restore ------------------------------------------------------------------------------
+    def restore(self, state: MutableMapping[str, Any], *, step: int | None = None) -> int | None:
+        """Restore ``state`` in place from the newest step every rank can verify and load (or
+        exactly ``step``). Returns the step, or None when no checkpoint was ever committed.
+        Corrupt steps are reported and skipped; if committed steps exist but none loads, raises
+        NoCheckpointError rather than silently starting over."""
+        self.wait()
+        started = time.perf_counter()
+        current = fingerprint.compute(state, world_size=self.world_size, config=self.options.config,
+                                      data_description=self.options.data_description)
+        steps = on_rank0(self.group, lambda: self._candidates() if step is None else [step],
+                         error=lambda m: StorageError(0, m), what=f"cannot list checkpoints under {self.storage.display()}")
+        if not steps:
+            self.events.emit(Event.RESTORE_NONE, root=self.storage.display(), reason="no committed checkpoint")
+            return None
+        agreed = self._agree(steps, state)
+        loaded = agreed.value
+        manifest = loaded.manifest
+        self.last_drift = drift.check(manifest.fingerprint, current, step=manifest.step, policy=self.options.drift,
+                                      allow=[*self.options.drift_allow, *self._recovery_drift], events=self.events,
+                                      restored_tree=loaded.replicated)
+        self._apply(state, loaded)
+        if manifest.world_size == self.world_size:  # then every file was read by some rank
+            self.store.mark_loadable(manifest.step, manifest.raw_digest)
+        self.last_committed = manifest.step
+        self.events.emit(
+            Event.RESTORED, step=manifest.step, bytes=manifest.total_bytes,
+            seconds=round(time.perf_counter() - started, 4), skipped=[s.as_dict() for s in agreed.skipped],
+            saved_world_size=manifest.world_size, world_size=self.world_size,
+        )
+        return manifest.step
+
+    def _agree(self, steps: list[int], state: Mapping[str, Any]) -> Agreed[LoadedStep]:
+        def read(c: Candidate) -> ReadAttempt[LoadedStep]:
+            attempt = try_read(self.store, c.step, rank=self.rank, world_size=self.world_size, state=state)
+            if attempt.seen_digest is not None:
+                self._seen_manifests[c.step] = attempt.seen_digest
+            return attempt
+
+        def skipped(c: Candidate, attempt: ReadAttempt[LoadedStep]) -> None:
+            if c.step in self._seen_manifests:  # a new save of a skipped step replaces it
+                self._replaceable[c.step] = self._seen_manifests[c.step]
+
+        return agree(self.group, [Candidate(s) for s in steps], read, events=self.events,
+                     finish=lambda c, loaded: self._load_sharded(loaded, state), on_skip=skipped, nothing=lambda details: (
+                         f"none of the {len(steps)} committed checkpoint(s) under {self.storage.display()} could be "
+                         f"verified and loaded by every rank: {details}. Inspect them with 'elastic-resume verify'; "
+                         "move the root aside to start fresh."))
+
+    def read_verified(self, step: int) -> tuple[Manifest, dict[str, Any]]:
+        """This rank's share of ``step`` (the replicated state and its own per-rank state), every
+        byte verified, as a plain tree: no agreement with other ranks and nothing loaded into
+        live objects. Raises CheckpointCorruptError naming the file that failed."""
+        self.wait()
+        attempt = try_read(self.store, step, rank=self.rank, world_size=self.world_size, state={})
+        loaded = attempt.value
+        if loaded is None or loaded.replicated is None:
+            raise CheckpointCorruptError(step, attempt.file, attempt.why or "holds sharded state: restore() loads it")
+        return loaded.manifest, {**loaded.replicated, **(loaded.per_rank or {})}
+
+    def _candidates(self) -> list[int]:
+        """Rank 0: committed steps to try, newest first, minus crash-looping ones; counts this
+        resume against the step it will try first (before loading: a crash during the load
+        is a crash too)."""
+        committed = self.store.committed_steps()
+        if not committed or self.options.read_only:
+            return committed
+        candidates, dropped = self.store.resume_candidates(committed, self.max_resumes_per_step)
+        self._replaceable.update(dropped)  # a new save of a dropped step replaces it
+        return candidates
+
+    def _load_sharded(self, loaded: LoadedStep, state: Mapping[str, Any]) -> str | None:
+        """Collective, once every rank agreed on a step with sharded leaves: load them through DCP
+        into the live state's own DTensors (DCP reshards when the sharding changed). DCP
+        propagates any rank's failure to all ranks, so every rank returns the same verdict."""
+        if not loaded.has_sharded:
+            return None
+        from .._torch_compat import dcp_exception
+        from . import sharded
+        from .format import flatten
+        from .saving import first_line
+        from .state import snapshot_state
+
+        try:
+            sharded.init_optimizer_states(dict(state))
+            targets: dict[str, Any] = {}
+            replicated, _ = snapshot_state(state)
+            flatten(replicated, name="state", sharded=targets)
+            sharded.load_sharded(targets, sharded.StoreReader(self.store, loaded.manifest), process_group(self.group))
+            loaded.finish_sharded(targets)
+        except StateError:
+            raise
+        except (Exception, dcp_exception()) as e:  # noqa: BLE001 - DCP wraps every rank's failure
+            return f"sharded state could not be loaded: {first_line(e)}"
+        return None
+
+    def _apply(self, state: MutableMapping[str, Any], loaded: LoadedStep) -> None:
+        """Load ``loaded`` into ``state`` (all or nothing, see ``state.apply_state``). Per-rank
+        values of another world size are resharded, not loaded."""
+        assert loaded.replicated is not None
+        tree = dict(loaded.replicated)
+        reseeded: list[str] = []
+        if loaded.per_rank is not None:
+            if loaded.reseed:
+                reseeded = [k for k in loaded.per_rank if k in state]
+                for key in reseeded:
+                    state[key].reshard(loaded.per_rank[key], self.rank, self.world_size)
+                if reseeded:
+                    self.events.emit(Event.PER_RANK_RESEEDED, step=loaded.step, keys=reseeded,
+                                     saved_world_size=loaded.manifest.world_size, world_size=self.world_size)
+            else:
+                tree.update(loaded.per_rank)
+        rest = {k: v for k, v in state.items() if k not in reseeded}
+        apply_state(rest, tree, step=loaded.step)
+        for k, v in rest.items():  # plain values were replaced in the copy
+            state[k] = v
+
+    def allow_replace(self, step: int) -> None:
+        """Let the next save of ``step`` replace its committed manifest: the one this process
+        restored (a rollback re-commits its anchor with the recovery state), or, if this
+        process never read it, the one that stands now (an explicit overwrite, as Lightning
+        does when it saves a path again). Rank 0 holds the proof; other ranks ignore it."""
+        if self.rank != 0:
+            return
+        digest = self._seen_manifests.get(step) or self.store.manifest_digest(step)
+        if digest is not None:
+            self._replaceable[step] = digest
+
+    # -- for the spike guard (spike.backend.CheckpointBackend) ---------------------------------
+    def checkpoint_health(self) -> list[tuple[int, bool, float | None]]:
+        """Committed steps with their recorded health and loss (the guard's smoothed global
+        loss), the same list on every rank (rank 0 reads, then broadcasts). A step without a
+        health record counts as healthy; a step whose manifest does not validate is left out."""
+        self.wait()
+
+        def read() -> list[tuple[int, bool, float | None]]:
+            found = []
+            for s in self.store.committed_steps():
+                try:
+                    m = self.store.read_manifest(s)
+                except CheckpointCorruptError:
+                    continue
+                found.append((s, bool(m.health.get("healthy", True)), recorded_loss(m.health)))
+            return found
+
+        return on_rank0(self.group, read, error=lambda m: StorageError(0, m),
+                        what=f"cannot read the checkpoints' health under {self.storage.display()}")
+
+    def retire_newer_than(self, step: int, *, reason: str) -> list[int]:
+        """Remove every committed step newer than ``step`` (they lie on an abandoned timeline,
+        e.g. after a rollback); collective, so no rank runs ahead of the deletion."""
+        self.wait()
+
+        def retire() -> list[int]:
+            retired = [s for s in self.store.committed_steps() if s > step]
+            for s in retired:
+                self.store.retire(s)
+                self.events.emit(Event.CHECKPOINT_RETIRED, step=s, reason=reason)
+            return retired
+
+        return on_rank0(self.group, retire, error=lambda m: StorageError(0, m),
+                        what=f"cannot retire checkpoints newer than step {step} under {self.storage.display()}")
+
+    def protect(self, steps: Collection[int]) -> None:
+        """Retention keeps exactly these steps whatever ``keep_last`` says (the rollback anchors
+        of today and tomorrow); replaces the previous set."""
+        self._protected = frozenset(steps)
+
+    def allow_recovery_drift(self, patterns: Iterable[str]) -> None:
+        """Fingerprint names that a recovery itself changes (a rollback scaling the LR): not
+        reported as drift when this run, or one resumed from it, restores."""
+        self._recovery_drift += [p for p in patterns if p not in self._recovery_drift]
+
+    # -- queries ------------------------------------------------------------------------------
+    def latest(self, *, full: bool = True) -> int | None:
+        """The newest committed step that verifies (full: digests too), or None."""
+        self.wait()
+        return self.store.latest(full=full)
+
+    def committed_steps(self) -> list[int]:
+        return self.store.committed_steps()
+

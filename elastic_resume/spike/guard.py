@@ -1,0 +1,444 @@
+"""SpikeGuard: the loss-spike guard for a plain PyTorch loop.
+
+A few lines around an existing loop::
+
+    guard = SpikeGuard(manager, state, sampler=sampler, policy=RollbackPolicy(margin=100, skip_after=200))
+    step = guard.start()                        # restore (or start at 0)
+    while step < total:
+        ... loss = train_step(next(batches)) ...
+        step += 1
+        outcome = guard.step(step, loss.item(), grad_norm=gn, save=step % 100 == 0)
+        if outcome.rolled_back:                 # every rank, same iteration
+            step, batches = outcome.step, iter(loader)
+
+Per step: this rank's NaN/Inf check (and, with ``judge="rank"``, its detectors), then one small
+collective (the vote, read one step late by default) that also yields the loss averaged over all
+ranks, then the detectors on that global loss (``judge="global"``, the default: the same number
+on every rank, so the same verdict, and a false-positive rate that does not grow with the world
+size), then the pure policy. A rollback happens in-process on every rank in the same
+iteration: newer checkpoints on the abandoned timeline are retired, the anchor is restored into
+the live objects, the bad data window is skipped, the LR optionally scaled, and the anchor is
+re-committed with the new recovery state so a requeue neither repeats nor forgets it.
+
+The guard reaches its checkpoints only through :class:`~elastic_resume.spike.backend.CheckpointBackend`
+(a ``CheckpointManager``, or the Lightning callback's trainer backend).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from .. import _torch_compat, preemption
+from ..contract import Event, StrEnum
+from ..errors import ConfigError, GaveUpError
+from ..training.sampler import ResumableDistributedSampler
+from .backend import CheckpointBackend
+from .detectors import Anchor, Detector, DetectorBank, Judge, Plateau, judged_where
+from .policy import Action, ActionKind, Recovery, RollbackPolicy, decide, lowest_loss
+from .vote import Quorum, Vote, VoteResult
+
+RECOVERY_KEY = "spike_guard"
+DETECTORS_KEY = "spike_detectors"
+#: What scaling the LR after a rollback changes in the drift fingerprint: recovery, not drift.
+LR_DRIFT = ("optimizer.*.initial_lr", "optimizer.*.lr")
+
+
+@dataclass(kw_only=True)
+class GuardOptions:
+    """How a :class:`SpikeGuard` (and Lightning's ``ElasticResume``) detects spikes and reacts."""
+
+    detectors: list[Detector] | None = None
+    """Spike detectors (default: NaN/Inf in loss and gradient norm, and a robust z-score of the loss)."""
+    policy: RollbackPolicy | None = None
+    """What a rollback does (margin, data skipped, LR scale, budget); default ``RollbackPolicy()``."""
+    quorum: str | float = "any"
+    """With ``judge="rank"``: how many ranks must see a spike (``any``, ``majority``, a fraction)."""
+    vote_every: int = 1
+    """Vote every this many steps (the detectors still see every step)."""
+    lag: int = 1
+    """1: read each vote one check later, so its latency hides behind a step; 0: read at once."""
+    health_window: int = 10
+    """Checkpoints taken within this many steps after any trouble are unhealthy: never an anchor."""
+    judge: str = Judge.GLOBAL
+    """``global``: judge the loss averaged over all ranks; ``rank``: each rank's own, with ``quorum``."""
+
+    def __post_init__(self) -> None:
+        if self.vote_every < 1:
+            raise ConfigError(f"SpikeGuard(vote_every=...) must be >= 1 (got {self.vote_every})")
+        if self.judge not in tuple(Judge):
+            raise ConfigError(f"SpikeGuard(judge=...) must be one of {', '.join(j.value for j in Judge)} "
+                              f"(got {self.judge!r})")
+        self.judge = Judge(self.judge)
+        if self.health_window < 0:
+            raise ConfigError(f"SpikeGuard(health_window=...) must be >= 0 (got {self.health_window})")
+        Quorum(self.quorum)  # validates
+
+
+class Outcome(StrEnum):
+    """What every rank must do after ``SpikeGuard.step``."""
+
+    CONTINUE = "continue"  #: go on training
+    ROLLBACK = "rollback"  #: the state was rolled back: continue after ``StepOutcome.step``
+    PREEMPTED = "preempted"  #: a preemption save was committed: exit with 75
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    kind: Outcome = Outcome.CONTINUE
+    step: int | None = None  # after a rollback: the step training continues after
+
+    @property
+    def rolled_back(self) -> bool:
+        return self.kind == Outcome.ROLLBACK
+
+    @property
+    def preempted(self) -> bool:
+        return self.kind == Outcome.PREEMPTED
+
+
+CONTINUE = StepOutcome()
+
+
+def scale_learning_rate(state: MutableMapping[str, Any], factor: float) -> None:
+    """Multiply every optimizer's LR by ``factor``, including what schedulers recompute it from."""
+    if factor == 1.0:
+        return
+    for value in state.values():
+        if isinstance(value, torch.optim.Optimizer):
+            for group in value.param_groups:
+                group["lr"] = group["lr"] * factor
+                if "initial_lr" in group:
+                    group["initial_lr"] = group["initial_lr"] * factor
+        elif isinstance(value, torch.optim.lr_scheduler.LRScheduler):
+            value.base_lrs = [b * factor for b in value.base_lrs]
+            _torch_compat.set_last_lr(value, [lr * factor for lr in value.get_last_lr()])
+
+
+class SpikeGuard:
+    """Detect loss spikes on every rank, agree in one collective, roll back in-process."""
+
+    def __init__(
+        self,
+        checkpoints: CheckpointBackend,
+        state: MutableMapping[str, Any],
+        options: GuardOptions | None = None,
+        *,
+        sampler: ResumableDistributedSampler | None = None,
+        group: Any = "auto",
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        **settings: Any,
+    ) -> None:
+        """``checkpoints``: a ``CheckpointManager`` (or another :class:`CheckpointBackend`).
+        ``options`` (or the same names as keyword settings, see :class:`GuardOptions`) say how
+        spikes are found and handled; ``sampler`` makes rollbacks skip the bad data; ``group``
+        is where the vote runs ("auto": a gloo group of its own, or NCCL's default group)."""
+        if options is not None and settings:
+            raise ConfigError(f"SpikeGuard: pass GuardOptions or keyword settings, not both "
+                              f"(got options and {', '.join(sorted(settings))})")
+        options = options if options is not None else GuardOptions(**settings)
+        self.options = options
+        self.judge = Judge(options.judge)
+        self.checkpoints = checkpoints
+        self.state = state
+        self.sampler = sampler
+        self.policy = options.policy or RollbackPolicy()
+        self.bank = DetectorBank(options.detectors)
+        self.recovery = Recovery()
+        self.vote = Vote(quorum=Quorum(options.quorum), lag=options.lag, group=group)
+        self.vote_every = options.vote_every
+        self.health_window = options.health_window
+        self.on_event = on_event
+        state[RECOVERY_KEY] = self.recovery
+        state[DETECTORS_KEY] = self.bank
+        if self.policy.lr_scale != 1.0:
+            _torch_compat.require("scaling the learning rate after a rollback (RollbackPolicy.lr_scale)")
+            # The guard itself moves the LR; that is recovery, not drift between runs.
+            checkpoints.allow_recovery_drift(LR_DRIFT)
+        self._flags = {"spike": False, "nonfinite": False, "stop": False}
+        self._preempt = False
+        self._last_loss = float("nan")
+        self._last_trouble: int | None = None
+        self._positions: dict[int, int] = {}
+        self._committed: list[tuple[int, bool, float | None]] = []  # (step, healthy, loss) of this timeline
+        self._values: list[tuple[int, float, float | None]] = []  # this rank's steps since the last vote
+        self._epochs: dict[int, int | None] = {}  # step -> epoch, for Plateau(window="epoch")
+        self._global_losses: deque[float] = deque(maxlen=max(1, self.health_window))  # recorded with checkpoints
+        self._step_clock: float | None = None
+        # Votes read outside step() (settle(), right before a checkpoint taken by someone else,
+        # e.g. Lightning's ModelCheckpoint): acted on at the next step().
+        self._deferred: list[VoteResult] = []
+        # SIGUSR1/SIGTERM now ask for a save through the vote instead of killing the process.
+        preemption.register_consumer()
+
+    # -- events -------------------------------------------------------------------------------
+    def emit(self, event: str, **fields: Any) -> None:
+        record = self.checkpoints.events.emit(event, **fields)
+        if self.on_event is not None:
+            self.on_event(record)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> int:
+        """Restore the newest verified checkpoint (0 if none). With ``restart_from_scratch``,
+        a fresh run first commits step 0 so there is always something to roll back to."""
+        restored = self.checkpoints.restore(self.state)
+        self.attach(restored)
+        return restored or 0
+
+    def attach(self, restored: int | None) -> None:
+        """Take up training after a restore done by someone else (``restored`` is the step, or
+        None for a fresh run): learn which checkpoints exist and their health."""
+        self._committed = self.checkpoints.checkpoint_health()
+        if restored is None and self.policy.restart_from_scratch:
+            self.save(0)
+        self._step_clock = time.monotonic()
+
+    def _protect_anchor(self, step: int) -> None:
+        """Keep out of retention's reach every checkpoint a spike at ``step`` or later could roll
+        back to: the newest healthy one at least ``margin`` steps old (today's anchor) and the
+        healthy ones younger than that (tomorrow's anchors)."""
+        limit = step - self.policy.margin
+        healthy = [s for s, ok, _ in self._committed if ok]
+        old = [s for s in healthy if s <= limit]
+        keep = {s for s in healthy if s > limit} | ({max(old)} if old else set())
+        if old and any(isinstance(d, Plateau) and d.rollback_to == Anchor.LOWEST_LOSS for d in self.bank.detectors):
+            # A plateau's anchor, which decide() may pick over the newest.
+            chosen = lowest_loss(old, {s: loss for s, _, loss in self._committed})
+            if chosen is not None:
+                keep.add(chosen)
+        if self.policy.restart_from_scratch and 0 in healthy:
+            keep.add(0)
+        self.checkpoints.protect(keep)
+
+    def request_save(self) -> None:
+        """Ask every rank to save at the next vote (preemption); set from a signal handler."""
+        self._preempt = True
+
+    @property
+    def clip_scale(self) -> float:
+        """Multiply your gradient-clipping threshold by this (lowered by rollbacks)."""
+        return self.recovery.clip_scale
+
+    def healthy(self, step: int) -> bool:
+        return self._last_trouble is None or step - self._last_trouble > self.health_window
+
+    def save(self, step: int, *, metadata: dict[str, Any] | None = None, blocking: bool = True) -> None:
+        meta, health = self.record_checkpoint(step, metadata)
+        self.checkpoints.save(step, self.state, metadata=meta, blocking=blocking, health=health)
+
+    def record_checkpoint(self, step: int, metadata: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Record that a checkpoint of ``step`` is being taken now: from here on the guard counts
+        it among the checkpoints it may roll back to (and protects the anchors that follow from
+        that). Returns the (metadata, health) to store with it."""
+        meta = {"loss": self._last_loss, **(metadata or {})}
+        if self.sampler is not None:
+            meta["samples_seen"] = self.sampler.position
+        loss = statistics.fmean(self._global_losses) if self._global_losses else None
+        healthy = self.healthy(step)
+        health = {"healthy": healthy, "last_trouble_step": self._last_trouble,
+                  "rollbacks": self.recovery.rollbacks, "loss": loss}
+        self._committed = [c for c in self._committed if c[0] != step] + [(step, healthy, loss)]
+        self._protect_anchor(step)
+        return meta, health
+
+    def settle(self) -> None:
+        """Read the vote still in flight (every rank, together). Call it right before a checkpoint
+        that ``step(save=True)`` does not take, so a spike it carries marks that checkpoint
+        unhealthy; what the vote asks for (rollback, preemption save) happens at the next
+        ``step()``."""
+        result = self._receive(self.vote.flush())
+        if result is not None:
+            self._deferred.append(result)
+
+    # -- the per-step check -------------------------------------------------------------------
+    def step(
+        self,
+        step: int,
+        loss: float,
+        grad_norm: float | None = None,
+        *,
+        save: bool = False,
+        blocking: bool = True,
+        metadata: dict[str, Any] | None = None,
+        epoch: int | None = None,
+    ) -> StepOutcome:
+        """Feed this step's loss (and gradient norm); returns what every rank must do now.
+        ``epoch`` is needed by ``Plateau(window="epoch")`` only.
+
+        ``save=True`` checkpoints this step, after reading this step's vote too (one extra wait
+        on save steps only), so a checkpoint is never taken, nor marked healthy, while a spike
+        it contains is still being counted."""
+        loss = float(loss)
+        self._last_loss = loss
+        self._record_step(step, loss)
+        if self.recovery.cooldown_left > 0:
+            self.recovery.cooldown_left -= 1
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        nonfinite = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
+        verdict, name = self.bank.update(step, loss, grad_norm, where=self._local)
+        if verdict or nonfinite:
+            self._flags["spike"] |= verdict.spike
+            self._flags["stop"] |= verdict.stop
+            self._flags["nonfinite"] |= nonfinite  # one rank's NaN is the job's, detector or not
+            self._last_trouble = step
+            self.emit(Event.SPIKE_DETECTED, step=step, detector=name or "non-finite", reason=verdict.reason or
+                      f"loss {loss}, gradient norm {grad_norm}", loss=loss, judged="rank")
+        self._values.append((step, loss, grad_norm))
+        self._epochs[step] = epoch
+        if self.sampler is not None:
+            self._positions[step] = self.sampler.position
+            self._positions.pop(step - 4 * (self.policy.skip_after + self.policy.margin + 8), None)
+        results: list[VoteResult | None] = list(self._deferred)
+        self._deferred.clear()
+        if step % self.vote_every == 0 or save:
+            preempt = self._preempt or preemption.requested() is not None
+            results.append(self._receive(self.vote.submit(step, values=self._values, preempt=preempt, **self._flags)))
+            self._values = []
+            self._flags = {"spike": False, "nonfinite": False, "stop": False}
+            self._preempt = False
+        if save:
+            results.append(self._receive(self.vote.flush()))
+        for result in results:
+            if result is not None:
+                outcome = self._act(result, now=step)
+                if outcome is not CONTINUE:
+                    return outcome
+        if save:
+            self.save(step, metadata=metadata, blocking=blocking)
+        return CONTINUE
+
+    def _local(self, detector: Detector) -> bool:
+        return judged_where(detector, self.judge) == Judge.RANK
+
+    def _global(self, detector: Detector) -> bool:
+        return judged_where(detector, self.judge) == Judge.GLOBAL
+
+    def _receive(self, result: VoteResult | None) -> VoteResult | None:
+        """A vote result has come in: judge its global losses (the same numbers, hence the same
+        verdict, on every rank) and mark trouble for the health of the next checkpoint."""
+        if result is None:
+            return None
+        found = None
+        for values in result.values:
+            epoch = self._epochs.pop(values.step, None)
+            if values.nonfinite:
+                continue  # the mean of the finite ranks is no loss to learn a baseline from
+            self._global_losses.append(values.loss)
+            verdict, name = self.bank.update(values.step, values.loss, values.grad_norm, where=self._global, epoch=epoch)
+            if verdict and found is None:
+                found = verdict
+                self.emit(Event.SPIKE_DETECTED, step=values.step, detector=name, reason=verdict.reason, loss=values.loss,
+                          judged="global", plateau=verdict.plateau)
+        if found is not None:
+            result = replace(result, verdict=found, stop=result.stop + int(found.stop))
+        if result.trouble:
+            self._last_trouble = max(self._last_trouble or 0, result.step)
+        return result
+
+    def _record_step(self, step: int, loss: float) -> None:
+        """One line per step in the event file (rank 0): the loss curve and the step times that
+        ``elastic-resume report`` turns into a plot and a goodput figure."""
+        now = time.monotonic()
+        seconds = None if self._step_clock is None else now - self._step_clock
+        self._step_clock = now
+        if self.checkpoints.rank == 0:
+            self.checkpoints.events.record(Event.STEP, step=step, loss=loss,
+                                       seconds=None if seconds is None else round(seconds, 6))
+
+    def _act(self, result: VoteResult, now: int) -> StepOutcome:
+        action = decide(self.policy, result, None, self.recovery)
+        if action.kind == ActionKind.NEEDS_CHECKPOINTS:
+            action = decide(self.policy, result, self.checkpoints.checkpoint_health(), self.recovery)
+        if result.spike or result.stop:
+            self.emit(Event.VOTE_TRIGGERED, step=result.step, spikes=result.spikes, nonfinite=result.nonfinite,
+                      ranks=result.world_size, quorum=result.quorum, mean_loss=result.mean_loss, action=action.kind,
+                      judged=self.judge, plateau=result.plateau_only)
+        if action.kind == ActionKind.CONTINUE:
+            if action.reason:
+                self.emit(Event.SPIKE_IGNORED, step=result.step, reason=action.reason)
+            return CONTINUE
+        if action.kind == ActionKind.SAVE:
+            self.vote.discard()
+            self.save(now)
+            self.emit(Event.PREEMPTION_SAVE, step=now, signal=(preemption.requested() or {}).get("signal"))
+            preemption.clear()
+            return StepOutcome(Outcome.PREEMPTED, now)
+        if action.kind == ActionKind.STOP:
+            self.vote.discard()
+            self.checkpoints.wait()
+            self.emit(Event.GAVE_UP, step=result.step, reason=action.reason, rollbacks=self.recovery.rollbacks,
+                      budget=self.policy.budget)
+            raise GaveUpError(action.reason)
+        return self._rollback(action, now)
+
+    # -- rollback -----------------------------------------------------------------------------
+    def _skip_end(self, action: Action, now: int) -> int | None:
+        """Absolute sample position where data resumes: the position after step
+        ``skip_through_step``, extrapolated from the positions seen around the onset."""
+        if self.sampler is None or not self._positions or action.skip_through_step is None:
+            return None
+        onset = action.onset or now
+        known = sorted(s for s in self._positions if s <= max(onset, min(self._positions)))
+        at = known[-1] if known else min(self._positions)
+        pos = self._positions[at]
+        prev = self._positions.get(at - 1)
+        newest = max(self._positions)
+        per_step = (pos - prev) if prev is not None else (self._positions[newest] - pos) / max(1, newest - at)
+        return int(pos + max(0, action.skip_through_step - at) * per_step)
+
+    def _rollback(self, action: Action, now: int) -> StepOutcome:
+        assert action.anchor is not None and action.onset is not None
+        self.vote.discard()
+        before = Recovery()
+        before.load_state_dict(self.recovery.state_dict())
+        skip_end = self._skip_end(action, now)
+        self.emit(Event.ROLLBACK_STARTED, from_step=action.onset, to_step=action.anchor, reason=action.reason)
+        # Load the anchor before retiring anything: only a step every rank just loaded may make
+        # the newer ones (the abandoned timeline) go, so a rollback never leaves less than it found.
+        self.checkpoints.restore(self.state, step=action.anchor)
+        # The anchor's detectors had not seen what came after it; clocks that are recovery
+        # state (a plateau's after_steps) restart from the anchor instead of replaying.
+        self.bank.on_rollback(action.anchor)
+        self._values, self._epochs = [], {}
+        self._global_losses.clear()
+        # The anchor is re-committed below with the recovery state: replace what was restored.
+        self.checkpoints.allow_replace(action.anchor)
+        self.checkpoints.retire_newer_than(action.anchor, reason=f"rollback from a spike at step {action.onset}")
+        self._committed = [c for c in self._committed if c[0] <= action.anchor]
+        anchor_lr_scale = self.recovery.lr_scale  # what the anchor's optimizer already carries
+        start = self.sampler.position if self.sampler is not None else None
+        after = before
+        after.rollbacks += 1
+        after.lr_scale *= self.policy.lr_scale
+        after.clip_scale *= self.policy.clip_scale
+        after.cooldown_left = self.policy.cooldown
+        window = [start, skip_end] if start is not None and skip_end is not None and skip_end > start else None
+        if window:
+            after.windows.append(window)
+        after.history.append({"onset": action.onset, "anchor": action.anchor, "skipped": window,
+                              "lr_scale": after.lr_scale, "reason": action.reason})
+        self.recovery.load_state_dict(after.state_dict())
+        scale_learning_rate(self.state, after.lr_scale / anchor_lr_scale)
+        if window and self.sampler is not None:
+            self.sampler.seek(window[1])
+            self.emit(Event.DATA_SKIPPED, start_sample=window[0], end_sample=window[1], samples=window[1] - window[0],
+                      through_step=action.skip_through_step)
+        self.emit(Event.ROLLBACK_RESTORED, step=action.anchor)
+        self._last_trouble = None
+        self._positions.clear()
+        # Re-commit the anchor with the recovery state and the new data position, in the
+        # background: training goes on at once, and a crash before that commit only means the
+        # original anchor is found again and the same rollback is redone (never half of one).
+        self.save(action.anchor, blocking=False)
+        self.emit(Event.ROLLBACK, from_step=action.onset, to_step=action.anchor, skipped=window,
+                  lr_scale=after.lr_scale, rollbacks=after.rollbacks, budget=self.policy.budget,
+                  steps_lost=now - action.anchor)
+        self._step_clock = time.monotonic()
+        return StepOutcome(Outcome.ROLLBACK, action.anchor)

@@ -1,0 +1,116 @@
+"""The sbatch script: a golden file pinned to its generator, and a real Slurm on localhost that
+preempts the job with USR1, sees the save and the requeue, and the requeued job finishing from
+the saved step."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+from elastic_resume.errors import ConfigError
+from elastic_resume.events import read_events
+from elastic_resume.launcher.slurm import EXAMPLE, SbatchOptions, render_sbatch
+from harness.processes import REPO, child_env
+from tests.helpers.launcher import TRAIN, restores, wait_event
+from tests.helpers.slurm_cluster import missing_reason, start_cluster
+
+
+def test_slurm_example_script_is_the_generators_output():
+    with open(os.path.join(REPO, "slurm", "train.sbatch")) as f:
+        assert f.read() == render_sbatch(EXAMPLE), \
+            "slurm/train.sbatch is stale: regenerate it from elastic_resume.launcher.slurm.EXAMPLE"
+
+
+def test_sbatch_generator_settings():
+    text = render_sbatch(SbatchOptions(script="t.py", nodes=2, nproc_per_node=4, gpus_per_node=None,
+                                       signal_lead_s=120, partition="gpu"))
+    assert "#SBATCH --signal=USR1@120" in text and "#SBATCH --requeue" in text and "--open-mode=append" in text
+    assert "#SBATCH --partition=gpu" in text and "--gpus-per-node" not in text and "--no-kill" not in text
+    assert "export ER_GRACE_SECONDS=96" in text and "--nnodes=2 " in text
+    assert "trap forward USR1 TERM" in text
+    for bad, flag in ((dict(nodes=0), "--nodes"), (dict(min_nodes=3), "--min-nodes"),
+                      (dict(signal_lead_s=5), "--signal-lead"), (dict(grace_s=400), "--grace")):
+        with pytest.raises(ConfigError, match=flag):
+            render_sbatch(SbatchOptions(script="t.py", nodes=bad.pop("nodes", 2), **bad))
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.slow
+def test_slurm_usr1_saves_requeues_and_the_job_finishes_from_the_saved_step(slurm, tmp_path):
+    events = str(tmp_path / "events.jsonl")
+    script = render_sbatch(SbatchOptions(
+        script=TRAIN, script_args=("--root", str(tmp_path / "ckpt"), "--steps", "150", "--save-every", "100",
+                                   "--guard", "--step-seconds", "0.05", "--restore-report", str(tmp_path / "restored.jsonl")),
+        job_name="er-test", nodes=1, nproc_per_node=2, gpus_per_node=None, time="00:15:00", signal_lead_s=60,
+        output=str(tmp_path / "job.out"), launcher=f"{sys.executable} -m elastic_resume.cli",
+        extra_env={"ER_EVENT_LOG": events},
+    ))
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    env = {**child_env(), **slurm.env}
+    import subprocess
+
+    r = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}", str(path)], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    try:
+        wait_event(events, lambda e: e["event"] == "step" and e["step"] >= 10, timeout=120)
+        slurm.run("scancel", "--signal=USR1", "--batch", job)
+        requeued = wait_event(events, lambda e: e["event"] in ("requeued", "requeue_failed"), timeout=120)
+        assert requeued["event"] == "requeued", requeued
+        info = slurm.wait_state(job, ("PENDING",), timeout=60)
+        assert int(info["Restarts"]) == 1
+        slurm.wait_node_idle()
+        # slurmd revoked the first run's job credential at the requeue, with a time in whole
+        # seconds; a credential issued within that same second is refused ("Job credential
+        # revoked": the job FAILS without output; seen in a fresh-clone run). Slurm's own
+        # requeue delay avoids this; StartTime=now must wait past that second itself.
+        time.sleep(2)
+        slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now")
+        info = slurm.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=240)
+    except BaseException:
+        slurm.run("scancel", job, check=False)
+        raise
+    out = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "COMPLETED", (
+        out[-3000:] + f"\n{info}\nslurmd: {slurm.log('slurmd')[-1500:]}\nslurmctld: {slurm.log('slurmctld')[-1500:]}")
+    ev = read_events(events)
+    saved = [e["step"] for e in ev if e["event"] == "preemption_save" and e["rank"] == 0]
+    assert len(saved) == 1 and saved[0] >= 10
+    finished = [e for e in ev if e["event"] == "launch_finished"]
+    assert [e["exit_code"] for e in finished] == [75, 0]
+    assert [e["scheduler_restarts"] for e in ev if e["event"] == "launch_started"] == [0, 1]
+    assert [x["restored"] for x in restores(str(tmp_path / "restored.jsonl"))[-2:]] == [saved[0]] * 2
+    assert "(restart 0)" in out and "(restart 1)" in out and "step ended with exit code 0" in out
+
+
+def test_sbatch_command_reproduces_the_example(tmp_path):
+    import subprocess
+
+    out = tmp_path / "job.sbatch"
+    e = EXAMPLE
+    r = subprocess.run([sys.executable, "-m", "elastic_resume.cli", "sbatch", "--nodes", str(e.nodes), "--min-nodes",
+                        str(e.min_nodes), "--nproc-per-node", str(e.nproc_per_node), "--gpus-per-node",
+                        str(e.gpus_per_node), "--cpus-per-task", str(e.cpus_per_task), "--time", e.time,
+                        "--signal-lead", str(e.signal_lead_s), "--setup", e.setup[0], "-o", str(out), e.script,
+                        *e.script_args], capture_output=True, text=True, env=child_env())
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == render_sbatch(EXAMPLE)
+    r = subprocess.run([sys.executable, "-m", "elastic_resume.cli", "sbatch", "--nodes", "2", "--min-nodes", "3", "t.py"],
+                       capture_output=True, text=True, env=child_env())
+    assert r.returncode == 2 and "--min-nodes" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,176 @@
+"""The loss-spike guard end to end: real torchrun jobs (2 ranks, gloo), injected spikes, NaNs and
+poisoned data, checked through the event log, the per-step sample log and the checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from elastic_resume import CheckpointManager
+from elastic_resume.spike.policy import Recovery
+from tests.helpers.torchrun import torchrun, why
+
+
+def run(tmp_path, *args: str, max_restarts: int = 0):
+    log, events = tmp_path / "loss.jsonl", tmp_path / "events.jsonl"
+    r = torchrun(2, "--root", str(tmp_path / "ckpt"), "--steps", "30", "--save-every", "4", "--guard",
+                 "--no-shuffle", "--fault-dir", str(tmp_path), "--loss-log", str(log), *args,
+                 max_restarts=max_restarts, env={"ER_EVENT_LOG": str(events)})
+    evs = [json.loads(line) for line in events.read_text().splitlines()] if events.exists() else []
+    recs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return r, evs, recs
+
+
+def named(events, name):
+    return [e for e in events if e["event"] == name]
+
+
+def final_timeline(records):
+    """The records that count: for each (rank, step) the last one written."""
+    last = {}
+    for r in records:
+        last[(r["rank"], r["step"])] = r
+    return last
+
+
+def test_spike_on_one_rank_rolls_back_every_rank_and_skips_the_window(tmp_path):
+    r, events, records = run(tmp_path, "--spike-at-step", "15", "--spike-rank", "1")
+    assert r.returncode == 0, why(r)
+    rollbacks = named(events, "rollback")
+    assert sorted(e["rank"] for e in rollbacks) == [0, 1]
+    assert {(e["from_step"], e["to_step"]) for e in rollbacks} == {(15, 12)}  # same decision everywhere
+    votes = named(events, "vote_triggered")
+    assert {e["rank"] for e in votes} == {0, 1} and {e["step"] for e in votes} == {15}
+    start, end = rollbacks[0]["skipped"]
+    assert (start, end) == (12 * 16, 18 * 16)  # anchor's position through step 15 + 3
+    timeline = final_timeline(records)
+    trained = {i for rec in timeline.values() for i in rec["samples"]}
+    assert trained.isdisjoint(range(start, end)), "skipped samples were trained on"
+    assert all(math.isfinite(rec["loss"]) for rec in timeline.values() if rec["step"] > 20)
+    assert "finished at step 30" in r.stdout
+
+
+def test_poisoned_stretch_repeats_without_skipping_and_is_passed_with_it(tmp_path):
+    poison = ["--poison-samples", "208:240"]  # steps 14-15 of epoch 0 (16 samples per step)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    r, events, _ = run(plain, *poison, "--no-skip", "--budget", "2")
+    assert "exitcode: 76" in r.stderr, why(r)  # the workers' "gave up, do not retry" code
+    assert len(named(events, "rollback")) == 2 * 2  # two rollbacks, each on both ranks
+    gave_up = named(events, "gave_up")
+    assert gave_up and "rollback budget of 2 is spent" in gave_up[0]["reason"]
+    assert "gave up: loss spike at step 14" in r.stderr
+    skipping = tmp_path / "skipping"
+    skipping.mkdir()
+    r, events, records = run(skipping, *poison)
+    assert r.returncode == 0, why(r)
+    assert len(named(events, "rollback")) == 2  # once, on both ranks
+    timeline = final_timeline(records)
+    assert not any(208 <= i < 240 for rec in timeline.values() for i in rec["samples"])
+
+
+def test_nan_on_one_rank_is_rolled_back(tmp_path):
+    r, events, records = run(tmp_path, "--nan-at-step", "10", "--nan-rank", "0")
+    assert r.returncode == 0, why(r)
+    votes = named(events, "vote_triggered")
+    assert votes and all(v["nonfinite"] >= 1 for v in votes)
+    assert {(e["from_step"], e["to_step"]) for e in named(events, "rollback")} == {(10, 4)}
+    timeline = final_timeline(records)
+    assert all(math.isfinite(rec["loss"]) for rec in timeline.values())
+
+
+def test_checkpoint_taken_at_the_spike_step_is_not_an_anchor(tmp_path):
+    # margin 0 would allow step 12 itself; it was saved while the vote saw the spike, so it is
+    # marked unhealthy and the rollback goes to 8.
+    r, events, _ = run(tmp_path, "--spike-at-step", "12", "--margin", "0")
+    assert r.returncode == 0, why(r)
+    assert {(e["from_step"], e["to_step"]) for e in named(events, "rollback")} == {(12, 8)}
+
+
+def test_spike_before_any_checkpoint_stops_or_restarts_from_zero(tmp_path):
+    stop = tmp_path / "stop"
+    stop.mkdir()
+    r, events, _ = run(stop, "--nan-at-step", "2")
+    assert "exitcode: 76" in r.stderr, why(r)
+    assert "no healthy checkpoint at or before step" in named(events, "gave_up")[0]["reason"]
+    restart = tmp_path / "restart"
+    restart.mkdir()
+    r, events, _ = run(restart, "--nan-at-step", "2", "--restart-from-scratch")
+    assert r.returncode == 0, why(r)
+    assert {(e["from_step"], e["to_step"]) for e in named(events, "rollback")} == {(2, 0)}
+
+
+def test_kill_in_the_middle_of_a_rollback_then_resume_is_consistent(tmp_path):
+    r, events, _ = run(tmp_path, "--poison-samples", "208:240", "--die-in-rollback", max_restarts=1)
+    assert r.returncode == 0, why(r)
+    assert len(named(events, "rollback_restored")) >= 3  # the killed attempt, then the real one
+    recovery = Recovery()
+    mgr = CheckpointManager(tmp_path / "ckpt", read_only=True)
+    assert mgr.restore({"spike_guard": recovery}) == 30
+    # The interrupted rollback was never committed, so it was done again exactly once.
+    assert recovery.rollbacks == 1 and len(recovery.windows) == 1
+
+
+def test_a_plateau_that_never_ends_rolls_back_at_each_lower_lr_then_gives_up_with_76(tmp_path):
+    # The loss never drops below 0: the plateau fires after 8 steps, rolls back (LR x0.5), waits
+    # 8 steps at the new LR before it may fire again (its clock restarts at the anchor instead of
+    # coming back with the anchor's copy), and the third plateau finds the budget spent.
+    r, events, records = run(tmp_path, "--plateau-above", "0", "--plateau-after", "8", "--plateau-window", "4",
+                             "--lr-scale", "0.5", "--budget", "2")
+    assert "exitcode: 76" in r.stderr, why(r)
+    rollbacks = [(e["from_step"], e["to_step"]) for e in named(events, "rollback") if e["rank"] == 0]
+    assert rollbacks == [(8, 4), (12, 8)]  # 12 - 4 = after_steps trained at the new LR
+    assert all(e["skipped"] is None for e in named(events, "rollback")) and not named(events, "data_skipped")
+    gave_up = named(events, "gave_up")
+    assert {e["rank"] for e in gave_up} == {0, 1}
+    assert "plateau at step 16" in gave_up[0]["reason"] and "budget of 2 is spent" in gave_up[0]["reason"]
+    assert "gave up: plateau at step 16" in r.stderr
+    timeline = final_timeline(records)
+    first, second = timeline[(0, 5)]["lr"], timeline[(0, 9)]["lr"]
+    assert second < first * 0.55, "the LR was not lowered by the rollbacks"
+
+
+def test_a_plateau_that_ends_at_the_lower_lr_rolls_back_once_and_finishes(tmp_path):
+    # High loss while the LR is above 0.03 (the run starts at 0.05): one rollback at LR x0.5
+    # ends the plateau, and the run finishes with the data of every step trained (no skip).
+    r, events, records = run(tmp_path, "--plateau-above", "5", "--plateau-after", "8", "--plateau-window", "4",
+                             "--lr-scale", "0.5", "--high-loss-while-lr-above", "0.03")
+    assert r.returncode == 0, why(r)
+    assert [(e["from_step"], e["to_step"]) for e in named(events, "rollback") if e["rank"] == 0] == [(8, 4)]
+    assert "finished at step 30" in r.stdout
+    timeline = final_timeline(records)
+    assert all(rec["loss"] < 5 for rec in timeline.values() if rec["step"] > 4)
+    trained = sorted(i for rec in timeline.values() for i in rec["samples"])
+    assert trained == sorted(set(trained)) and len(trained) == 30 * 16  # nothing skipped, nothing twice
+
+
+def test_a_spike_on_one_rank_is_judged_on_the_global_loss_unless_asked_per_rank(tmp_path):
+    # A 1e4x spike on one of two ranks moves the mean loss 5000x: global judging sees it on
+    # every rank (the same verdict from the same number), per-rank judging on rank 1 only.
+    for judge in ("global", "rank"):
+        d = tmp_path / judge
+        d.mkdir()
+        r, events, _ = run(d, "--spike-at-step", "15", "--spike-rank", "1", "--judge", judge)
+        assert r.returncode == 0, why(r)
+        detected = named(events, "spike_detected")
+        assert {e["judged"] for e in detected} == {judge}
+        assert {e["rank"] for e in detected} == ({0, 1} if judge == "global" else {1})
+        assert {(e["from_step"], e["to_step"]) for e in named(events, "rollback")} == {(15, 12)}
+
+
+@pytest.mark.slow
+def test_a_clean_run_at_8_ranks_with_the_default_detectors_never_rolls_back(tmp_path):
+    # Batches of 2 per rank: each rank's loss is noisy, the mean over 8 ranks is not. The
+    # benchmark (bench_guard.py) counts what per-rank judging does on such runs.
+    log, events = tmp_path / "loss.jsonl", tmp_path / "events.jsonl"
+    r = torchrun(8, "--root", str(tmp_path / "ckpt"), "--steps", "150", "--save-every", "25", "--guard",
+                 "--default-detectors", "--batch-size", "2", "--margin", "20", "--loss-log", str(log),
+                 "--fault-dir", str(tmp_path), env={"ER_EVENT_LOG": str(events)}, timeout=600)
+    assert r.returncode == 0, why(r)
+    evs = [json.loads(line) for line in events.read_text().splitlines()]
+    assert not named(evs, "rollback") and not named(evs, "spike_detected")
+    assert "finished at step 150" in r.stdout
+    steps = {json.loads(line)["step"] for line in log.read_text().splitlines()}
+    assert steps == set(range(1, 151))  # judged past the detectors' warm-up (25 steps)

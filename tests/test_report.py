@@ -1,0 +1,69 @@
+"""The run report computed from known event sequences, its plot and its command line."""
+
+from __future__ import annotations
+
+import pytest
+
+from elastic_resume.report import summarize
+
+
+def ev(ts, event, **kw):
+    return {"ts": float(ts), "event": event, **kw}
+
+
+def test_report_keeps_the_surviving_timeline_and_computes_goodput():
+    events = [
+        ev(0, "launch_started", node="n", pid=1),
+        *[ev(1 + s, "step", rank=0, step=s, loss=1.0 / s, seconds=1.0) for s in range(1, 7)],  # steps 1-6
+        ev(7.5, "workers_failed", node="n", pid=1, failures=[{"rank": 1, "exitcode": -9, "signal": "SIGKILL"}]),
+        ev(8, "restart", node="n", pid=1, failures=[{"rank": 1, "exitcode": -9, "signal": "SIGKILL"}]),
+        ev(8.1, "restart", node="m", pid=2, failures=None),  # the other node, same incident
+        ev(10, "restored", rank=0, step=4),
+        *[ev(10 + s - 4, "step", rank=0, step=s, loss=1.0 / s, seconds=1.0) for s in range(5, 9)],  # 5-8 again
+        ev(14.5, "rollback", rank=0, from_step=8, to_step=6, skipped=[100, 140]),
+        ev(14.6, "data_skipped", rank=0, through_step=9),
+        *[ev(15 + s - 7, "step", rank=0, step=s, loss=0.1, seconds=1.0) for s in range(7, 11)],  # 7-10
+        ev(18.5, "save_committed", rank=0, step=10, bytes=2**20, seconds=0.5),
+        ev(18.6, "save_committed", rank=1, step=10, bytes=2**20, seconds=0.5),  # same commit, rank 1
+        ev(20, "launch_finished", node="n", pid=1, exit_code=0, reason="finished"),
+    ]
+    s = summarize(events)
+    assert s.wall_s == 20.0 and s.sessions == 1
+    assert s.steps_final == 10 and s.steps_executed == 14 and s.last_step == 10
+    assert s.useful_s == 10.0 and abs(s.goodput - 0.5) < 1e-9
+    assert len(s.restarts) == 1 and s.restarts[0]["resumed_from"] == 4
+    assert s.restarts[0]["cause"] == "rank 1 killed by SIGKILL" and s.restarts[0]["recover_s"] == 3.5
+    assert s.rollbacks[0]["from_step"] == 8 and s.rollbacks[0]["to_step"] == 6
+    assert s.saves == 1 and s.save_bytes == 2**20
+    assert [seg[0][0] for seg in s.abandoned] == [5, 7]  # the thrown-away pieces of the curve
+    text = s.text()
+    assert "goodput            50.0%" in text and "spike at step 8 -> back to step 6" in text
+
+
+def test_report_plot_is_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from elastic_resume.report import plot
+
+    events = [ev(s, "step", rank=0, step=s, loss=1.0 / s, seconds=0.5) for s in range(1, 20)]
+    events.append(ev(9.5, "rollback", rank=0, from_step=9, to_step=5, skipped=None))
+    out = tmp_path / "loss.png"
+    plot(events, summarize(events), str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_command_line(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from harness.processes import child_env
+
+    log = tmp_path / "events.jsonl"
+    log.write_text("".join(json.dumps(ev(s, "step", rank=0, step=s, loss=1.0, seconds=0.5)) + "\n" for s in range(1, 5)))
+    cli = [sys.executable, "-m", "elastic_resume.cli", "report"]
+    r = subprocess.run([*cli, str(tmp_path), "--json"], capture_output=True, text=True, env=child_env())
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["steps_final"] == 4 and doc["useful_s"] == 2.0
+    r = subprocess.run([*cli, str(tmp_path / "missing.jsonl")], capture_output=True, text=True, env=child_env())
+    assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
