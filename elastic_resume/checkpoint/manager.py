@@ -56,16 +56,6 @@ def open_events(event_log: EventLog | str | os.PathLike[str] | None, rank: int) 
     return EventLog.from_env(rank=rank)
 
 
-def recorded_loss(health: Mapping[str, Any]) -> float | None:
-    """The loss a checkpoint's health record carries, if it is a finite number (untrusted bytes)."""
-    import math
-
-    loss = health.get("loss")
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss):
-        return float(loss)
-    return None
-
-
 @dataclass(kw_only=True)
 class CheckpointOptions:
     """How a :class:`CheckpointManager` saves, keeps and restores checkpoints."""
@@ -274,17 +264,6 @@ class CheckpointManager:
                          f"verified and loaded by every rank: {details}. Inspect them with 'elastic-resume verify'; "
                          "move the root aside to start fresh."))
 
-    def read_verified(self, step: int) -> tuple[Manifest, dict[str, Any]]:
-        """This rank's share of ``step`` (the replicated state and its own per-rank state), every
-        byte verified, as a plain tree: no agreement with other ranks and nothing loaded into
-        live objects. Raises CheckpointCorruptError naming the file that failed."""
-        self.wait()
-        attempt = try_read(self.store, step, rank=self.rank, world_size=self.world_size, state={})
-        loaded = attempt.value
-        if loaded is None or loaded.replicated is None:
-            raise CheckpointCorruptError(step, attempt.file, attempt.why or "holds sharded state: restore() loads it")
-        return loaded.manifest, {**loaded.replicated, **(loaded.per_rank or {})}
-
     def _candidates(self) -> list[int]:
         """Rank 0: committed steps to try, newest first, minus crash-looping ones; counts this
         resume against the step it will try first (before loading: a crash during the load
@@ -367,7 +346,7 @@ class CheckpointManager:
                     m = self.store.read_manifest(s)
                 except CheckpointCorruptError:
                     continue
-                found.append((s, bool(m.health.get("healthy", True)), recorded_loss(m.health)))
+                found.append((s, *m.health_record()))
             return found
 
         return on_rank0(self.group, read, error=lambda m: StorageError(0, m),

@@ -107,6 +107,15 @@ class Manifest:
         self.raw_digest = digest_bytes(data)
         return data
 
+    def health_record(self) -> tuple[bool, float | None]:
+        """(healthy, smoothed global loss) as the spike guard recorded them at save time. A step
+        without a record counts as healthy; a loss that is not a finite number is no loss (the
+        manifest is untrusted input)."""
+        loss = self.health.get("loss")
+        if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not math.isfinite(loss):
+            loss = None
+        return bool(self.health.get("healthy", True)), None if loss is None else float(loss)
+
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)

@@ -27,7 +27,7 @@ from typing import Any
 from ..checkpoint.agreement import Candidate, agree
 from ..checkpoint.format import encodable
 from ..checkpoint.layout import manifest_path
-from ..checkpoint.manager import max_resumes_from_env, open_events, recorded_loss
+from ..checkpoint.manager import max_resumes_from_env, open_events
 from ..checkpoint.manifest import Manifest
 from ..checkpoint.reading import ReadAttempt, try_read
 from ..checkpoint.saving import StepWriter
@@ -173,7 +173,7 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
                 manifest = Manifest.parse(storage.read_small(rel), step=step, where=storage.display(rel))
             except (CheckpointCorruptError, StorageError, OSError):
                 continue
-            out.append((step, bool(manifest.health.get("healthy", True)), recorded_loss(manifest.health), path))
+            out.append((step, *manifest.health_record(), path))
         return out
 
     def resume_path(self, dirpath: str | os.PathLike[str]) -> str | None:
