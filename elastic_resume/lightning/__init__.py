@@ -23,6 +23,11 @@ Three pieces, each in Lightning's own idiom::
 - ``ResumableDataLoader`` (``data.py``): a ``DataLoader`` over ``ResumableDistributedSampler``
   whose position Lightning saves in its loop state, so a mid-epoch resume continues with the
   next batch.
+
+Behind them: ``backend.py`` (the spike guard's checkpoint backend inside a ``Trainer``),
+``loading.py`` (``load_from_checkpoint`` and export), ``_compat.py`` (both namespaces and every
+Lightning internal used). Saving, reading and agreeing go through the checkpoint engine
+(``elastic_resume.checkpoint``), the same one ``CheckpointManager`` uses.
 """
 
 from __future__ import annotations
