@@ -170,3 +170,16 @@ def test_the_sbatch_script_and_the_cli_state_the_contracts_exit_codes():
     assert f"{ExitCode.PREEMPTED} preempted after a committed save" in text and f"{ExitCode.GAVE_UP} gave up" in text
     epilog = build_parser().epilog or ""
     assert f"{ExitCode.PREEMPTED} preempted" in epilog and f"{ExitCode.GAVE_UP} gave up" in epilog
+
+
+def test_the_command_line_lists_and_verifies_without_importing_torch():
+    """ls/latest/verify/inspect/prune start in a fraction of a second: importing the CLI (and the
+    store it uses) must not pull in torch, which takes over a second to import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, elastic_resume.cli, elastic_resume.checkpoint.store; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout

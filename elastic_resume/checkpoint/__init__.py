@@ -17,8 +17,23 @@
 
 from __future__ import annotations
 
-from .manager import CheckpointManager, CheckpointOptions
-from .manifest import Manifest
-from .store import CheckpointStore
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Imported on first use: listing and verifying (the CLI) need store.py, not torch.
+_LAZY = {"CheckpointManager": "manager", "CheckpointOptions": "manager", "CheckpointStore": "store",
+         "Manifest": "manifest"}
+
+if TYPE_CHECKING:
+    from .manager import CheckpointManager, CheckpointOptions
+    from .manifest import Manifest
+    from .store import CheckpointStore
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["CheckpointManager", "CheckpointOptions", "CheckpointStore", "Manifest"]

@@ -170,7 +170,6 @@ class CheckpointManager:
             raise ConfigError(f"checkpoint manager for {self.root} was opened read_only; save() is not allowed")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ConfigError(f"step must be a non-negative integer (got {step!r})")
-        self.wait()
 
         def current_fingerprint() -> dict[str, Any]:
             return fingerprint.compute(state, world_size=self.world_size, config=self.options.config,

@@ -50,9 +50,9 @@ def apply_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
 class TrainerBackend:
     """What ``SpikeGuard`` needs of its checkpoints, done through the Trainer and the plugin.
 
-    Retention is Lightning's (``ModelCheckpoint(save_top_k=...)``): :meth:`protect` records the
-    anchors the guard would keep but cannot stop ``ModelCheckpoint`` from removing a bundle;
-    with ``save_top_k=-1`` (the recommended setting) nothing is removed. Lightning's drift
+    Retention is Lightning's (``ModelCheckpoint(save_top_k=...)``): :meth:`protect` cannot stop
+    ``ModelCheckpoint`` from removing a bundle; with ``save_top_k=-1`` (the recommended setting)
+    nothing is removed. Lightning's drift
     fingerprint holds no optimizer settings, so the LR a rollback scales is never drift, but
     :meth:`allow_recovery_drift` still adds what the guard names to the callback's report."""
 
@@ -61,7 +61,6 @@ class TrainerBackend:
         self.io = io
         self.group: Group = io.group()
         self.dirpath: str | None = None
-        self.protected: frozenset[int] = frozenset()
         self.recovery_drift: list[str] = []
         self._paths: dict[int, str] = {}
 
@@ -79,7 +78,7 @@ class TrainerBackend:
         return self.dirpath
 
     def protect(self, steps: Collection[int]) -> None:
-        self.protected = frozenset(steps)
+        """Nothing to do: ModelCheckpoint owns retention here (see the class docstring)."""
 
     def allow_recovery_drift(self, patterns: Iterable[str]) -> None:
         self.recovery_drift += [p for p in patterns if p not in self.recovery_drift]
