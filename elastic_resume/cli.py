@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .checkpoint.store import CheckpointStore, StepReport, StepStatus, list_bundles
+from .checkpoint.store import CheckpointStore, StepReport, StepStatus, list_bundles, written_order
 from .contract import DEFAULT_RDZV_PORT, ExitCode
 from .errors import CheckpointCorruptError, ConfigError, ElasticResumeError, NoCheckpointError
 from .storage import open_storage, redact
@@ -94,17 +94,20 @@ def _open(args: argparse.Namespace) -> CheckpointStore:
 def _stores(args: argparse.Namespace) -> list[tuple[str | None, CheckpointStore]]:
     """``[(None, store)]`` for a checkpoint root; for a Lightning ``ModelCheckpoint`` directory
     (no steps of its own, bundles below it: ``epoch=0-step=10.ckpt/step-.../``) one
-    ``(bundle name, store)`` per bundle, newest step first."""
+    ``(bundle name, store)`` per bundle, the one saved last first (what a resume loads, see
+    ``ElasticCheckpointIO.resume_path``), then bundles with nothing committed."""
     store = _open(args)
     if store.step_dirs():
         return [(None, store)]
-    bundles = {name: max(steps) for name, steps in list_bundles(store.storage).items()}
+    bundles = list_bundles(store.storage)
     if not bundles:
         return [(None, store)]
+    committed = [(name, max(s for s, c in steps.items() if c)) for name, steps in bundles.items() if any(steps.values())]
+    names = [name for name, _ in written_order(store.storage, sorted(committed))]
+    names += sorted(set(bundles) - set(names))
     options = parse_storage_options(args.storage_option)
     root = str(args.root).rstrip("/")
-    return [(name, CheckpointStore(open_storage(f"{root}/{name}", options)))
-            for name in sorted(bundles, key=lambda n: (-bundles[n], n))]
+    return [(name, CheckpointStore(open_storage(f"{root}/{name}", options))) for name in names]
 
 
 def _labelled(bundle: str | None, r: StepReport) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import CheckpointCorruptError, StateError, UnsafeCheckpointError
 from ..storage import tensor_bytes
-from .values import decode_value, encode_value
+from .values import DecodeRules, decode_value, encode_value
 
 MAGIC = b"ERCKPT\x00\x01"
 ALIGN = 64
@@ -201,10 +201,12 @@ def flatten(
 
 
 def unflatten(
-    skeleton: Any, tensors: list[torch.Tensor], *, where: str, sharded: dict[str, torch.Tensor] | None = None
+    skeleton: Any, tensors: list[torch.Tensor], *, where: str, sharded: dict[str, torch.Tensor] | None = None,
+    rules: DecodeRules | None = None,
 ) -> Any:
-    """Inverse of ``flatten``."""
-    return _Decoder(tensors, where, sharded or {}).decode(skeleton)
+    """Inverse of ``flatten``. ``rules``: which of the user's classes may be rebuilt (none by
+    default: see ``values``)."""
+    return _Decoder(tensors, where, sharded or {}, rules).decode(skeleton)
 
 
 def encode(tree: Any, *, name: str = "state") -> EncodedFile:
@@ -256,10 +258,12 @@ class _Decoder:
     even when the file's digest matches): every node's type, every tensor reference and the
     nesting depth are checked, and every failure is a CheckpointCorruptError naming the file."""
 
-    def __init__(self, tensors: list[Any], where: str, sharded: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, tensors: list[Any], where: str, sharded: dict[str, torch.Tensor] | None = None,
+                 rules: DecodeRules | None = None) -> None:
         self.tensors = tensors
         self.where = where
         self.sharded = sharded or {}
+        self.rules = rules or DecodeRules()
 
     def fail(self, reason: str) -> CheckpointCorruptError:
         return CheckpointCorruptError(None, self.where, f"malformed data header: {reason}")
@@ -322,7 +326,7 @@ class _Decoder:
                 if payload not in self.sharded:
                     raise self.fail(f"sharded tensor {payload[:80]!r} was not loaded")
                 return self.sharded[payload]
-            value = decode_value(tag, payload, lambda n: self._decode(n, depth + 1), self.fail)
+            value = decode_value(tag, payload, lambda n: self._decode(n, depth + 1), self.fail, self.rules)
             if value is not NotImplemented:
                 return value
         raise self.fail(f"unknown node {str(node)[:80]}")
@@ -436,7 +440,7 @@ def decode_stream(stream: Any, *, where: str, materialize: bool = True) -> Any:
     return _Decoder(tensors, where).decode(header["tree"])
 
 
-def decode(buf: torch.Tensor, *, where: str) -> Any:
+def decode(buf: torch.Tensor, *, where: str, rules: DecodeRules | None = None) -> Any:
     """Rebuild the tree from a file's bytes already in memory (a uint8 tensor). Tensors are
     views into ``buf`` (no copy); used where the consumer copies them out at once (DCP shards).
     ``where`` names the file in errors."""
@@ -447,7 +451,7 @@ def decode(buf: torch.Tensor, *, where: str) -> Any:
         torch.empty(shape, dtype=dtype) if nbytes == 0 else buf[offset : offset + nbytes].view(dtype).view(shape)
         for dtype, shape, offset, nbytes in _tensor_table(header, size, _align(16 + hlen), where)
     ]
-    return _Decoder(tensors, where).decode(header["tree"])
+    return _Decoder(tensors, where, rules=rules).decode(header["tree"])
 
 
 def encodable(value: Any, path: str) -> bool:

@@ -18,6 +18,7 @@ so a dead rank turns into an error, never a hang.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Collection, Iterable, Mapping, MutableMapping, Sequence
@@ -36,6 +37,9 @@ from .reading import LoadedStep, ReadAttempt, try_read
 from .saving import StepWriter
 from .state import apply_state
 from .store import CheckpointStore
+from .values import allowed_class_names
+
+log = logging.getLogger("elastic_resume")
 
 
 def max_resumes_from_env() -> int:
@@ -84,6 +88,10 @@ class CheckpointOptions:
     (``DriftError``, nothing restored) or ``ignore``."""
     drift_allow: Sequence[str] = ()
     """Fingerprint names never reported as drift (fnmatch globs, e.g. ``versions.*``)."""
+    allowed_classes: Sequence[str | type] = ()
+    """Your own classes (or their ``"module:QualName"`` names) whose enum members and dataclass
+    instances a restore rebuilds; any other class comes back in plain form (the enum's value,
+    the dataclass's fields as a dict). Nothing in a checkpoint chooses code to run."""
     max_resumes_per_step: int | None = None
     """Resumes from one step, with nothing newer committed, before restore falls back to the step
     before (a crash loop); 0 disables; None: what the launcher passes (``--er-max-resumes-per-step``), else 3."""
@@ -96,6 +104,7 @@ class CheckpointOptions:
         drift.check_policy(self.drift, "CheckpointManager")
         if not self.collective_timeout_s > 0:
             raise ConfigError(f"collective_timeout_s must be positive (got {self.collective_timeout_s!r})")
+        allowed_class_names(self.allowed_classes)  # a bad entry fails here, naming it
         if isinstance(self.drift_allow, str):
             raise ConfigError(f"drift_allow must be a list of patterns, not the string {self.drift_allow!r}")
 
@@ -128,9 +137,11 @@ class CheckpointManager:
         self.events = open_events(opts.event_log, self.rank)
         self.root = os.fspath(root)
         self.storage = open_storage(self.root, dict(opts.storage_options or {}))
-        self.store = CheckpointStore(self.storage, events=self.events)
+        self.store = CheckpointStore(self.storage, events=self.events,
+                                     allowed_classes=allowed_class_names(opts.allowed_classes))
         self.max_resumes_per_step = max_resumes_from_env() if opts.max_resumes_per_step is None else opts.max_resumes_per_step
         self.last_committed: int | None = None
+        self.last_restored: int | None = None
         self.last_drift: list[str] = []  # the drift report's lines of the last restore
         self._writer = StepWriter(self.group, self.events)
         # Rollback anchors retention must keep (the spike guard says which, see protect()).
@@ -144,6 +155,9 @@ class CheckpointManager:
         self._replaceable: dict[int, str] = {}
         # Raw digest of every manifest this process read while restoring, by step.
         self._seen_manifests: dict[int, str] = {}
+        # Committed steps newer than a step restored explicitly (``restore(step=N)``): the
+        # timeline this run branched away from, each with the manifest digest seen (rank 0).
+        self._abandoned: dict[int, str] = {}
         # Rank 0 creates the root and proves it can write before any training happens, so a
         # bad root fails in the first second rather than at the first save an hour in.
         if self.rank == 0:
@@ -183,13 +197,32 @@ class CheckpointManager:
     def _after_commit(self, manifest: Manifest) -> None:
         self.last_committed = manifest.step
         self._replaceable.pop(manifest.step, None)
-        if self.rank != 0 or (self.options.keep_last is None and self.options.keep_every is None):
+        if self.rank != 0:
             return
         try:
-            self.store.prune(keep_last=self.options.keep_last, keep_every=self.options.keep_every,
-                             protect=self._protected)
+            self._retire_abandoned(manifest)
+            if self.options.keep_last is not None or self.options.keep_every is not None:
+                # The step just committed is never retention's to delete.
+                self.store.prune(keep_last=self.options.keep_last, keep_every=self.options.keep_every,
+                                 protect=self._protected | {manifest.step})
         except Exception as e:  # noqa: BLE001 - clean-up failure must not fail training
             self.events.emit(Event.PRUNE_FAILED, step=manifest.step, error=str(e))
+
+    def _retire_abandoned(self, manifest: Manifest) -> None:
+        """The first commit after ``restore(step=N)`` makes this run's timeline the one a resume
+        follows: the steps newer than N that stood when it restored are retired (each only while
+        it holds the manifest seen then; a step this run saved again was replaced already).
+        Until that commit they stay, so the root is never left without them and without a
+        successor; after it, "newest" is again the step this run wrote last."""
+        if not self._abandoned:
+            return
+        abandoned, self._abandoned = self._abandoned, {}
+        branch = self.last_restored
+        for step, digest in sorted(abandoned.items()):
+            if step != manifest.step and self.store.manifest_digest(step) == digest:
+                self.store.retire(step)
+                self.events.emit(Event.CHECKPOINT_RETIRED, step=step, reason=(
+                    f"abandoned timeline: this run restored step {branch} and committed step {manifest.step}"))
 
     def wait(self) -> Manifest | None:
         """Wait for a background save; raise its error if it failed."""
@@ -238,13 +271,28 @@ class CheckpointManager:
         self._apply(state, loaded)
         if manifest.world_size == self.world_size:  # then every file was read by some rank
             self.store.mark_loadable(manifest.step, manifest.raw_digest)
-        self.last_committed = manifest.step
+        self.last_committed = self.last_restored = manifest.step
+        if step is not None and self.rank == 0 and not self.options.read_only:
+            self._branch_from(manifest.step)
         self.events.emit(
             Event.RESTORED, step=manifest.step, bytes=manifest.total_bytes,
             seconds=round(time.perf_counter() - started, 4), skipped=[s.as_dict() for s in agreed.skipped],
             saved_world_size=manifest.world_size, world_size=self.world_size,
         )
         return manifest.step
+
+    def _branch_from(self, step: int) -> None:
+        """Rank 0, after ``restore(step=...)``: the committed steps newer than ``step`` lie on the
+        timeline this run leaves. A save of one of them replaces it (not a conflict), and the
+        first commit retires the rest (see :meth:`_retire_abandoned`)."""
+        newer = {s: d for s in self.store.committed_steps() if s > step
+                 if (d := self.store.manifest_digest(s)) is not None}
+        self._abandoned = newer
+        for s, d in newer.items():
+            self._replaceable.setdefault(s, d)
+        if newer:
+            log.info("restored step %d while %d newer step(s) exist (newest %d): the next save starts a new "
+                        "timeline and retires them", step, len(newer), max(newer))
 
     def _agree(self, steps: list[int], state: Mapping[str, Any]) -> Agreed[LoadedStep]:
         def read(c: Candidate) -> ReadAttempt[LoadedStep]:
@@ -363,8 +411,10 @@ class CheckpointManager:
                 self.events.emit(Event.CHECKPOINT_RETIRED, step=s, reason=reason)
             return retired
 
-        return on_rank0(self.group, retire, error=lambda m: StorageError(0, m),
-                        what=f"cannot retire checkpoints newer than step {step} under {self.storage.display()}")
+        retired = on_rank0(self.group, retire, error=lambda m: StorageError(0, m),
+                           what=f"cannot retire checkpoints newer than step {step} under {self.storage.display()}")
+        self._abandoned = {s: d for s, d in self._abandoned.items() if s not in retired}
+        return retired
 
     def protect(self, steps: Collection[int]) -> None:
         """Retention keeps exactly these steps whatever ``keep_last`` says (the rollback anchors

@@ -20,6 +20,7 @@ from .format import unflatten
 from .layout import FileKind, step_dir
 from .manifest import Manifest, manifest_hash
 from .store import CheckpointStore
+from .values import DecodeRules
 
 V = TypeVar("V")
 
@@ -39,6 +40,7 @@ class LoadedStep:
     reseed: bool = False
     skeleton: Any = None
     tensors: list[Any] | None = None
+    rules: DecodeRules | None = None
 
     @property
     def step(self) -> int:
@@ -51,7 +53,7 @@ class LoadedStep:
     def finish_sharded(self, sharded: dict[str, Any]) -> None:
         """Build the replicated tree once the sharded leaves are loaded (``sharded``: by path)."""
         self.replicated = _as_state(unflatten(self.skeleton, self.tensors or [], where=step_dir(self.step),
-                                              sharded=sharded), self.step, "the replicated state")
+                                              sharded=sharded, rules=self.rules), self.step, "the replicated state")
 
 
 @dataclass
@@ -92,13 +94,14 @@ def read_step(store: CheckpointStore, manifest: Manifest, *, rank: int, world_si
             )
         source, reseed = 0, True
     skeleton, tensors = store.read_replicated(manifest)
-    loaded = LoadedStep(manifest, replicated=None, reseed=reseed)
+    loaded = LoadedStep(manifest, replicated=None, reseed=reseed, rules=store.decode_rules())
     if loaded.has_sharded:
         # Sharded tensors are loaded after every rank agreed on this step (DCP's load is
         # collective); until then the structure stays a skeleton.
         loaded.skeleton, loaded.tensors = skeleton, tensors
     else:
-        loaded.replicated = _as_state(unflatten(skeleton, tensors, where=step_dir(step)), step, "the replicated state")
+        loaded.replicated = _as_state(unflatten(skeleton, tensors, where=step_dir(step), rules=loaded.rules), step,
+                                      "the replicated state")
     per_rank = store.read_per_rank(manifest, source)
     if per_rank is not None:
         loaded.per_rank = _as_state(per_rank, step, f"the per-rank state of rank {source}")

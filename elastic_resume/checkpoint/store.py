@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # torch is only needed to load, not to list or verify
 
     from .format import Payload
     from .retention import RetentionPlan
+    from .values import DecodeRules
 
 
 class StepStatus(StrEnum):
@@ -58,6 +59,24 @@ def list_bundles(storage: Storage) -> dict[str, dict[int, bool]]:
             steps = bundles.setdefault(parts[0], {})
             steps[step] = steps.get(step, False) or (len(parts) == 3 and parts[2] == MANIFEST_NAME)
     return bundles
+
+
+def written_order(storage: Storage, entries: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+    """``(prefix, step)`` pairs (``prefix``: a bundle name, or "" for the root itself), the one
+    written last first: by the creation time its manifest records, then by step. This is what
+    "the newest" means where a path holds "the last thing saved there" (a Lightning path, which
+    a new run may save again at a lower step), as Lightning's own ``ckpt_path="last"`` picks the
+    newest file by time. A manifest that cannot be read sorts last: loading it reports why."""
+    def key(entry: tuple[str, int]) -> tuple[float, int]:
+        prefix, step = entry
+        rel = f"{prefix}/{manifest_path(step)}" if prefix else manifest_path(step)
+        try:
+            created = Manifest.parse(storage.read_small(rel), step=step, where=storage.display(rel)).created
+        except (CheckpointCorruptError, OSError):
+            created = float("-inf")
+        return (created, step)
+
+    return sorted(entries, key=key, reverse=True)
 
 
 @dataclass
@@ -112,9 +131,12 @@ class CheckpointStore:
     file has its recorded size and digest, every data file decodes under bounds, and the pieces
     fit together into one state."""
 
-    def __init__(self, storage: Storage, *, events: EventLog | None = None) -> None:
+    def __init__(self, storage: Storage, *, events: EventLog | None = None,
+                 allowed_classes: frozenset[str] = frozenset()) -> None:
         self.storage = storage
         self.events = events or EventLog()
+        #: The user's classes (``module:qualname``) that decoding may rebuild; see ``values``.
+        self.allowed_classes = allowed_classes
         # step -> raw digest of a manifest this process found (or made) loadable: a step whose
         # manifest is unchanged and whose files still have their sizes is not read again.
         self._known_loadable: dict[int, str] = {}
@@ -268,6 +290,24 @@ class CheckpointStore:
         self.storage.delete(self.manifest_path(step))
         self.storage.delete_tree(step_dir(step))
 
+    def supersede(self, manifest: Manifest, *, reason: str) -> list[int]:
+        """After ``manifest`` was committed at a root that means "the last thing saved here" (a
+        Lightning path): retire every other committed step, whatever its number. The proof that
+        this removes nothing that is the only loadable state is taken now, before the first
+        deletion: the step just committed still stands with the manifest this process wrote
+        (the same bytes) and its files (this process wrote and digested them) have their sizes."""
+        report = self.check_loadable(manifest.step)
+        if not report.ok or report.manifest is None or report.manifest.raw_digest != manifest.raw_digest:
+            why = "; ".join(f"{f}: {r}" for f, r in report.problems) or "its manifest changed since the commit"
+            self.events.emit(Event.PRUNE_FAILED, step=manifest.step,
+                             error=f"older steps kept: the step just committed does not verify ({why})")
+            return []
+        retired = [s for s in self.committed_steps() if s != manifest.step]
+        for step in retired:
+            self.retire(step)
+            self.events.emit(Event.CHECKPOINT_DELETED, step=step, reason=reason)
+        return retired
+
     # -- reading -----------------------------------------------------------------------------
     def _where(self, manifest: Manifest, entry: FileEntry) -> str:
         return self.storage.display(f"{step_dir(manifest.step)}/{entry.path}")
@@ -367,7 +407,14 @@ class CheckpointStore:
         count = len(part.tensors)
         if sorted(part.tensors) != list(range(count)):
             raise CheckpointCorruptError(manifest.step, self._where(manifest, own[0]), "per-rank tensors are not numbered 0..n-1")
-        return unflatten(part.skeleton, [part.tensors[i] for i in range(count)], where=self._where(manifest, own[0]))
+        return unflatten(part.skeleton, [part.tensors[i] for i in range(count)], where=self._where(manifest, own[0]),
+                         rules=self.decode_rules(materialize))
+
+    def decode_rules(self, materialize: bool = True) -> DecodeRules:
+        """How values are rebuilt: the user's classes; quiet while only verifying."""
+        from .values import DecodeRules
+
+        return DecodeRules(self.allowed_classes, warn=materialize)
 
     # -- verification ------------------------------------------------------------------------
     def verify(self, step: int, *, full: bool = True, listing: StepListing | None = None) -> StepReport:
@@ -448,7 +495,8 @@ class CheckpointStore:
             assert buf is not None
             meta = parse_metadata(bytes(buf.numpy().tobytes()), step=manifest.step, where=self._where(manifest, entry))
             placeholders.update({fqn: None for fqn in meta.state_dict_metadata})
-        unflatten(skeleton, tensors, where=self.storage.display(step_dir(manifest.step)), sharded=placeholders)
+        unflatten(skeleton, tensors, where=self.storage.display(step_dir(manifest.step)), sharded=placeholders,
+                  rules=self.decode_rules(materialize=False))
         for rank in sorted({f.rank for f in manifest.files_of(FileKind.RANK) if f.rank is not None}):
             self.read_per_rank(manifest, rank, materialize=False)
 

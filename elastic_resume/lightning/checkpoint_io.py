@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from ..checkpoint.agreement import Candidate, agree
@@ -31,8 +32,8 @@ from ..checkpoint.manager import max_resumes_from_env, open_events
 from ..checkpoint.manifest import Manifest
 from ..checkpoint.reading import ReadAttempt, try_read
 from ..checkpoint.saving import StepWriter
-from ..checkpoint.store import CheckpointStore, list_bundles
-from ..checkpoint.values import hparams_text
+from ..checkpoint.store import CheckpointStore, list_bundles, written_order
+from ..checkpoint.values import allowed_class_names, hparams_text
 from ..collectives import Group, LocalGroup, default_group, on_rank0
 from ..contract import Event, StrEnum
 from ..errors import (
@@ -108,6 +109,9 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
     (default: what ``elastic-resume launch --er-max-resumes-per-step`` passes, else 3).
     ``group``: where ranks agree on what to load (default: every rank of the default process
     group; ``LocalGroup()`` loads in this process alone, with no collective).
+    ``allowed_classes``: your classes (or ``"module:QualName"`` names) whose enum members and
+    dataclass instances in hyper-parameters are rebuilt on load; any other class comes back in
+    plain form. Nothing in a checkpoint chooses code to run.
     """
 
     def __init__(
@@ -119,8 +123,10 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         collective_timeout_s: float = 600.0,
         max_resumes_per_step: int | None = None,
         group: Group | None = None,
+        allowed_classes: Iterable[str | type] = (),
     ) -> None:
         super().__init__()
+        self.allowed_classes = allowed_class_names(allowed_classes)
         self.async_save = async_save
         self.max_resumes_per_step = max_resumes_from_env() if max_resumes_per_step is None else max_resumes_per_step
         self.storage_options = dict(storage_options or {})
@@ -147,7 +153,8 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         self._writer = StepWriter(LocalGroup(), self.events)
 
     def _store(self, path: str, storage_options: dict[str, Any] | None = None) -> CheckpointStore:
-        return CheckpointStore(open_storage(path, self._options(storage_options)), events=self.events)
+        return CheckpointStore(open_storage(path, self._options(storage_options)), events=self.events,
+                               allowed_classes=self.allowed_classes)
 
     def _options(self, per_call: dict[str, Any] | None) -> dict[str, Any]:
         """The plugin's storage options, overridden key by key by those given to one call."""
@@ -193,8 +200,18 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
             if self.events.rank in (None, 0):  # a wrong ROOT would silently start over: say it
                 log.warning("no committed checkpoint under %s: training starts from scratch", dirpath)
             return None
-        self._resolved = found[0][1]
+        self._resolved = self._newest_written(dirpath, found)
         return self._resolved
+
+    def _newest_written(self, dirpath: str, found: list[tuple[int, str]]) -> str:
+        """The bundle saved last among ``found`` (Lightning's ``ckpt_path="last"`` also picks by
+        time): a new run that saves into an old directory resumes its own checkpoints, not the
+        old run's higher step numbers."""
+        if len(found) == 1:
+            return found[0][1]
+        storage = open_storage(dirpath, self.storage_options)
+        name, _step = written_order(storage, [(p.rsplit("/", 1)[-1], s) for s, p in found])[0]
+        return _join(dirpath, name)
 
     def _plain_checkpoints(self, dirpath: str) -> list[str]:
         """Plain ``*.ckpt`` files directly under ``dirpath`` (Lightning's default format), the
@@ -241,9 +258,13 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         self._active_path = path
 
         def keep_newest(manifest: Manifest) -> None:
-            # Rewriting a path (last.ckpt) commits the new step before the old one is pruned.
+            # A path means the last thing saved there (Lightning overwrites it): once this step is
+            # committed, every other step at the path goes, whatever its number (a new run saving
+            # last.ckpt at step 50 over an old run's step 1000 keeps step 50). Committed first,
+            # then removed: a crash in between leaves both, and loading takes the one written last.
             try:
-                store.prune(keep_last=1)
+                store.supersede(manifest, reason=f"superseded: {path} was saved again (step {manifest.step})")
+                store.prune(keep_last=1, protect={manifest.step})  # incomplete leftovers of older saves
             except Exception as e:  # noqa: BLE001 - clean-up failure must not fail training
                 self.events.emit(Event.PRUNE_FAILED, step=manifest.step, path=path, error=str(e))
 
@@ -328,7 +349,10 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
     def _candidates(self, path: str, *, fallback: bool) -> list[Candidate]:
         """Rank 0: what to try, in order. The path's own newest step first; when ``path`` came
         from :meth:`resume_path`, every older checkpoint beside it after that."""
-        own = self._store(path).committed_steps()
+        store = self._store(path)
+        own = store.committed_steps()
+        if len(own) > 1:  # a crash between a re-save's commit and its clean-up: the last one written first
+            own = [s for _, s in written_order(store.storage, [("", s) for s in own])]
         first = [Candidate(s, path) for s in own]
         if not fallback or not own:
             return first

@@ -16,23 +16,30 @@ cannot open it. Two ways instead:
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import datetime as dt
 import inspect
 import io
 import os
+import pathlib
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from ..checkpoint.values import plain
+from ..checkpoint.values import is_omegaconf, allowed_class_names, plain
 from ..collectives import LocalGroup
 from ..errors import ConfigError
 from .checkpoint_io import ElasticCheckpointIO
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
+                    allowed_classes: Iterable[str | type] = ()) -> dict[str, Any]:
     """The Lightning checkpoint dict a bundle holds (its newest committed step), verified; in
-    this process alone. A plain ``.ckpt`` file is read as Lightning's default would."""
-    plugin = ElasticCheckpointIO(storage_options=storage_options, group=LocalGroup())
+    this process alone. A plain ``.ckpt`` file is read as Lightning's default would.
+    ``allowed_classes``: as for ``ElasticCheckpointIO``."""
+    plugin = ElasticCheckpointIO(storage_options=storage_options, group=LocalGroup(), allowed_classes=allowed_classes)
     return plugin.load_checkpoint(path)
 
 
@@ -59,14 +66,53 @@ def check_weights_only(data: bytes) -> None:
         raise ConfigError(f"checkpoint does not load with weights_only=True: {why[:300]}") from None
 
 
+#: Value types the weights-only unpickler may build for Lightning (stdlib values with no code of
+#: their own), beside the classes the user allowlisted.
+_SAFE_VALUE_TYPES: tuple[type, ...] = (
+    pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath, frozenset,
+    dt.datetime, dt.date, dt.time, dt.timedelta, dt.timezone, argparse.Namespace,
+)
+
+
+def _weights_only_tree(value: Any, allowed: frozenset[type]) -> Any:
+    """``value`` with what the weights-only unpickler may build kept as it is (containers,
+    stdlib value types, the user's allowlisted classes) and everything else in plain form
+    (``values.plain``: an OmegaConf config as a dict, an enum as its value, ...)."""
+    kind = type(value)
+    if kind is dict:
+        return {k: _weights_only_tree(v, allowed) for k, v in value.items()}
+    if kind in (list, tuple, set, frozenset):
+        return kind(_weights_only_tree(v, allowed) for v in value)
+    if kind is argparse.Namespace:
+        return argparse.Namespace(**{k: _weights_only_tree(v, allowed) for k, v in vars(value).items()})
+    if kind in _SAFE_VALUE_TYPES or kind in allowed:
+        return value
+    if is_omegaconf(value):  # resolver calls were made literal when decoded: only its own nodes resolve
+        from omegaconf import OmegaConf
+
+        with contextlib.suppress(Exception):  # a reference to a missing node: kept as text below
+            return _weights_only_tree(OmegaConf.to_container(value, resolve=True), allowed)
+    return plain(value)
+
+
 def load_from_checkpoint(cls: Any, path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
-                         **kwargs: Any) -> Any:
+                         allowed_classes: Iterable[str | type] = (), **kwargs: Any) -> Any:
     """``cls.load_from_checkpoint(path, **kwargs)`` for a bundle (``cls``: a LightningModule or
-    LightningDataModule class of either namespace)."""
-    data = to_bytes(load_checkpoint(path, storage_options=storage_options))
-    if "weights_only" not in kwargs and "weights_only" in inspect.signature(cls.load_from_checkpoint).parameters:
-        # These bytes were pickled a moment ago, in this process, from values decoded without
-        # pickle: unpickling them runs nothing a file chose. The full unpickler gives the
-        # hyper-parameters back with their types (paths, enums, OmegaConf configs, ...).
-        kwargs["weights_only"] = False
-    return cls.load_from_checkpoint(io.BytesIO(data), **kwargs)
+    LightningDataModule class of either namespace). Lightning reads it with
+    ``torch.load(weights_only=True)``: it gets tensors, plain containers, stdlib value types
+    and the ``allowed_classes`` (enum members and dataclasses); OmegaConf configs and other
+    classes arrive in plain form (a config as a dict, which Lightning wraps in an AttributeDict)."""
+    checkpoint = load_checkpoint(path, storage_options=storage_options, allowed_classes=allowed_classes)
+    names = allowed_class_names(allowed_classes)
+    allowed = frozenset(c for c in (_find_class(n) for n in names) if c is not None)
+    data = to_bytes(_weights_only_tree(checkpoint, allowed))
+    if "weights_only" in inspect.signature(cls.load_from_checkpoint).parameters:
+        kwargs.setdefault("weights_only", True)
+    with torch.serialization.safe_globals([*_SAFE_VALUE_TYPES, *allowed]):
+        return cls.load_from_checkpoint(io.BytesIO(data), **kwargs)
+
+
+def _find_class(name: str) -> type | None:
+    from ..checkpoint.values import DecodeRules, allowed_class
+
+    return allowed_class(name, DecodeRules(frozenset({name})))

@@ -241,6 +241,8 @@ HOSTILE_HEADERS = {
     "deep_nesting": lambda h: json.dumps(dict(h, tree=None)).replace('"tree": null', '"tree": ' + "[" * 5000 + "]" * 5000),
     "tensor_ref_out_of_range": lambda h: dict(h, tree={"d": [["skeleton", {"t": 10**12}], ["tensors", {"d": []}]]}),
     "shape_not_list": lambda h: dict(h, tensors=[dict(h["tensors"][0], shape="64")]),
+    "omegaconf_malformed": lambda h: dict(h, tree={"d": [["skeleton", {"omc": {"d": [["a", "${unclosed"]]}}],
+                                                         ["tensors", {"d": []}]]}),
 }
 
 
@@ -253,6 +255,21 @@ def test_hostile_header_with_a_valid_digest_is_corruption(root, name):
     r = cli("verify", root.url, "--step", "2", *root.cli_options(), env=root.env)
     assert r.returncode == 1 and "CORRUPT" in r.stdout and rel.rsplit("/", 1)[-1] in r.stdout, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_step_that_does_not_decode_never_stops_retention(local_root):
+    save_steps(local_root, (1, 2))
+    st = tamper.raw(local_root.url)
+    tamper.rewrite_data_header(st, 2, 0, HOSTILE_HEADERS["omegaconf_malformed"])
+    log = os.path.join(local_root.url, "..", "events.jsonl")
+    mgr = manager(local_root, keep_last=2, event_log=log)
+    mgr.save(3, state_of(3))  # judging step 2 (unloadable) does not fail this prune: kept as evidence
+    assert CheckpointStore(st).committed_steps() == [3, 2, 1]
+    mgr.save(4, state_of(4))  # and the next one deletes it with the rest
+    assert CheckpointStore(st).committed_steps() == [4, 3]
+    seen = read_events(log)
+    assert not [e for e in seen if e["event"] == "prune_failed"]
+    assert [e["step"] for e in seen if e["event"] == "corruption_found"] == [2]
 
 
 # -- 7. an event log that cannot be written never stops checkpointing --------------------------

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from elastic_resume.checkpoint.format import _parse_header, decode, encodable, encode
+from elastic_resume.checkpoint.values import DecodeRules, allowed_class_names
 from elastic_resume.errors import CheckpointCorruptError, StateError
 
 
@@ -44,10 +45,13 @@ class Loud:
         raise AssertionError("a checkpoint made the loader run __post_init__")
 
 
-def roundtrip(tree):
+MINE = DecodeRules(allowed_class_names([Color, Level, Optim, f"{__name__}:Loud", f"{__name__}:Hashy"]))
+
+
+def roundtrip(tree, rules: DecodeRules = MINE):
     f = encode(tree)
     buf = torch.frombuffer(bytearray(b"".join(bytes(c) for c in f.chunks())), dtype=torch.uint8)
-    return decode(buf, where="test.ert")
+    return decode(buf, where="test.ert", rules=rules)
 
 
 def header_of(tree) -> dict:
@@ -98,9 +102,9 @@ def hostile(tree_node) -> bytes:
     return b"ERCKPT\x00\x01" + len(header).to_bytes(8, "little") + header
 
 
-def load(raw: bytes):
+def load(raw: bytes, rules: DecodeRules = MINE):
     padded = raw + b"\x00" * (-len(raw) % 64)
-    return decode(torch.frombuffer(bytearray(padded), dtype=torch.uint8), where="evil.ert")
+    return decode(torch.frombuffer(bytearray(padded), dtype=torch.uint8), where="evil.ert", rules=rules)
 
 
 def test_a_hostile_header_cannot_name_code_or_unimported_classes(caplog):
@@ -124,4 +128,87 @@ def test_a_hostile_header_cannot_name_code_or_unimported_classes(caplog):
         assert isinstance(loud, Loud) and loud.value == 5
         # Dunder paths cannot walk to other objects.
         assert load(hostile({"enum": [f"{__name__}:Color.__class__", "RED", "red"]})) == "red"
-    assert "no_such_module_xyz:Color is not imported" in caplog.text
+    assert "no_such_module_xyz:Color is not in allowed_classes" in caplog.text
+
+
+calls: list[str] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class Hashy:
+    value: int
+
+    def __hash__(self) -> int:
+        calls.append("hash")
+        return self.value
+
+    def __eq__(self, other: object) -> bool:
+        calls.append("eq")
+        return isinstance(other, Hashy) and other.value == self.value
+
+
+NOBODY = DecodeRules()  # no class allowlisted: what a checkpoint gets by default
+
+
+def test_nothing_in_a_file_chooses_code_to_run_unless_the_user_allowlisted_the_class(caplog):
+    import sys
+    import types
+
+    # Classes the program imported but the user did not allowlist come back plain, and none of
+    # their code runs: no __post_init__, no __hash__/__eq__ while building a set.
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="elastic_resume"):
+        assert load(hostile({"dc": [f"{__name__}:Loud", [["value", 5]]]}), NOBODY) == {"value": 5}
+        assert load(hostile({"enum": [f"{__name__}:Color", "RED", "red"]}), NOBODY) == "red"
+        assert load(hostile({"set": [{"dc": [f"{__name__}:Hashy", [["value", 1]]]}]}), NOBODY) == [{"value": 1}]
+    assert calls == []
+    assert "not in allowed_classes" in caplog.text
+    # Allowlisted, the same set is rebuilt with the user's own class.
+    assert load(hostile({"set": [{"dc": [f"{__name__}:Hashy", [["value", 1]]]}]})) == {Hashy(1)}
+    # Names are resolved without running hooks: a module __getattr__ is never called, even for
+    # an allowlisted name; an unlisted name is never looked up at all.
+    calls.clear()
+    hooked = types.ModuleType("er_hooked_module")
+    hooked.__getattr__ = lambda name: calls.append(f"getattr {name}") or Color  # type: ignore[attr-defined]
+    sys.modules["er_hooked_module"] = hooked
+    try:
+        rules = DecodeRules(frozenset({"er_hooked_module:Color"}))
+        assert load(hostile({"enum": ["er_hooked_module:Color", "RED", "red"]}), rules) == "red"
+        assert load(hostile({"enum": ["er_hooked_module:Other", "RED", "red"]}), NOBODY) == "red"
+    finally:
+        del sys.modules["er_hooked_module"]
+    assert calls == []
+
+
+def test_a_class_name_behind_a_lazy_import_hook_imports_nothing():
+    import subprocess
+    import sys
+
+    # torch's module __getattr__ imports torch._dynamo (hundreds of modules) on first access.
+    code = f"""
+import sys, torch, json
+from elastic_resume.checkpoint.values import DecodeRules
+sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+from test_values import hostile, load
+before = len(sys.modules)
+rules = DecodeRules(frozenset({{"torch:_dynamo.source.LocalSource"}}))
+print(json.dumps([load(hostile({{"dc": ["torch:_dynamo.source.LocalSource", [["local_name", "x"]]]}}), rules),
+                  "torch._dynamo" in sys.modules, len(sys.modules) - before]))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    value, dynamo, new_modules = json.loads(r.stdout.strip().splitlines()[-1])
+    assert value == {"local_name": "x"} and dynamo is False and new_modules < 5
+
+
+def test_omegaconf_resolvers_in_a_file_never_resolve_in_the_loading_process(monkeypatch):
+    monkeypatch.setenv("ER_TEST_SECRET", "hunter2-secret")
+    cfg = OmegaConf.create({"key": "${oc.env:ER_TEST_SECRET}", "dim": 4, "width": "${dim}",
+                            "mixed": "s3://${oc.env:ER_TEST_SECRET}/${dim}", "escaped": "\\${dim}"})
+    back = roundtrip({"cfg": cfg})["cfg"]
+    assert back.key == "${oc.env:ER_TEST_SECRET}" and back.mixed == "s3://${oc.env:ER_TEST_SECRET}/${dim}"
+    assert back.width == 4 and back.escaped == "${dim}"  # the config's own references still resolve
+    assert "hunter2" not in json.dumps(OmegaConf.to_container(back, resolve=True))
+    # Text OmegaConf cannot parse is corruption, never an exception of omegaconf's own.
+    with pytest.raises(CheckpointCorruptError, match="does not parse"):
+        load(hostile({"omc": {"d": [["a", "${unclosed"]]}}))

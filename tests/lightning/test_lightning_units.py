@@ -33,6 +33,7 @@ from elastic_resume.lightning import (
     ElasticCheckpointIO,
     ElasticResume,
     ResumableDataLoader,
+    load_checkpoint,
 )
 from launch.train_lightning import Regression, SyntheticData
 
@@ -64,6 +65,39 @@ def test_rewriting_a_path_commits_the_new_step_then_drops_the_old(tmp_path):
     assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.full((3, 2), 3.0))
     io.remove_checkpoint(path)
     assert not path.exists()
+
+
+def test_saving_a_path_again_at_a_lower_step_keeps_the_new_state(tmp_path):
+    """A path means the last thing saved there: a new run writing last.ckpt over an old run's,
+    a run resumed from an older checkpoint, a reused save_checkpoint("final.ckpt")."""
+    log = tmp_path / "events.jsonl"
+    io = ElasticCheckpointIO(event_log=EventLog(log))
+    path = tmp_path / "ckpt" / "last.ckpt"
+    io.save_checkpoint(checkpoint(1000, 1000.0), path)
+    io.save_checkpoint(checkpoint(50, 50.0), path)
+    assert [n for n in sorted(os.listdir(path)) if not n.startswith(".")] == ["step-000000000050"]
+    for loaded in (io.load_checkpoint(path), load_checkpoint(path)):
+        assert loaded["global_step"] == 50 and torch.equal(loaded["state_dict"]["w"], torch.full((3, 2), 50.0))
+    gone = [e for e in read_events(log) if e["event"] == "checkpoint_deleted"]
+    assert [e["step"] for e in gone] == [1000] and "saved again" in gone[0]["reason"]
+    # Beside an old run's higher-numbered bundle, a resume takes the bundle saved last.
+    io.save_checkpoint(checkpoint(900, 900.0), tmp_path / "ckpt" / "epoch=9-step=900.ckpt")
+    io.save_checkpoint(checkpoint(60, 60.0), path)
+    assert io.resume_path(tmp_path / "ckpt") == str(path)
+    assert io.load_checkpoint(io.resume_path(tmp_path / "ckpt"))["global_step"] == 60
+
+
+def test_a_crash_between_a_re_save_and_its_clean_up_loads_the_step_written_last(tmp_path):
+    import shutil
+
+    io = ElasticCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint(checkpoint(1000, 1000.0), path)
+    kept = tmp_path / "kept"
+    shutil.copytree(path / "step-000000001000", kept)
+    io.save_checkpoint(checkpoint(50, 50.0), path)
+    shutil.copytree(kept, path / "step-000000001000")  # as if the clean-up never ran
+    assert io.load_checkpoint(path)["global_step"] == 50
 
 
 def test_resume_path_is_the_newest_and_loading_it_falls_back_past_corruption(tmp_path):
@@ -430,14 +464,18 @@ def test_hyperparameters_of_ordinary_types_save_load_and_export_without_pickle(t
         loader_args=Namespace(workers=2, inner=Namespace(pin=True)), factory=functools.partial(torch.optim.SGD, lr=0.1),
         scale=np.float32(0.5),
     )
-    io = ElasticCheckpointIO()
+    mine = [Stage, "tests.lightning.test_lightning_units:Schedule"]  # the user's own classes, allowlisted
+    io = ElasticCheckpointIO(allowed_classes=mine)
     t = trainer(tmp_path, [io], [ElasticResume()], steps=4)
     with caplog.at_level("WARNING", logger="elastic_resume"):
         t.fit(Configured(**hparams), datamodule=SyntheticData(64, 4, 0))  # no failed save in fit
     assert "['hyper_parameters']['factory'] (partial) cannot be saved without pickle" in caplog.text
     best = t.checkpoint_callback.best_model_path
-    loaded = load_from_checkpoint(Configured, best).hparams
-    assert isinstance(loaded.cfg, DictConfig) and loaded.cfg.name == "a"  # the interpolation still resolves
+    restored = io.load_checkpoint(best)["hyper_parameters"]
+    assert isinstance(restored["cfg"], DictConfig) and restored["cfg"].name == "a"  # the interpolation still resolves
+    # Lightning's own loader gets what weights_only=True reads: the config as a dict, resolved.
+    loaded = load_from_checkpoint(Configured, best, allowed_classes=mine).hparams
+    assert loaded.cfg == {"depth": 2, "name": "a", "stage": "a"}
     assert loaded.root == pathlib.Path("/data/x") and loaded.stage is Stage.TRAIN and loaded.tags == {"a", "b"}
     assert loaded.schedule == Schedule(100, 0.5) and loaded.started == dt.datetime(2026, 12, 1, 8, 0)
     assert loaded.loader_args.inner.pin is True and loaded.scale == 0.5
