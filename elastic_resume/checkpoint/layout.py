@@ -30,7 +30,7 @@ STEP_DIGITS = 12
 RESUME_LOG = "resume-attempts.json"
 PRUNE_LOCK = ".prune.lock"
 
-_STEP_RE = re.compile(rf"^step-(\d{{{STEP_DIGITS},}})$")
+_STEP_RE = re.compile(rf"^step-([0-9]{{{STEP_DIGITS},}})$")
 _SAFE_COMPONENT = r"[A-Za-z0-9_][A-Za-z0-9._-]*"
 _SAFE_REL_RE = re.compile(rf"^{_SAFE_COMPONENT}(/{_SAFE_COMPONENT})*$")
 ATTEMPT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -55,8 +55,13 @@ def step_dir(step: int) -> str:
 
 
 def parse_step_dir(name: str) -> int | None:
+    """The step a directory name holds, only for the one spelling :func:`step_dir` writes (ASCII
+    digits, zero-padded to 12): ``step-0000000000001`` or Unicode digits never alias step 1."""
     m = _STEP_RE.match(name)
-    return int(m.group(1)) if m else None
+    if not m:
+        return None
+    step = int(m.group(1))
+    return step if step_dir(step) == name else None
 
 
 def manifest_path(step: int) -> str:

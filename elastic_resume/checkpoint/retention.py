@@ -135,7 +135,8 @@ def prune(
             loadable=set(loadable) | set(unjudged_older),
         )
         newest_attempt = max((t for m in judged.values() if (t := attempt_time(m.attempt)) is not None), default=None)
-        stale = [s for s in plan.delete_incomplete if _started_before(listing[s], newest_attempt)]
+        stale = [s for s in plan.delete_incomplete
+                 if _started_before(_attempts(store, listing[s]), newest_attempt)]
         plan = RetentionPlan(delete=plan.delete, keep=plan.keep, delete_incomplete=stale)
         if dry_run:
             return plan
@@ -156,11 +157,22 @@ def prune(
             store.events.emit(Event.INCOMPLETE_DELETED, step=step)
         return RetentionPlan(delete=deleted, keep=plan.keep, delete_incomplete=deleted_incomplete)
 
-def _started_before(listing: StepListing, newest_attempt: float | None) -> bool:
+def _attempts(store: CheckpointStore, listing: StepListing) -> set[str] | None:
+    """The save attempts in an incomplete step directory: from its files and from its
+    directories, so a save that created its attempt directory but has not yet written a file
+    counts. None for a directory with nothing in it at all: a save may be about to create its
+    attempt there, so it is nobody's to delete."""
+    attempts = {rel.split("/", 1)[0] for rel in listing.files if "/" in rel}
+    attempts.update(store.storage.list_dirs(step_dir(listing.step)))
+    return attempts if attempts or listing.files else None
+
+
+def _started_before(attempts: set[str] | None, newest_attempt: float | None) -> bool:
     """Whether every save that wrote into this incomplete directory began strictly before
     the newest loadable commit's save (attempt ids carry rank 0's start time). A directory
     holding a newer attempt may be a save in flight; foreign names are nobody's save."""
-    attempts = {rel.split("/", 1)[0] for rel in listing.files if "/" in rel}
+    if attempts is None:
+        return False
     for a in attempts:
         t = attempt_time(a)
         if t is not None and (newest_attempt is None or t >= newest_attempt):

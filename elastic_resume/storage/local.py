@@ -189,7 +189,9 @@ class LocalStorage:
     def list_dirs(self, rel: str = "") -> list[str]:
         try:
             with os.scandir(self._p(rel)) as it:
-                return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+                # A link to a directory counts (a step moved to another disk and linked back is
+                # a step, verified like any other); links inside it are not followed.
+                return sorted(e.name for e in it if e.is_dir())
         except FileNotFoundError:
             return []
         except OSError as e:
@@ -206,11 +208,17 @@ class LocalStorage:
                 where = os.path.relpath(e.filename, self.root) if getattr(e, "filename", None) else rel
                 raise self._error("list", where if where != "." else "", e)
 
-        for dirpath, _dirs, files in os.walk(base, onerror=failed):
-            for name in files:
-                full = os.path.join(dirpath, name)
-                with contextlib.suppress(FileNotFoundError):
-                    out[os.path.relpath(full, base).replace(os.sep, "/")] = os.lstat(full).st_size
+        tops = [base]
+        for top in tops:
+            for dirpath, dirs, files in os.walk(top, onerror=failed):
+                if dirpath == base:
+                    # Directories linked in directly under the listed one (a step directory
+                    # moved to another disk) are listed too; deeper links are not followed.
+                    tops += [os.path.join(base, d) for d in dirs if os.path.islink(os.path.join(base, d))]
+                for name in files:
+                    full = os.path.join(dirpath, name)
+                    with contextlib.suppress(FileNotFoundError):
+                        out[os.path.relpath(full, base).replace(os.sep, "/")] = os.lstat(full).st_size
         return out
 
     def delete(self, rel: str) -> None:
@@ -229,6 +237,11 @@ class LocalStorage:
                 raise self._error("delete", os.path.relpath(path, self.root), exc)
 
         if not os.path.lexists(self._p(rel)):
+            return
+        if os.path.islink(self._p(rel)):
+            # A linked-in directory: the link goes, what it points to (outside this root,
+            # perhaps shared) is never deleted through it.
+            self.delete(rel)
             return
         if _RMTREE_ONEXC:  # Python 3.12+: onerror is deprecated there
             shutil.rmtree(self._p(rel), onexc=failed)  # type: ignore[call-arg,unused-ignore]

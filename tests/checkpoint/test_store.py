@@ -292,3 +292,64 @@ def test_resaving_a_step_that_restore_skipped_replaces_it(root):
     assert manager(root).restore(target) == 2
     assert_same(target, replacement)
     assert manager(root).store.verify(2).ok
+
+
+def test_step_directories_moved_to_another_disk_and_linked_back_are_loaded_and_verified(tmp_path):
+    import shutil
+
+    from elastic_resume.storage import open_storage
+
+    root = tmp_path / "ckpt"
+    mgr = CheckpointManager(root, keep_last=None)
+    for s in (1, 2):
+        mgr.save(s, {"w": torch.full((4,), float(s))})
+    other_disk = tmp_path / "other-disk"
+    other_disk.mkdir()
+    for s in (1, 2):
+        shutil.move(root / step_dir(s), other_disk / step_dir(s))
+        os.symlink(other_disk / step_dir(s), root / step_dir(s))
+    state = {"w": torch.zeros(4)}
+    assert CheckpointManager(root).restore(state) == 2 and torch.equal(state["w"], torch.full((4,), 2.0))
+    # The same verification: a flipped byte behind the link is found and skipped.
+    data = sorted((other_disk / step_dir(2)).rglob("*.ert"))[0]
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    assert CheckpointManager(root).restore({"w": torch.zeros(4)}) == 1
+    # Retention removes the link, never what it points to.
+    mgr = CheckpointManager(root, keep_last=1)
+    mgr.save(3, {"w": torch.full((4,), 3.0)})
+    assert mgr.committed_steps() == [3]
+    assert not os.path.lexists(root / step_dir(1)) and (other_disk / step_dir(1)).is_dir()
+    assert open_storage(str(root), {}).list_dirs() == [step_dir(3)]
+
+
+def test_step_directory_names_never_alias_one_step(tmp_path):
+    from elastic_resume.checkpoint.layout import parse_step_dir
+
+    assert parse_step_dir("step-000000000001") == 1 and parse_step_dir("step-1000000000000") == 10**12
+    for alias in ("step-0000000000001", "step-٠٠٠٠٠٠٠٠٠٠٠١", "step-00000000000１", "step-00000000001"):
+        assert parse_step_dir(alias) is None, alias
+    mgr = CheckpointManager(tmp_path / "ckpt", keep_last=None)
+    mgr.save(1, {"w": torch.ones(4)})
+    os.rename(tmp_path / "ckpt" / step_dir(1), tmp_path / "ckpt" / "step-0000000000001")
+    assert mgr.committed_steps() == []
+
+
+def test_prune_never_deletes_a_save_whose_attempt_directory_has_no_file_yet(tmp_path):
+    from elastic_resume.checkpoint.layout import new_attempt_id
+
+    mgr = CheckpointManager(tmp_path / "ckpt", keep_last=1)
+    mgr.save(5, {"w": torch.ones(4)})
+    # Another job on the root began saving step 3 (below ours) a moment ago: only its attempt
+    # directory exists so far. Pruning after our next save must leave it alone.
+    in_flight = tmp_path / "ckpt" / step_dir(3) / new_attempt_id()
+    in_flight.mkdir(parents=True)
+    empty = tmp_path / "ckpt" / step_dir(2)
+    empty.mkdir()  # a save that has created its step directory and nothing else yet
+    mgr.save(6, {"w": torch.ones(4)})
+    assert in_flight.is_dir() and empty.is_dir()
+    old = tmp_path / "ckpt" / step_dir(4) / "20000101T000000-0123456789"
+    old.mkdir(parents=True)  # an attempt that began long before the newest commit: abandoned
+    mgr.save(7, {"w": torch.ones(4)})
+    assert not old.parent.exists()
