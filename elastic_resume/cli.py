@@ -435,18 +435,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ElasticResumeError as e:
-        options = getattr(args, "storage_option", [])
-        try:
-            opts = parse_storage_options(options)
-        except ConfigError:
-            opts = {}
-        print(f"elastic-resume {args.command}: {redact(str(e), opts)}", file=sys.stderr)
+        print(f"elastic-resume {args.command}: {_one_line(e, args)}", file=sys.stderr)
         return EXIT_USAGE if not isinstance(e, _NEGATIVE_ERRORS) else EXIT_NEGATIVE
     except OSError as e:  # the file system refused something (permissions, a full or read-only disk)
-        print(f"elastic-resume {args.command}: {redact(str(e))}", file=sys.stderr)
+        print(f"elastic-resume {args.command}: {_one_line(e, args)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+
+
+def _one_line(e: BaseException, args: argparse.Namespace) -> str:
+    """An error as the one line the CLI prints: credentials of the storage options given (and of
+    the environment, and anything shaped like one) removed, whatever path raised it."""
+    try:
+        opts = parse_storage_options(getattr(args, "storage_option", None) or [])
+    except ConfigError:
+        opts = {}
+    text = " ".join(str(e).split()) or type(e).__name__
+    return redact(text, opts)
 
 
 if __name__ == "__main__":

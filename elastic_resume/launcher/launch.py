@@ -44,7 +44,8 @@ from .. import _torch_compat
 from ..contract import DEFAULT_GRACE_SECONDS, DEFAULT_MASTER_PORT, DEFAULT_MAX_RESUMES_PER_STEP, Env, Event, ExitCode, StrEnum
 from ..errors import ConfigError, ElasticResumeError
 from ..events import EventLog
-from ..storage import redact_argv
+from ..storage import is_secret_name, redact, redact_argv
+from ..storage.secrets import MASK
 from . import detect as envmod
 
 #: What each worker process runs first (see ``worker.py``).
@@ -102,8 +103,8 @@ class LaunchPlan:
                            + ("requeue with scontrol, " if self.will_requeue else "")
                            + f"exit {ExitCode.PREEMPTED}"),
             ("event log", self.event_log),
-            ("worker command", " ".join([self.cmd, *self.cmd_args])),
-            *[(f"env {k}", v) for k, v in sorted(self.worker_env.items())],
+            ("worker command", " ".join(redact_argv([self.cmd, *self.cmd_args]))),
+            *[(f"env {k}", MASK if is_secret_name(k) else redact(v)) for k, v in sorted(self.worker_env.items())],
             *[("note", n) for n in d.notes],
         ]
 

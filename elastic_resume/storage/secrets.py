@@ -1,4 +1,19 @@
-"""Credentials stay out of every message, log line and argument list this library prints."""
+"""Credentials stay out of every message, log line and argument list this library prints.
+
+One redaction serves every path that prints or logs (``redact`` for text, ``redact_argv`` for
+argument lists). It removes:
+
+- the values of every documented credential option of each backend, wherever they stand in the
+  text (nested option dicts included, e.g. a GCS ``token`` given as a service-account dict):
+  S3 ``key``, ``secret``, ``token``, ``aws_access_key_id``, ``aws_secret_access_key``,
+  ``aws_session_token``; GCS ``token``, ``access_token``, ``refresh_token``, ``client_secret``,
+  ``private_key``; Azure ``account_key``, ``connection_string``, ``sas_token``, ``credential``,
+  ``client_secret``, ``password``; and any option whose name says it is one (:func:`is_secret_name`);
+- the same credentials from the environment (``AWS_*``, ``AZURE_STORAGE_*``, ``AZURE_CLIENT_SECRET``);
+- credentials by their shape: URL query parameters named like a credential
+  (``?access_token=``, ``&sig=``, ``X-Amz-Signature=``), ``AccountKey=``/``SharedAccessSignature=``
+  in connection strings, ``user:password@`` in URLs and ``Bearer`` tokens.
+"""
 
 from __future__ import annotations
 
@@ -7,66 +22,98 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+MASK = "***"
 
-def _secrets_from(options: dict[str, Any]) -> list[str]:
-    found = []
-    for key in ("secret", "token", "aws_secret_access_key", "aws_session_token", "key", "aws_access_key_id"):
-        v = options.get(key)
-        if isinstance(v, str) and v:
-            found.append(v)
-    for nested in ("client_kwargs", "config_kwargs"):
-        if isinstance(options.get(nested), dict):
-            found.extend(_secrets_from(options[nested]))
-    for env in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
-        v = os.environ.get(env)
-        if v:
-            found.append(v)
-    return found
-
-
-def redact(text: str, options: dict[str, Any] | None = None) -> str:
-    """Remove credential values from a message (error texts from botocore can echo keys)."""
-    for secret in sorted(set(_secrets_from(options or {})), key=len, reverse=True):
-        if len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
-
-
-_SECRET_NAME = re.compile(r"secret|token|passw|credential|api[_-]?key|access[_-]?key|private[_-]?key|^key$|auth",
-                          re.IGNORECASE)
+_SECRET_NAME = re.compile(
+    r"secret|token|passw|credential|api[_-]?key|access[_-]?key|private[_-]?key|account[_-]?key|"
+    r"connection[_-]?string|^sas|^sig$|signature|^key$|auth",
+    re.IGNORECASE)
+_ENV_SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY",
+                "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN",
+                "AZURE_CLIENT_SECRET", "GOOGLE_OAUTH_ACCESS_TOKEN")
+_QUERY_PARAM = re.compile(r"([?&;])([A-Za-z0-9_.\-]{1,64})=([^&#;\s'\"]+)")
+_SHAPES = (
+    (re.compile(r"((?:AccountKey|SharedAccessSignature|SharedAccessKey)=)[^;'\"\s]+", re.IGNORECASE), rf"\g<1>{MASK}"),
+    (re.compile(r"(://[^/\s:@'\"]+:)[^@/\s'\"]+@"), rf"\g<1>{MASK}@"),
+    (re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/\-]+=*", re.IGNORECASE), rf"\g<1>{MASK}"),
+)
 
 
 def is_secret_name(name: str) -> bool:
-    """Whether an option or flag name (``secret``, ``--aws-secret-access-key``, ``token``...)
-    names a credential whose value must never be shown."""
+    """Whether an option or flag name (``secret``, ``--aws-secret-access-key``, ``account_key``,
+    ``connection_string``...) names a credential whose value must never be shown."""
     return bool(_SECRET_NAME.search(name.strip().lstrip("-").rsplit(".", 1)[-1]))
+
+
+def _values(value: Any) -> list[str]:
+    """Every string inside a credential's value (a GCS token may be a dict)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _values(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _values(v)]
+    return []
+
+
+def _secrets_from(options: dict[str, Any]) -> list[str]:
+    found = []
+    for key, value in options.items():
+        if isinstance(key, str) and is_secret_name(key):
+            found.extend(_values(value))
+        elif isinstance(value, dict):  # client_kwargs, config_kwargs, credentials dicts
+            found.extend(_secrets_from(value))
+    found.extend(v for env in _ENV_SECRETS if (v := os.environ.get(env)))
+    # A connection string's key is shown elsewhere on its own (base64): remove it alone too.
+    for text in list(found):
+        found.extend(m.group(1) for m in re.finditer(r"(?:AccountKey|SharedAccessSignature)=([^;]+)", text))
+    return found
+
+
+def _by_shape(text: str) -> str:
+    text = _QUERY_PARAM.sub(lambda m: f"{m.group(1)}{m.group(2)}={MASK}" if is_secret_name(m.group(2)) else m.group(0),
+                            text)
+    for pattern, mask in _SHAPES:
+        text = pattern.sub(mask, text)
+    return text
+
+
+def redact(text: str, options: dict[str, Any] | None = None) -> str:
+    """``text`` without credentials: the values of ``options``' (and the environment's)
+    credentials, and anything shaped like one (see the module's docstring)."""
+    for secret in sorted(set(_secrets_from(options or {})), key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(secret, MASK)
+    return _by_shape(text)
 
 
 def redact_argv(argv: Sequence[str]) -> list[str]:
     """An argument list safe to log: values of secret-named ``KEY=VALUE`` words and of
     secret-named flags (``--token X``, ``--token=X``, ``--storage-option secret=X``) become
-    ``***``, and credential values from the environment are removed wherever they stand."""
+    ``***`` (a flag that follows a secret flag is a flag, not its value), and credentials from
+    the environment or shaped like one are removed wherever they stand."""
     out: list[str] = []
     hide_next = False
     for arg in argv:
         head, sep, value = arg.partition("=")
-        if hide_next:
+        if hide_next and not (arg.startswith("-") and len(arg) > 1):
             hide_next = False
             # The value of a secret flag, or the KEY=VALUE after --storage-option: shown only
             # when it is a KEY=VALUE whose key names no secret.
             if sep and not is_secret_name(head):
                 out.append(redact(arg))
             else:
-                out.append(f"{head}=***" if sep else "***")
+                out.append(f"{head}={MASK}" if sep else MASK)
             continue
+        hide_next = False
         if arg.startswith("-") and not sep:
             hide_next = is_secret_name(arg) or arg.lstrip("-") == "storage-option"
             out.append(arg)
         elif sep and head.startswith("-") and head.lstrip("-") == "storage-option":
             key = value.partition("=")[0]
-            out.append(f"{head}={key}=***" if is_secret_name(key) or "=" not in value else redact(arg))
+            out.append(f"{head}={key}={MASK}" if is_secret_name(key) or "=" not in value else redact(arg))
         elif sep and is_secret_name(head):
-            out.append(f"{head}=***")
+            out.append(f"{head}={MASK}")
         else:
             out.append(redact(arg))
     return out
