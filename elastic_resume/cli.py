@@ -241,7 +241,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         from .lightning.loading import check_weights_only, exportable, load_checkpoint, to_bytes
     except ImportError as e:
         raise ConfigError(f"--format lightning: {e}") from None
+    if args.output.endswith(("/", os.sep)) or os.path.isdir(args.output):
+        raise ConfigError(f"export: {args.output} is a directory; give the file to write "
+                          f"(e.g. {args.output.rstrip('/')}/model.ckpt)")
     out = os.path.abspath(args.output)
+    if not os.path.isdir(os.path.dirname(out)):
+        raise ConfigError(f"export: directory {os.path.dirname(out)} does not exist")
     if os.path.lexists(out):
         raise ConfigError(f"{out} already exists; export never replaces a file (remove it or pick another name)")
     checkpoint = load_checkpoint(args.root, storage_options=parse_storage_options(args.storage_option))
@@ -252,6 +257,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            # mkstemp makes 0600: an export is for other tools and people, as any file written with the umask
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)
             os.fsync(f.fileno())
         os.link(tmp, out)  # create-only: a file that appeared meanwhile is not replaced
     finally:
@@ -376,12 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import load_events, plot, summarize
+    from .report import load_events, plot, summarize, well_formed
 
     events = load_events(args.paths)
     if not events:
         raise ConfigError(f"no events in {', '.join(args.paths)}")
     summary = summarize(events)
+    events = [e for e in events if well_formed(e)]
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2))
     else:
@@ -432,6 +442,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:  # storage clients log their retries' tracebacks; our one line says it
+        for name in ("gcsfs", "s3fs", "adlfs", "aiohttp", "azure", "botocore", "fsspec", "urllib3"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    for stream in (sys.stdout, sys.stderr):  # a root name that is not UTF-8 is printed, escaped
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     try:
         return int(args.func(args))
     except ElasticResumeError as e:

@@ -15,6 +15,7 @@ Pure functions over event dictionaries, except :func:`load_events` (reads files)
 from __future__ import annotations
 
 import glob
+import math
 import os
 import statistics
 import time
@@ -43,8 +44,43 @@ def load_events(paths: Sequence[str]) -> list[dict[str, Any]]:
             events += read_events(f)
         except OSError as e:
             raise ConfigError(f"event log {f!r} cannot be read: {e.strerror or e}") from None
-    events.sort(key=lambda e: e["ts"] if isinstance(e.get("ts"), (int, float)) else 0.0)
+    events.sort(key=lambda e: e["ts"] if isinstance(e.get("ts"), (int, float)) and not isinstance(e["ts"], bool) else 0.0)
     return events
+
+
+_INT_FIELDS = ("step", "rank", "from_step", "to_step", "through_step", "bytes", "exit_code", "generation")
+_NUMBER_FIELDS = ("loss", "seconds", "lr_scale", "recover_s")
+_SCALAR_FIELDS = ("node", "pid", "attempt", "signal", "reason", "cause")  # compared and used as keys
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def well_formed(e: dict[str, Any]) -> bool:
+    """Whether an event line has the types the report reads (valid JSON is not enough: a line
+    from another writer, or a damaged one, may say ``"ts": "x"`` or ``"step": null``). A line
+    that does not is skipped and counted, as torn lines are."""
+    ts = e.get("ts")
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts) or not isinstance(e.get("event"), str):
+        return False
+    if e["event"] == Event.STEP and not _is_int(e.get("step")):
+        return False
+    if any(k in e and e[k] is not None and not _is_int(e[k]) for k in _INT_FIELDS):
+        return False
+    if any(k in e and e[k] is not None and (not isinstance(e[k], (int, float)) or isinstance(e[k], bool))
+           for k in _NUMBER_FIELDS):
+        return False
+    if any(k in e and isinstance(e[k], (dict, list)) for k in _SCALAR_FIELDS):
+        return False
+    failures = e.get("failures")
+    if failures is not None and not (isinstance(failures, list) and all(
+            isinstance(f, dict) and _is_int(f.get("rank")) and (f.get("signal") is None or isinstance(f["signal"], str))
+            and (f.get("exitcode") is None or _is_int(f["exitcode"])) for f in failures)):
+        return False
+    skipped = e.get("skipped")
+    return e["event"] != Event.ROLLBACK or skipped is None or (
+        isinstance(skipped, list) and len(skipped) == 2 and all(_is_int(v) for v in skipped))
 
 
 def _rank0(e: dict[str, Any]) -> bool:
@@ -69,6 +105,7 @@ class Summary:
     save_seconds: list[float] = field(default_factory=list)
     problems: list[dict[str, Any]] = field(default_factory=list)
     exits: list[dict[str, Any]] = field(default_factory=list)
+    malformed: int = 0  #: event lines skipped: valid JSON, but not the types an event has
 
     @property
     def goodput(self) -> float | None:
@@ -86,7 +123,7 @@ class Summary:
             "restarts": self.restarts, "rollbacks": self.rollbacks, "preemptions": self.preemptions,
             "checkpoints": {"committed": self.saves, "bytes": self.save_bytes,
                             "median_seconds": round(statistics.median(self.save_seconds), 4) if self.save_seconds else None},
-            "problems": self.problems, "exits": self.exits,
+            "problems": self.problems, "exits": self.exits, "malformed_lines": self.malformed,
         }
 
     def text(self) -> str:
@@ -96,6 +133,8 @@ class Summary:
             lines.append(f"  {key:<18} {value}")
 
         row("wall time", f"{self.wall_s:.1f} s")
+        if self.malformed:
+            row("skipped lines", f"{self.malformed} event line(s) without the fields' types (not written by elastic-resume?)")
         if self.steps_final:
             row("steps", f"{self.steps_final} kept (up to step {self.last_step}), {self.steps_executed} executed")
             row("goodput", f"{100 * (self.goodput or 0):.1f}% ({self.useful_s:.1f} s of useful step time, "
@@ -173,8 +212,10 @@ def _cause(failures: list[dict[str, Any]] | None) -> str:
 
 
 def summarize(events: Iterable[dict[str, Any]]) -> Summary:
-    events = sorted(events, key=lambda e: e.get("ts", 0.0))
+    given = list(events)
+    events = sorted((e for e in given if well_formed(e)), key=lambda e: e["ts"])
     s = Summary()
+    s.malformed = len(given) - len(events)
     s.wall_s, s.sessions = _wall(events)
     timeline: dict[int, tuple[float, float | None]] = {}  # step -> (loss, seconds)
     order: list[int] = []  # the timeline's steps, increasing (a stack: redone steps pop the tail)
@@ -251,7 +292,12 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
 
 
 def plot(events: list[dict[str, Any]], summary: Summary, path: str) -> None:
-    """Loss curve (kept steps), thrown-away steps in grey, restarts, rollbacks, skipped data."""
+    """Loss curve (kept steps), thrown-away steps in grey, restarts, rollbacks, skipped data.
+    ``path`` is a new PNG file, or a regular file it replaces (never a directory or a device)."""
+    if os.path.isdir(path) or (os.path.lexists(path) and not os.path.isfile(path)) or path.endswith(os.sep):
+        raise ConfigError(f"--plot {path}: not a file to write (a directory or a device stands there)")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ConfigError(f"--plot {path}: directory {os.path.dirname(os.path.abspath(path))} does not exist")
     try:
         import matplotlib
 
@@ -291,7 +337,17 @@ def plot(events: list[dict[str, Any]], summary: Summary, path: str) -> None:
                  f"{len(summary.preemptions)} preemption(s){good}")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".plot-", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)

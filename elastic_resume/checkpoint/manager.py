@@ -46,9 +46,12 @@ def max_resumes_from_env() -> int:
     """The crash-loop limit the launcher passes down (``--er-max-resumes-per-step``)."""
     raw = os.environ.get(Env.MAX_RESUMES_PER_STEP, str(DEFAULT_MAX_RESUMES_PER_STEP))
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise ConfigError(f"{Env.MAX_RESUMES_PER_STEP}={raw!r} is not an integer") from None
+    if value < 0:
+        raise ConfigError(f"{Env.MAX_RESUMES_PER_STEP}={raw!r} must be 0 (off) or more")
+    return value
 
 
 def open_events(event_log: EventLog | str | os.PathLike[str] | None, rank: int) -> EventLog:
@@ -101,6 +104,9 @@ class CheckpointOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer or None (got {value!r})")
+        mr = self.max_resumes_per_step
+        if mr is not None and (not isinstance(mr, int) or isinstance(mr, bool) or mr < 0):
+            raise ConfigError(f"max_resumes_per_step must be 0 (off), a positive integer or None (got {mr!r})")
         drift.check_policy(self.drift, "CheckpointManager")
         if not self.collective_timeout_s > 0:
             raise ConfigError(f"collective_timeout_s must be positive (got {self.collective_timeout_s!r})")

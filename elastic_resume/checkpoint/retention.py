@@ -10,6 +10,7 @@ are always kept; unloadable steps newer than the kept ones stay as evidence.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -105,7 +106,8 @@ def prune(
     process wrote or loaded are not read again). Before each deletion the step is looked at
     again: an incomplete directory that has been committed meanwhile, or whose save began
     after the newest loadable commit (a save in flight), is left alone."""
-    with store.storage.lock(PRUNE_LOCK, lock_timeout):
+    # A dry run changes nothing, so it needs no lock (and works on a read-only root).
+    with contextlib.nullcontext() if dry_run else store.storage.lock(PRUNE_LOCK, lock_timeout):
         listing = store.scan()
         for s in sorted(s for s in listing if listing[s].error is not None):
             store.report_corruption(s, store.storage.display(step_dir(s)), f"unreadable: {listing[s].error}")

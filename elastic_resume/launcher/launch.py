@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import socket
@@ -115,15 +116,22 @@ class LaunchPlan:
         return self.detected.requeue_with_scontrol and (self.requeue == Requeue.ALWAYS or self.detected.is_first_node)
 
 
-def _number(kind: type, env: str):  # type: ignore[no-untyped-def]
+def _number(kind: type, env: str, *, minimum: float, strict: bool = False):  # type: ignore[no-untyped-def]
     """argparse type for a flag whose default comes from ``env`` (string defaults are converted
-    too, so a bad variable gets the same one-line error, naming it)."""
+    too, so a bad variable gets the same one-line error, naming it): a finite number of ``kind``
+    at least ``minimum`` (above it, when ``strict``). NaN would make every comparison false: a
+    grace period of NaN never expires."""
+    what = "an integer" if kind is int else "a number"
+    bound = f"{'>' if strict else '>='} {minimum:g}"
+
     def parse(text: str):  # type: ignore[no-untyped-def]
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'} "
-                                             f"(from the flag or {env})") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} (from the flag or {env})") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} {bound} (from the flag or {env})")
+        return value
     return parse
 
 
@@ -131,13 +139,13 @@ def add_own_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("elastic-resume (also from ER_* variables)")
     g.add_argument("--er-event-log", default=os.environ.get(Env.EVENT_LOG),
                    help="JSONL file for this node's events (default: elastic-resume-logs/<run id>/<host>-<pid>.jsonl)")
-    g.add_argument("--er-grace", type=_number(float, Env.GRACE_SECONDS),
+    g.add_argument("--er-grace", type=_number(float, Env.GRACE_SECONDS, minimum=0, strict=True),
                    default=os.environ.get(Env.GRACE_SECONDS, str(DEFAULT_GRACE_SECONDS)),
                    help=f"seconds the workers get to save after a preemption signal (default {DEFAULT_GRACE_SECONDS}; "
                         "keep it under Slurm's --signal lead time and Kubernetes' terminationGracePeriodSeconds)")
     g.add_argument("--er-requeue", choices=[r.value for r in Requeue], default=os.environ.get(Env.REQUEUE, Requeue.AUTO.value),
                    help="after a preemption under Slurm: auto = 'scontrol requeue' from the first node (default)")
-    g.add_argument("--er-max-resumes-per-step", type=_number(int, Env.MAX_RESUMES_PER_STEP),
+    g.add_argument("--er-max-resumes-per-step", type=_number(int, Env.MAX_RESUMES_PER_STEP, minimum=0),
                    default=os.environ.get(Env.MAX_RESUMES_PER_STEP, str(DEFAULT_MAX_RESUMES_PER_STEP)),
                    help="resumes from the same step, with no newer commit in between, before restore falls back "
                         "to an older verified step (a crash loop); 0 disables (default 3)")
@@ -163,7 +171,7 @@ def _check_sizes(args: argparse.Namespace) -> None:
     parse_min_max_nnodes = _torch_compat.launcher_api().parse_min_max_nnodes
     try:
         low, high = parse_min_max_nnodes(str(args.nnodes))
-    except (ValueError, IndexError):
+    except (ValueError, IndexError, RuntimeError):  # torch raises RuntimeError for "1:2:3"
         raise ConfigError(f"--nnodes {args.nnodes!r}: expected a number of nodes N or a range MIN:MAX") from None
     if low < 1 or high < low:
         raise ConfigError(f"--nnodes {args.nnodes!r}: expected 1 <= MIN <= MAX")

@@ -19,6 +19,7 @@ the same one ``CheckpointManager.restore`` uses.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -44,7 +45,7 @@ from ..errors import (
     StorageError,
 )
 from ..events import EventLog
-from ..storage import open_storage, tensor_bytes
+from ..storage import file_url_path, open_storage, tensor_bytes
 from ._compat import CHECKPOINT_IO_BASES
 
 log = logging.getLogger("elastic_resume")
@@ -68,7 +69,7 @@ def normalize_path(path: str | os.PathLike[str]) -> str:
     (not resolved: a ``last.ckpt`` symlink stays the link)."""
     text = os.fspath(path)
     if text.startswith("file://"):
-        text = text[len("file://"):]
+        text = file_url_path(text)
     if "://" in text:
         return text.rstrip("/")
     return os.path.abspath(text)
@@ -222,8 +223,14 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
 
         def order(name: str) -> tuple[int, float]:
             match = re.search(r"step=(\d+)", name)
-            mtime = os.path.getmtime(os.path.join(dirpath, name)) if "://" not in dirpath else 0.0
+            mtime = 0.0
+            if "://" not in dirpath:
+                with contextlib.suppress(OSError):
+                    mtime = os.path.getmtime(os.path.join(dirpath, name))
             return (int(match.group(1)) if match else -1, mtime)
+
+        if "://" not in dirpath:  # a dangling *.ckpt link (save_last="link" to a removed file) is nothing to load
+            files = [f for f in files if os.path.exists(os.path.join(dirpath, f))]
 
         return [_join(dirpath, name) for name in sorted(files, key=order, reverse=True)]
 
@@ -282,7 +289,9 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
 
         kind, candidates = on_rank0(group, listing, error=NoCheckpointError, what=f"cannot list checkpoints at {path}")
         if kind == PathKind.MISSING:
-            raise CheckpointNotFoundError(f"no checkpoint at {path}: the path does not exist")
+            # Lightning's own wording leads (its tests and users' scripts match on it), our detail after.
+            raise CheckpointNotFoundError(f"Checkpoint file not found: {path} (no checkpoint at {path}: the path "
+                                          "does not exist)")
         if kind == PathKind.FILE:
             return self._migrate(path, group)
         if not candidates:

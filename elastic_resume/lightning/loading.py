@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint.values import is_omegaconf, allowed_class_names, plain
+from ..checkpoint.values import allowed_class_names, is_omegaconf, plain
 from ..collectives import LocalGroup
 from ..errors import ConfigError
 from .checkpoint_io import ElasticCheckpointIO

@@ -57,6 +57,17 @@ _BACKENDS = {
 }
 
 
+def file_url_path(url: str) -> str:
+    """The absolute path a ``file://`` URL names (``file:///data/ckpt``, ``file://localhost/data/ckpt``):
+    "file://" alone or "file://ckpt" would otherwise mean the current directory."""
+    path = url[len("file://"):]
+    if path.startswith("localhost/"):
+        path = path[len("localhost"):]
+    if not path.startswith("/"):
+        raise ConfigError(f"checkpoint root {url!r}: a file:// URL needs an absolute path (file:///path/to/root)")
+    return path
+
+
 def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Storage:
     """Pick the backend for a root: a local path, ``file://`` URL, ``s3://``, ``gs://``, ``az://``
     (``abfs://``) or ``memory://`` with ``bucket/prefix``."""
@@ -64,7 +75,7 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
     if not url:
         raise ConfigError("checkpoint root is empty; give a directory or an s3://bucket/prefix URL")
     if url.startswith("file://"):
-        return LocalStorage(url[len("file://") :])
+        return LocalStorage(file_url_path(url))
     if "://" in url:
         scheme = url.split("://", 1)[0]
         found = _BACKENDS.get(scheme)
@@ -89,5 +100,6 @@ def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
 
 
 __all__ = ["DIGEST_ALGO", "SMALL_FILE_LIMIT", "ByteStream", "LocalStorage", "ReadResult", "Storage", "WriteResult",
-           "digest_bytes", "format_digest", "is_secret_name", "new_hasher", "open_storage", "redact", "redact_argv",
+           "digest_bytes", "file_url_path", "format_digest", "is_secret_name", "new_hasher", "open_storage", "redact",
+           "redact_argv",
            "tensor_bytes"]

@@ -22,6 +22,10 @@ class AzureStorage(FsspecStorage):
         fs = open_fs(AzureBlobFileSystem, options, what="Azure", bad=(TypeError, ValueError))
         super().__init__("az://" + url.split("://", 1)[1], options, fs)
 
+    def endpoint(self) -> str | None:
+        url = getattr(self.fs, "account_url", None)
+        return url if isinstance(url, str) else None
+
     def replace_if(self, rel: str, data: bytes, expected_digest: str) -> None:
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError

@@ -21,8 +21,16 @@ class GCSStorage(FsspecStorage):
         # the bucket's layout, which an emulator (and a firewall) does not answer for a minute.
         from gcsfs.core import GCSFileSystem
 
-        fs = open_fs(GCSFileSystem, options, what="GCS")
+        # Any failure to build the client from the options (a malformed token: a path that is not
+        # a credentials file, a dict google-auth refuses) is a mistake in those options.
+        fs = open_fs(GCSFileSystem, options, what="GCS", bad=(Exception,))
         super().__init__("gs://" + url.split("://", 1)[1], options, fs)
+
+    def endpoint(self) -> str | None:
+        import os
+
+        return (self.options.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST")
+                or "https://storage.googleapis.com")
 
     def replace_if(self, rel: str, data: bytes, expected_digest: str) -> None:
         path = self._p(rel)

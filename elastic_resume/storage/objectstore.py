@@ -73,8 +73,43 @@ class FsspecStorage:
         with contextlib.suppress(Exception):
             self.fs.invalidate_cache(path)
 
+    #: The first contact with an endpoint: this many connection attempts, each with this timeout.
+    #: A client library's own retries for a refused connection take a minute (gcsfs: 6 with
+    #: exponential back-off); an endpoint that cannot be reached is a mistake to say at once.
+    CONNECT_ATTEMPTS = 3
+    CONNECT_TIMEOUT_S = 3.0
+
+    def endpoint(self) -> str | None:
+        """The URL the client talks to, where the backend knows it (checked before first use)."""
+        return None
+
+    def _check_reachable(self) -> None:
+        import socket
+        import time
+        from urllib.parse import urlsplit
+
+        url = self.endpoint()
+        if not url:
+            return
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        if not host:
+            return
+        why = ""
+        for attempt in range(self.CONNECT_ATTEMPTS):
+            try:
+                socket.create_connection((host, port), timeout=self.CONNECT_TIMEOUT_S).close()
+                return
+            except OSError as e:
+                why = e.strerror or str(e) or type(e).__name__
+                if attempt + 1 < self.CONNECT_ATTEMPTS:
+                    time.sleep(0.5 * (attempt + 1))
+        raise StorageError(errno.EHOSTUNREACH, f"cannot reach {self.scheme} endpoint {redact(url, self.options)} for "
+                                               f"{self.display()}: {why} ({self.CONNECT_ATTEMPTS} attempts)")
+
     # -- contract ----------------------------------------------------------------------------
     def _check_bucket(self) -> None:
+        self._check_reachable()
         try:
             found = self.fs.exists(self.bucket)
         except Exception as e:  # noqa: BLE001 - every failure becomes one clear StorageError
@@ -95,22 +130,38 @@ class FsspecStorage:
     def makedirs(self, rel: str) -> None:
         """Object stores have no directories."""
 
+    #: Bytes buffered per upload part: peak memory of a save is a few parts, not the file.
+    #: A multiple of 256 KiB (GCS's resumable-upload granularity) and of 4 MiB (Azure's blocks).
+    PART_SIZE = 8 * 1024 * 1024
+
     def write_atomic(self, rel: str, chunks: Iterable[memoryview], size: int | None = None) -> WriteResult:
-        """One upload of the whole file: an object store shows an object only once it is
-        complete (a resumable upload of a big file too), so no torn file is ever visible."""
+        """Streamed in parts of :attr:`PART_SIZE` through the file system's own upload (a GCS
+        resumable upload, Azure staged blocks), hashing bytes as they pass. Either way the object
+        becomes visible only when the upload is completed at ``close``, so no torn file is ever
+        seen; on any failure the upload is discarded, never completed."""
         hasher = new_hasher()
-        data = bytearray()
-        for c in chunks:
-            hasher.update(c)
-            data += c
-        if size is not None and len(data) != size:
-            raise StorageError(errno.EIO, f"{self.display(rel)}: got {len(data)} bytes, expected {size}")
+        path = self._p(rel)
+        written = 0
         try:
-            self.fs.pipe_file(self._p(rel), bytes(data))  # bytes: adlfs refuses a bytearray
+            f = self.fs.open(path, "wb", block_size=self.PART_SIZE)
         except Exception as e:  # noqa: BLE001
             raise self._error("write", rel, e) from None
-        self._invalidate(self._p(rel))
-        return WriteResult(len(data), format_digest(hasher))
+        try:
+            for c in chunks:
+                hasher.update(c)
+                for at in range(0, len(c), self.PART_SIZE):  # the file buffers what it is given: a part at a time
+                    f.write(c[at:at + self.PART_SIZE])
+                written += len(c)
+            if size is not None and written != size:
+                raise StorageError(errno.EIO, f"{self.display(rel)}: got {written} bytes, expected {size}")
+            f.close()  # completes the upload: the commit of this file
+        except BaseException as e:
+            _discard(f)
+            if isinstance(e, (StorageError, FileExistsError)) or not isinstance(e, Exception):
+                raise
+            raise self._error("write", rel, e) from None
+        self._invalidate(path)
+        return WriteResult(written, format_digest(hasher))
 
     def write_create_only(self, rel: str, data: bytes) -> None:
         try:
@@ -262,3 +313,12 @@ class _FsspecFileStream(ByteStream):
 
     def close(self) -> None:
         self.f.close()
+
+
+def _discard(f: Any) -> None:
+    """Abandon an upload without completing it: fsspec's buffered files complete the upload in
+    ``close()`` (also from ``__del__``), so the file is marked closed after discarding."""
+    with contextlib.suppress(Exception):
+        f.discard()
+    with contextlib.suppress(Exception):
+        f.closed = True

@@ -1,0 +1,132 @@
+"""A careless user's input, through the CLI as they would type it: every mistake is one line
+naming the input (exit 2, or the line skipped), nothing is replaced that should not be, and the
+report survives event lines of any shape (a property-based fuzz)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from elastic_resume import CheckpointManager
+from elastic_resume.report import summarize
+from harness.processes import child_env
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "elastic_resume.cli", *args], capture_output=True, text=True,
+                          env=child_env(env), timeout=120)
+
+
+def one_line(r: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in r.stderr, r.stderr
+    return lines[-1] if lines else ""
+
+
+@pytest.mark.parametrize("args, env, expected", [
+    (["doctor", "--er-grace", "nan", "x.py"], None, "'nan' is not a number > 0"),
+    (["doctor", "x.py"], {"ER_GRACE_SECONDS": "inf"}, "'inf' is not a number > 0 (from the flag or ER_GRACE_SECONDS)"),
+    (["doctor", "--er-max-resumes-per-step", "-1", "x.py"], None, "'-1' is not an integer >= 0"),
+    (["doctor", "--nnodes", "1:2:3", "x.py"], None, "--nnodes '1:2:3': expected a number of nodes N or a range MIN:MAX"),
+    (["ls", "file://"], None, "a file:// URL needs an absolute path"),
+])
+def test_bad_flags_are_one_line_errors(args, env, expected):
+    r = cli(*args, env=env)
+    assert r.returncode == 2 and expected in one_line(r), r.stderr
+
+
+def test_a_non_utf8_root_name_is_printed_escaped(tmp_path):
+    root = os.path.join(os.fsencode(tmp_path), b"run-\xff")
+    CheckpointManager(os.fsdecode(root)).save(1, {"w": torch.ones(2)})
+    for command in ("ls", "verify", "latest"):
+        r = subprocess.run([sys.executable, "-m", "elastic_resume.cli", command, os.fsdecode(root)],
+                           capture_output=True, env=child_env(), timeout=120)
+        assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+
+
+def test_report_plot_writes_only_a_file_and_leaves_nothing_behind(tmp_path):
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "events.jsonl"
+    log.write_text("".join(json.dumps({"ts": 100.0 + i, "event": "step", "step": i, "loss": 1.0 / (i + 1),
+                                       "seconds": 0.1, "rank": 0}) + "\n" for i in range(1, 20)))
+    (tmp_path / "dir").mkdir()
+    r = cli("report", str(log), "--plot", str(tmp_path / "dir"))
+    assert r.returncode == 2 and "not a file to write" in one_line(r)
+    r = cli("report", str(log), "--plot", "/dev/null")
+    assert r.returncode == 2 and "not a file to write" in one_line(r) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["dir", "events.jsonl"]  # no leftover temp file
+    r = cli("report", str(log), "--plot", str(tmp_path / "loss.png"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(os.listdir(tmp_path)) == ["dir", "events.jsonl", "loss.png"]
+
+
+def test_export_refuses_a_directory_and_writes_with_the_umask(tmp_path):
+    pytest.importorskip("lightning")
+    from elastic_resume.lightning import ElasticCheckpointIO
+
+    bundle = tmp_path / "last.ckpt"
+    ElasticCheckpointIO().save_checkpoint({"global_step": 3, "state_dict": {"w": torch.ones(2)}}, bundle)
+    r = cli("export", str(bundle), str(tmp_path / "newdir") + "/")
+    assert r.returncode == 2 and "is a directory" in one_line(r) and not (tmp_path / "newdir").exists()
+    out = tmp_path / "model.ckpt"
+    old = os.umask(0o022)
+    try:
+        r = cli("export", str(bundle), str(out))
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o644
+
+
+def test_prune_dry_run_works_on_a_read_only_root(tmp_path):
+    root = tmp_path / "ckpt"
+    mgr = CheckpointManager(root, keep_last=None)
+    for s in (1, 2, 3):
+        mgr.save(s, {"w": torch.ones(2)})
+    os.chmod(root, 0o555)
+    try:
+        r = cli("prune", str(root), "--keep", "1", "--dry-run")
+    finally:
+        os.chmod(root, 0o755)
+    if os.geteuid() != 0:
+        assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and "step 1" in r.stdout and sorted(os.listdir(root))[:3] == [
+        "step-000000000001", "step-000000000002", "step-000000000003"]
+
+
+def test_resume_path_skips_a_dangling_ckpt_link(tmp_path):
+    pytest.importorskip("lightning")
+    from elastic_resume.lightning import ElasticCheckpointIO
+
+    (tmp_path / "ckpt").mkdir()
+    os.symlink(tmp_path / "gone.ckpt", tmp_path / "ckpt" / "last.ckpt")
+    assert ElasticCheckpointIO().resume_path(tmp_path / "ckpt") is None
+
+
+_json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=False),
+                         st.text(max_size=8))
+_json = st.recursive(_json_scalar, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                           st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                     max_leaves=8)
+_FIELDS = ["step", "rank", "loss", "seconds", "failures", "from_step", "to_step", "skipped",
+           "through_step", "bytes", "attempt", "node", "pid", "signal", "exit_code", "reason"]
+_EVENTS = ["step", "restart", "workers_failed", "restored", "restore_none", "rollback", "preemption_requested",
+           "preemption_save", "save_committed", "launch_started", "launch_finished", "data_skipped", "corruption_found"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.fixed_dictionaries({"event": st.sampled_from(_EVENTS), "ts": st.one_of(st.floats(0, 1e6), _json)},
+                                      optional={k: _json for k in _FIELDS}), max_size=12))
+def test_report_survives_typed_but_wrong_event_lines(events):
+    summary = summarize(events)  # never raises: wrong types are skipped and counted
+    json.dumps(summary.as_dict(), allow_nan=True)
+    summary.text()
