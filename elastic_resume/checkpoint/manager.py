@@ -222,6 +222,10 @@ class CheckpointManager:
         successor; after it, "newest" is again the step this run wrote last."""
         if not self._abandoned:
             return
+        if (why := self.store.why_not_standing(manifest)) is not None:
+            self.events.emit(Event.PRUNE_FAILED, step=manifest.step,
+                             error=f"abandoned steps kept: the step just committed does not verify ({why})")
+            return
         abandoned, self._abandoned = self._abandoned, {}
         branch = self.last_restored
         for step, digest in sorted(abandoned.items()):

@@ -290,15 +290,23 @@ class CheckpointStore:
         self.storage.delete(self.manifest_path(step))
         self.storage.delete_tree(step_dir(step))
 
+    def why_not_standing(self, manifest: Manifest) -> str | None:
+        """None when the step ``manifest`` committed still stands as this process committed it
+        (the same manifest bytes, every file with its size; its bytes were digested as they
+        were written): the proof a deletion of *other* steps holds at the moment it deletes.
+        Otherwise what is wrong."""
+        report = self.check_loadable(manifest.step)
+        if report.ok and report.manifest is not None and report.manifest.raw_digest == manifest.raw_digest:
+            return None
+        return "; ".join(f"{f}: {r}" for f, r in report.problems) or "its manifest changed since the commit"
+
     def supersede(self, manifest: Manifest, *, reason: str) -> list[int]:
         """After ``manifest`` was committed at a root that means "the last thing saved here" (a
         Lightning path): retire every other committed step, whatever its number. The proof that
         this removes nothing that is the only loadable state is taken now, before the first
         deletion: the step just committed still stands with the manifest this process wrote
         (the same bytes) and its files (this process wrote and digested them) have their sizes."""
-        report = self.check_loadable(manifest.step)
-        if not report.ok or report.manifest is None or report.manifest.raw_digest != manifest.raw_digest:
-            why = "; ".join(f"{f}: {r}" for f, r in report.problems) or "its manifest changed since the commit"
+        if (why := self.why_not_standing(manifest)) is not None:
             self.events.emit(Event.PRUNE_FAILED, step=manifest.step,
                              error=f"older steps kept: the step just committed does not verify ({why})")
             return []

@@ -185,6 +185,64 @@ def test_manifest_of_arbitrary_bytes_is_corruption(raw):
         Manifest.parse(raw, step=7, where="MANIFEST.json")
 
 
+def _hostile_file(node: Any) -> torch.Tensor:
+    header = json.dumps({"version": 1, "tree": node, "tensors": []}).encode()
+    raw = MAGIC + len(header).to_bytes(8, "little") + header
+    return torch.frombuffer(bytearray(raw + b"\x00" * (-len(raw) % ALIGN)), dtype=torch.uint8)
+
+
+_MODULES = ["torch", "os", "sys", "builtins", "subprocess", "omegaconf", "collections", "enum", "pathlib",
+            "elastic_resume", "no_such_module_xyz", "torch.nn", ""]
+_QUALNAME = st.one_of(
+    st.sampled_from(["_dynamo.source.LocalSource", "_dynamo", "Popen", "system", "__class__", "Path.__new__",
+                     "nn.Module.__init__", "ops.aten", "classes", "_C._VariableFunctions", "Enum", "OrderedDict"]),
+    st.text(alphabet="abcdefgxyz_.ABCDE", max_size=30),
+)
+class_name = st.one_of(st.builds(lambda m, q: f"{m}:{q}", st.sampled_from(_MODULES), _QUALNAME), st.text(max_size=40))
+
+
+@FUZZ
+@given(class_name, json_value, st.sampled_from(["enum", "dc", "type"]))
+def test_a_hostile_class_name_imports_nothing_and_runs_nothing(name, payload, tag):
+    import sys
+
+    from elastic_resume.checkpoint.values import DecodeRules
+
+    # The worst case: the user allowlisted exactly the name the file gives.
+    rules = DecodeRules(frozenset({name}), warn=False)
+    node = {"enum": [name, "X", payload]} if tag == "enum" else {"dc": [name, [["a", payload]]]} if tag == "dc" else {
+        "type": name}
+    before = set(sys.modules)
+    try:
+        decode(_hostile_file(node), where="evil.ert", rules=rules)
+    except CheckpointCorruptError:
+        pass
+    assert set(sys.modules) == before
+
+
+omegaconf_text = st.text(alphabet="${}:.,\\'\" []abc_oenvER_FUZZ_SECRET0", max_size=40)
+
+
+@FUZZ
+@given(st.lists(omegaconf_text, min_size=1, max_size=4))
+def test_hostile_omegaconf_text_is_corruption_or_inert(monkeypatch_module, texts):
+    pytest.importorskip("omegaconf")
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    monkeypatch_module.setenv("ER_FUZZ_SECRET", "the-fuzz-secret-value")
+    node = {"omc": {"d": [[f"k{i}", t] for i, t in enumerate(texts)] + [["a", 1], ["b", "x"]]}}
+    try:
+        cfg = decode(_hostile_file(node), where="evil.ert")
+    except CheckpointCorruptError:
+        return
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:
+        return  # a reference to a missing node fails when read, as in the user's own config
+    assert "the-fuzz-secret-value" not in repr(resolved)
+
+
 @pytest.fixture(scope="module")
 def monkeypatch_module():
     mp = pytest.MonkeyPatch()

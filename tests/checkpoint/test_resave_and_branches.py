@@ -61,3 +61,25 @@ def test_the_step_just_committed_survives_retention_below_newer_steps(tmp_path):
     mgr = CheckpointManager(tmp_path / "ckpt", keep_last=2)
     saved(mgr, 7)
     assert 7 in mgr.committed_steps()
+
+
+def test_abandoned_steps_stay_when_the_step_just_committed_does_not_stand(tmp_path):
+    import os
+
+    from elastic_resume.checkpoint.layout import step_dir
+
+    log = tmp_path / "events.jsonl"
+    saved(CheckpointManager(tmp_path / "ckpt", keep_last=None), 10, 20, 30)
+    mgr = CheckpointManager(tmp_path / "ckpt", keep_last=None, event_log=log)
+    mgr.restore({"w": torch.zeros(4)}, step=10)
+    commit = mgr.store.commit
+
+    def commit_then_lose_a_file(manifest, **kw):  # the disk loses the new step's data right after its commit
+        commit(manifest, **kw)
+        os.remove(os.path.join(tmp_path, "ckpt", step_dir(manifest.step), manifest.files[0].path))
+
+    mgr.store.commit = commit_then_lose_a_file
+    saved(mgr, 15)
+    assert mgr.committed_steps() == [30, 20, 15, 10]  # nothing retired on the word of a step that does not stand
+    failed = [e for e in read_events(log) if e["event"] == "prune_failed"]
+    assert failed and "abandoned steps kept" in failed[0]["error"]

@@ -100,6 +100,25 @@ def test_a_crash_between_a_re_save_and_its_clean_up_loads_the_step_written_last(
     assert io.load_checkpoint(path)["global_step"] == 50
 
 
+def test_a_re_save_that_does_not_stand_removes_nothing(tmp_path, monkeypatch):
+    from elastic_resume.checkpoint.store import CheckpointStore
+
+    io = ElasticCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint(checkpoint(1000, 1000.0), path)
+    commit = CheckpointStore.commit
+
+    def commit_then_lose_a_file(self, manifest, **kw):
+        commit(self, manifest, **kw)
+        os.remove(path / f"step-{manifest.step:012d}" / manifest.files[0].path)
+
+    monkeypatch.setattr(CheckpointStore, "commit", commit_then_lose_a_file)
+    io.save_checkpoint(checkpoint(50, 50.0), path)
+    monkeypatch.undo()
+    assert sorted(n for n in os.listdir(path) if n.startswith("step-")) == ["step-000000000050", "step-000000001000"]
+    assert io.load_checkpoint(path)["global_step"] == 1000  # the broken newer save is skipped, the old one loads
+
+
 def test_resume_path_is_the_newest_and_loading_it_falls_back_past_corruption(tmp_path):
     log = tmp_path / "events.jsonl"
     io = ElasticCheckpointIO(event_log=EventLog(log))
@@ -303,8 +322,9 @@ def test_a_missing_checkpoint_path_is_a_file_not_found_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*nope.ckpt: the path does not exist") as err:
         io.load_checkpoint(tmp_path / "nope.ckpt")
     assert isinstance(err.value, CheckpointNotFoundError) and isinstance(err.value, NoCheckpointError)
+    # Lightning's own tests (and users' scripts) match its wording: it leads, our detail follows.
     t = trainer(tmp_path, [ElasticCheckpointIO()], [], steps=4)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"Checkpoint file not found: .*nope\.ckpt"):
         t.fit(Regression(8, 0.05), datamodule=SyntheticData(64, 8, 0), ckpt_path=str(tmp_path / "nope.ckpt"))
 
 
