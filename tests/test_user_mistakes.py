@@ -10,7 +10,6 @@ import os
 import stat
 import subprocess
 import sys
-
 from collections.abc import Iterator
 
 import pytest
