@@ -143,9 +143,13 @@ def test_resume_path_skips_a_dangling_ckpt_link(tmp_path):
 
 _json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=False),
                          st.text(max_size=8))
-_json = st.recursive(_json_scalar, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                           st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-                     max_leaves=8)
+
+
+def _containers(inner: st.SearchStrategy) -> st.SearchStrategy:
+    return st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3))
+
+
+_json = st.recursive(_json_scalar, _containers, max_leaves=8)
 _FIELDS = ["step", "rank", "loss", "seconds", "failures", "from_step", "to_step", "skipped",
            "through_step", "bytes", "attempt", "node", "pid", "signal", "exit_code", "reason"]
 _EVENTS = ["step", "restart", "workers_failed", "restored", "restore_none", "rollback", "preemption_requested",

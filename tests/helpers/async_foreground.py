@@ -54,7 +54,10 @@ with torch.no_grad():
         p.zero_()
 restored = mgr.restore(state, step=2)
 exact = all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
-print(json.dumps({"rank": rank, "staging_bytes": mgr.staging_bytes, "replicated_bytes": replicated,
-                  "written_bytes": written, "restored": restored, "exact": exact}), flush=True)
+# One write per line (print writes the text and its newline separately, so the ranks' lines,
+# sharing one pipe, could run together); a write this short to a pipe is atomic.
+sys.stdout.write(json.dumps({"rank": rank, "staging_bytes": mgr.staging_bytes, "replicated_bytes": replicated,
+                             "written_bytes": written, "restored": restored, "exact": exact}) + "\n")
+sys.stdout.flush()
 mgr.close()
 dist.destroy_process_group()
