@@ -56,6 +56,7 @@ constraints: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_store.py
+	$(BIN)/python benchmarks/bench_objectstore_memory.py
 	$(BIN)/python benchmarks/bench_integrity.py
 	$(BIN)/python benchmarks/bench_manager.py
 	$(BIN)/python benchmarks/bench_guard.py

@@ -496,6 +496,8 @@ def test_hyperparameters_of_ordinary_types_save_load_and_export_without_pickle(t
     # Lightning's own loader gets what weights_only=True reads: the config as a dict, resolved.
     loaded = load_from_checkpoint(Configured, best, allowed_classes=mine).hparams
     assert loaded.cfg == {"depth": 2, "name": "a", "stage": "a"}
+    unlisted = load_from_checkpoint(Configured, best).hparams  # nothing allowlisted: plain values, no class built
+    assert unlisted.stage == "train" and unlisted.schedule == {"warmup": 100, "decay": 0.5}
     assert loaded.root == pathlib.Path("/data/x") and loaded.stage is Stage.TRAIN and loaded.tags == {"a", "b"}
     assert loaded.schedule == Schedule(100, 0.5) and loaded.started == dt.datetime(2026, 12, 1, 8, 0)
     assert loaded.loader_args.inner.pin is True and loaded.scale == 0.5
