@@ -119,6 +119,11 @@ def allowed_class(ref: Any, rules: DecodeRules) -> type | None:
     return _static_class(ref) if isinstance(ref, str) and ref in rules.allowed else None
 
 
+def allowed_classes_present(names: frozenset[str]) -> list[type]:
+    """The allowlisted classes this program has imported (looked up as decoding does)."""
+    return [cls for name in sorted(names) if (cls := _static_class(name)) is not None]
+
+
 _RESOLVER_HINT = re.compile(r"\$\{")
 
 

@@ -6,8 +6,10 @@ cannot open it. Two ways instead:
 
 - ``load_from_checkpoint(MyModel, path)``: the bundle verified (every byte against its manifest)
   and handed to Lightning's own ``MyModel.load_from_checkpoint``, so hyper-parameters, ``strict``,
-  ``map_location`` and ``**kwargs`` behave as there. One process, any rank, no collective; local
-  paths and ``s3://``.
+  ``map_location`` and ``**kwargs`` behave as there. Lightning reads it with
+  ``torch.load(weights_only=True)``: only tensors, containers, stdlib value types and the user's
+  ``allowed_classes`` are in it, so nothing a file chose is constructed. One process, any rank,
+  no collective; local paths and object stores.
 - ``elastic-resume export --format lightning BUNDLE OUT.ckpt``: a standard ``.ckpt`` file that
   Lightning's ``load_from_checkpoint`` and ``torch.load(weights_only=True)`` read anywhere. Its
   hyper-parameters are plain (a path as text, an enum as its value, a config as a dict: see
@@ -28,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint.values import allowed_class_names, is_omegaconf, plain
+from ..checkpoint.values import allowed_class_names, allowed_classes_present, is_omegaconf, plain
 from ..collectives import LocalGroup
 from ..errors import ConfigError
 from .checkpoint_io import ElasticCheckpointIO
@@ -103,16 +105,10 @@ def load_from_checkpoint(cls: Any, path: str | os.PathLike[str], *, storage_opti
     and the ``allowed_classes`` (enum members and dataclasses); OmegaConf configs and other
     classes arrive in plain form (a config as a dict, which Lightning wraps in an AttributeDict)."""
     checkpoint = load_checkpoint(path, storage_options=storage_options, allowed_classes=allowed_classes)
-    names = allowed_class_names(allowed_classes)
-    allowed = frozenset(c for c in (_find_class(n) for n in names) if c is not None)
+    allowed = frozenset(allowed_classes_present(allowed_class_names(allowed_classes)))
     data = to_bytes(_weights_only_tree(checkpoint, allowed))
     if "weights_only" in inspect.signature(cls.load_from_checkpoint).parameters:
         kwargs.setdefault("weights_only", True)
     with torch.serialization.safe_globals([*_SAFE_VALUE_TYPES, *allowed]):
         return cls.load_from_checkpoint(io.BytesIO(data), **kwargs)
 
-
-def _find_class(name: str) -> type | None:
-    from ..checkpoint.values import DecodeRules, allowed_class
-
-    return allowed_class(name, DecodeRules(frozenset({name})))
