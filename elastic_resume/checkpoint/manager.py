@@ -302,7 +302,7 @@ class CheckpointManager:
             self._replaceable.setdefault(s, d)
         if newer:
             log.info("restored step %d while %d newer step(s) exist (newest %d): the next save starts a new "
-                        "timeline and retires them", step, len(newer), max(newer))
+                     "timeline and retires them", step, len(newer), max(newer))
 
     def _agree(self, steps: list[int], state: Mapping[str, Any]) -> Agreed[LoadedStep]:
         def read(c: Candidate) -> ReadAttempt[LoadedStep]:
