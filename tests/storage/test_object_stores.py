@@ -7,6 +7,8 @@ honour the precondition the backend relies on; then the manager's contract runs 
 
 from __future__ import annotations
 
+import os
+
 import uuid
 
 import pytest
@@ -170,3 +172,9 @@ def test_a_streamed_upload_that_fails_leaves_no_object(request, backend):
     with pytest.raises(StorageError, match="expected"):
         st.write_atomic("step-000000000001/a/f.ert", [part, part, part], size=4 * st.PART_SIZE)
     assert not st.exists("step-000000000001/a/f.ert")
+    # The same upload completed: several parts (one chunk larger than a part) come back whole.
+    data = os.urandom(st.PART_SIZE * 2 + 12345)
+    chunks = [memoryview(data)[:100], memoryview(data)[100:]]
+    written = st.write_atomic("step-000000000001/a/g.ert", chunks, size=len(data))
+    back = st.read("step-000000000001/a/g.ert", expected_size=len(data))
+    assert written.size == len(data) and back.digest == written.digest == digest_bytes(data)
