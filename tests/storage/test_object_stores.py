@@ -8,7 +8,6 @@ honour the precondition the backend relies on; then the manager's contract runs 
 from __future__ import annotations
 
 import os
-
 import uuid
 
 import pytest
