@@ -301,6 +301,9 @@ class _Decoder:
                     try:
                         out[key] = self._decode(pair[1], depth + 1)
                     except TypeError as e:  # unhashable key
+                        if isinstance(key, dict):  # an instance of a class not allowlisted, in plain form
+                            raise self.fail("a dict key is an instance of a class not in allowed_classes "
+                                            "(allowlist it to load this state)") from None
                         raise self.fail(str(e)) from None
                 return out
             if tag == "tu" and isinstance(payload, list):

@@ -212,3 +212,10 @@ def test_omegaconf_resolvers_in_a_file_never_resolve_in_the_loading_process(monk
     # Text OmegaConf cannot parse is corruption, never an exception of omegaconf's own.
     with pytest.raises(CheckpointCorruptError, match="does not parse"):
         load(hostile({"omc": {"d": [["a", "${unclosed"]]}}))
+
+
+def test_a_dict_keyed_by_a_class_not_allowlisted_names_the_option():
+    node = {"d": [[{"dc": [f"{__name__}:Hashy", [["value", 1]]]}, 5]]}
+    with pytest.raises(CheckpointCorruptError, match="class not in allowed_classes"):
+        load(hostile(node), NOBODY)
+    assert load(hostile(node)) == {Hashy(1): 5}
