@@ -135,6 +135,11 @@ def test_an_unreachable_endpoint_or_a_malformed_token_is_one_line(tmp_path):
             "--storage-option", "token=anon")
     assert r.returncode == 2 and "cannot reach gs endpoint" in one_line(r) and "(3 attempts)" in one_line(r)
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # no client library's retry traceback
+    connection = (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Zm9vYmFy;"
+                  f"BlobEndpoint=http://127.0.0.1:{free_port()}/devstoreaccount1;")
+    r = cli("ls", "az://container/run", "--storage-option", f"connection_string={connection}")
+    assert r.returncode == 2 and "cannot reach az endpoint" in one_line(r), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Zm9vYmFy" not in r.stderr, r.stderr
     r = cli("ls", "gs://bucket/run", "--storage-option", f"token={tmp_path / 'no-such-credentials.json'}")
     assert r.returncode == 2 and "invalid GCS storage option" in one_line(r)
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -23,7 +23,10 @@ class AzureStorage(FsspecStorage):
         super().__init__("az://" + url.split("://", 1)[1], options, fs)
 
     def endpoint(self) -> str | None:
-        url = getattr(self.fs, "account_url", None)
+        try:
+            url = self.fs.service_client.url  # the account's blob endpoint, however the options gave it
+        except Exception:  # noqa: BLE001 - no client yet: the first request reports the problem
+            return None
         return url if isinstance(url, str) else None
 
     def replace_if(self, rel: str, data: bytes, expected_digest: str) -> None:

@@ -28,6 +28,9 @@ from .protocol import (
 )
 from .secrets import redact
 
+#: Endpoints (host, port) this process has connected to once: checked no more.
+_REACHED: set[tuple[str, int]] = set()
+
 
 class FsspecStorage:
     """A root in an object store (or fsspec file system) ``scheme://bucket/prefix``. What every
@@ -46,6 +49,7 @@ class FsspecStorage:
         self.url = f"{self.scheme}://{rest}"
         self.options = dict(options)
         self.fs = fs
+        self._check_reachable()
 
     # -- paths and errors ------------------------------------------------------------------
     def _key(self, rel: str) -> str:
@@ -84,6 +88,7 @@ class FsspecStorage:
         return None
 
     def _check_reachable(self) -> None:
+        """Once per endpoint and process, before the first request: can a connection be made?"""
         import socket
         import time
         from urllib.parse import urlsplit
@@ -93,12 +98,13 @@ class FsspecStorage:
             return
         parts = urlsplit(url if "://" in url else f"http://{url}")
         host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-        if not host:
+        if not host or (host, port) in _REACHED:
             return
         why = ""
         for attempt in range(self.CONNECT_ATTEMPTS):
             try:
                 socket.create_connection((host, port), timeout=self.CONNECT_TIMEOUT_S).close()
+                _REACHED.add((host, port))
                 return
             except OSError as e:
                 why = e.strerror or str(e) or type(e).__name__
@@ -109,7 +115,6 @@ class FsspecStorage:
 
     # -- contract ----------------------------------------------------------------------------
     def _check_bucket(self) -> None:
-        self._check_reachable()
         try:
             found = self.fs.exists(self.bucket)
         except Exception as e:  # noqa: BLE001 - every failure becomes one clear StorageError
