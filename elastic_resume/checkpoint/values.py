@@ -131,20 +131,12 @@ def _calls_resolver(text: str, fail: Callable[[str], Exception]) -> bool:
     """Whether OmegaConf would call a resolver to read ``text`` (checked with its own grammar)."""
     if not _RESOLVER_HINT.search(text):
         return False
-    from omegaconf import grammar_parser
-    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+    from .._omegaconf_compat import UnparsableValue, calls_resolver
 
     try:
-        tree = grammar_parser.parse(text)
-    except Exception as e:  # noqa: BLE001 - GrammarParseError and antlr's own, on untrusted text
-        raise fail(f"OmegaConf value {text[:80]!r} does not parse: {type(e).__name__}") from None
-    stack: list[Any] = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, OmegaConfGrammarParser.InterpolationResolverContext):
-            return True
-        stack.extend(node.getChildren() if hasattr(node, "getChildren") else ())
-    return False
+        return calls_resolver(text)
+    except UnparsableValue as e:
+        raise fail(f"OmegaConf value {text[:80]!r} does not parse: {e}") from None
 
 
 def _literal(text: str) -> str:
