@@ -5,6 +5,7 @@ first. The distributed behaviour is in test_lightning.py."""
 from __future__ import annotations
 
 import os
+import pathlib
 from argparse import Namespace
 
 import pytest
@@ -265,8 +266,9 @@ def test_either_namespace_trainer_takes_the_plugin_and_the_callback(tmp_path, na
     lpl = importlib.import_module(namespace)
 
     class Tiny(lpl.LightningModule):
-        def __init__(self) -> None:
+        def __init__(self, root: pathlib.Path = pathlib.Path("/data"), stage: Stage = Stage.TRAIN) -> None:
             super().__init__()
+            self.save_hyperparameters()
             self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
 
         def training_step(self, batch, batch_idx):
@@ -291,6 +293,12 @@ def test_either_namespace_trainer_takes_the_plugin_and_the_callback(tmp_path, na
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt"]
     resumed = fit(9, ckpt_path=ElasticCheckpointIO().resume_path(tmp_path / "ckpt"))
     assert resumed.global_step == 9
+    # This namespace's own loader, through a weights-only load: typed values for the stdlib and
+    # the allowlisted enum, nothing else constructed.
+    from elastic_resume.lightning import load_from_checkpoint
+
+    model = load_from_checkpoint(Tiny, tmp_path / "ckpt" / "epoch=1-step=9.ckpt", allowed_classes=[Stage])
+    assert model.hparams.root == pathlib.Path("/data") and model.hparams.stage is Stage.TRAIN
 
 
 def test_plugin_callback_and_trainer_are_picklable_before_and_after_fit(tmp_path):
