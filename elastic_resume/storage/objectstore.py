@@ -98,8 +98,8 @@ class FsspecStorage:
             return
         parts = urlsplit(url if "://" in url else f"http://{url}")
         host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-        if not host or (host, port) in _REACHED:
-            return
+        if not host or (host, port) in _REACHED or _through_proxy(parts.scheme, host):
+            return  # behind a proxy a direct connection proves nothing: the client's own retries apply
         why = ""
         for attempt in range(self.CONNECT_ATTEMPTS):
             try:
@@ -318,6 +318,14 @@ class _FsspecFileStream(ByteStream):
 
     def close(self) -> None:
         self.f.close()
+
+
+def _through_proxy(scheme: str, host: str) -> bool:
+    """Whether requests to ``host`` go through a proxy (``HTTPS_PROXY`` and the like)."""
+    import urllib.request
+
+    proxies = urllib.request.getproxies()
+    return bool(proxies.get(scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host)
 
 
 def _discard(f: Any) -> None:

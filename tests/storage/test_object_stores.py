@@ -177,3 +177,16 @@ def test_a_streamed_upload_that_fails_leaves_no_object(request, backend):
     written = st.write_atomic("step-000000000001/a/g.ert", chunks, size=len(data))
     back = st.read("step-000000000001/a/g.ert", expected_size=len(data))
     assert written.size == len(data) and back.digest == written.digest == digest_bytes(data)
+
+
+def test_the_endpoint_probe_stands_aside_behind_a_proxy(monkeypatch):
+    from elastic_resume.storage.objectstore import _through_proxy
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                 "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert not _through_proxy("https", "storage.googleapis.com")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert _through_proxy("https", "storage.googleapis.com")  # a direct connection would prove nothing
+    monkeypatch.setenv("NO_PROXY", "storage.googleapis.com")
+    assert not _through_proxy("https", "storage.googleapis.com")
