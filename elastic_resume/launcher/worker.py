@@ -13,16 +13,24 @@ It does three things, then runs the script exactly as ``python SCRIPT`` would (s
 
 And on the way out it keeps the exit-code contract without ceremony in the script: a
 :class:`~elastic_resume.errors.GaveUpError` that escapes the script (from a plain loop or from
-Lightning's ``fit``) exits 76, "do not retry", with its one-line reason; and a process group the
-script left initialised is destroyed before interpreter teardown, where gloo's threads abort the
-process (SIGABRT) about one time in three with torch 2.13 (measured: 4-6 of 12 two-rank runs), and
-the launcher would take that abort for a crash and restart a run that finished or gave up.
+Lightning's ``fit``) exits 76, "do not retry", with its one-line reason; a process group the
+script left initialised is destroyed before interpreter teardown; and **a script that finished
+exits 0, whatever torch's destructors do**. With torch 2.13, gloo's threads abort the process
+(SIGABRT, "terminate called without an active exception") in the C++ destructors that run at
+process exit, even after the script's own ``destroy_process_group()`` (1 of 6 two-rank runs here,
+4 of 6 in another report): the launcher took that for a crash and trained a finished job again.
+Once the script has returned (or called ``sys.exit(n)``: a preemption's 75, a 76), the
+interpreter's own shutdown runs as usual (threads joined, every exit handler, an async save's
+wait among them: a failed one still exits 1), and the last exit handler then flushes the streams
+and leaves with that status through ``os._exit``, before the C++ destructors.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
+import logging
 import os
 import runpy
 import signal
@@ -54,13 +62,39 @@ def main(argv: list[str]) -> None:
         raise SystemExit(ExitCode.USAGE)
     _die_with_launcher()
     preemption.install()
-    # Registered before the script runs, so it runs after the script's own exit handlers.
+    # Registered before the script runs, so they run after the script's own exit handlers (and
+    # _leave_if_finished after every handler registered from here on).
+    atexit.register(_leave_if_finished)
     atexit.register(_destroy_process_group)
     try:
         _run(argv)
     except GaveUpError as e:
         sys.stderr.write(f"elastic-resume: gave up: {e}\n")
+        _decided.append(int(ExitCode.GAVE_UP))
         raise SystemExit(int(ExitCode.GAVE_UP)) from None
+    except SystemExit as e:
+        if e.code is None or (isinstance(e.code, int) and not isinstance(e.code, bool)):
+            _decided.append(e.code or 0)  # the script chose its status (0, 75 after a save, ...)
+        raise
+    _decided.append(0)
+
+
+#: The exit status the script decided (it returned: 0; or it called sys.exit(n)), once known.
+_decided: list[int] = []
+
+
+def _leave_if_finished() -> None:
+    """Last of the exit handlers: a script that finished, or chose its exit status, leaves with
+    that status before the C++ destructors run (see the module's docstring); their abort must
+    not turn a finished run, a preemption's 75 or a 76 into a crash. An uncaught exception takes
+    the ordinary way out."""
+    if not _decided:
+        return
+    logging.shutdown()  # registered at its import, before this handler: it would run after it
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(_decided[-1])
 
 
 def _destroy_process_group() -> None:

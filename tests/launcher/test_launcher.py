@@ -151,6 +151,49 @@ def test_an_escaping_gave_up_error_exits_76_without_a_restart(tmp_path):
     assert "Traceback" not in r.stdout + r.stderr
 
 
+@pytest.mark.slow
+def test_a_finished_job_is_never_trained_again(tmp_path):
+    """The tutorial's shape (its own destroy_process_group at the end), eight launches: gloo's
+    abort at process exit (1 in 6 runs here before) must never turn a finished run into a restart."""
+    script = os.path.join(REPO, "tests", "helpers", "finishes.py")
+    for i in range(8):
+        log = tmp_path / f"events-{i}.jsonl"
+        r = run(launcher_cmd("--standalone", "--nproc-per-node=2", "--max-restarts=3", f"--er-event-log={log}",
+                             script=script))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert [e["event"] for e in read_events(log)].count("workers_started") == 1, f"launch {i} restarted"
+        assert "terminate called" not in r.stdout + r.stderr
+
+
+def test_the_worker_leaves_a_finished_script_before_teardown_with_its_exit_handlers_run(tmp_path):
+    import subprocess
+    import sys
+
+    from harness.processes import child_env
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import atexit, sys\n"
+        f"atexit.register(lambda: open({str(tmp_path / 'handler-ran')!r}, 'w').close())\n"
+        "class AtTeardown:\n"
+        f"    def __del__(self, open=open): open({str(tmp_path / 'teardown-ran')!r}, 'w').close()\n"
+        "keep = AtTeardown()\n"
+        "print('last words', end='')\n"  # unflushed: must still reach the pipe
+        "if sys.argv[1:] == ['raise']: raise RuntimeError('boom')\n"
+        "if sys.argv[1:]: sys.exit(int(sys.argv[1]))\n"
+    )
+    worker = [sys.executable, "-m", "elastic_resume.launcher.worker", str(script)]
+    for args, code in (([], 0), (["75"], 75), (["3"], 3)):  # finished, or the status the script chose
+        for name in ("handler-ran", "teardown-ran"):
+            (tmp_path / name).unlink(missing_ok=True)
+        r = subprocess.run([*worker, *args], capture_output=True, text=True, env=child_env(), timeout=60)
+        assert r.returncode == code and r.stdout == "last words", r.stderr
+        assert (tmp_path / "handler-ran").exists() and not (tmp_path / "teardown-ran").exists()
+    # An uncaught exception takes the ordinary way out.
+    r = subprocess.run([*worker, "raise"], capture_output=True, text=True, env=child_env(), timeout=60)
+    assert r.returncode == 1 and "RuntimeError: boom" in r.stderr and (tmp_path / "teardown-ran").exists()
+
+
 def test_sigusr1_twice_saves_once_exits_75_and_the_rerun_resumes(tmp_path):
     cmd, events, p = start_guarded(tmp_path, steps=60, save_every=50)
     try:
