@@ -235,7 +235,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """A Lightning bundle (a ModelCheckpoint path written by ElasticCheckpointIO) as a standard
     ``.ckpt`` file: verified first, written atomically, never over an existing file."""
     import os
-    import tempfile
+    import uuid
 
     try:
         from .lightning.loading import check_weights_only, exportable, load_checkpoint, to_bytes
@@ -252,15 +252,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.root, storage_options=parse_storage_options(args.storage_option))
     data = to_bytes(exportable(checkpoint))
     check_weights_only(data)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=".export-", suffix=".tmp")
+    # Mode 0666 less the umask (the kernel applies it), as any file a tool writes: an export is
+    # for other tools and people (mkstemp's 0600 is not).
+    tmp = os.path.join(os.path.dirname(out), f".export-{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            # mkstemp makes 0600: an export is for other tools and people, as any file written with the umask
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)
             os.fsync(f.fileno())
         os.link(tmp, out)  # create-only: a file that appeared meanwhile is not replaced
     finally:

@@ -337,15 +337,14 @@ def plot(events: list[dict[str, Any]], summary: Summary, path: str) -> None:
                  f"{len(summary.preemptions)} preemption(s){good}")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    import tempfile
+    import uuid
 
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".plot-", suffix=".png")
+    # Written beside PATH, then renamed over it; mode 0666 less the umask, applied by the kernel.
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".plot-{uuid.uuid4().hex}.png")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -32,8 +32,11 @@ _ENV_SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID
                 "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN",
                 "AZURE_CLIENT_SECRET", "GOOGLE_OAUTH_ACCESS_TOKEN")
 _QUERY_PARAM = re.compile(r"([?&;])([A-Za-z0-9_.\-]{1,64})=([^&#;\s'\"]+)")
+#: A connection string's credential (``AccountKey=...;``): masked in text by its shape, and taken
+#: out of a ``connection_string`` option so the key alone is found wherever it is echoed.
+_CONNECTION_SECRET = re.compile(r"((?:AccountKey|SharedAccessSignature|SharedAccessKey)=)([^;'\"\s]+)", re.IGNORECASE)
 _SHAPES = (
-    (re.compile(r"((?:AccountKey|SharedAccessSignature|SharedAccessKey)=)[^;'\"\s]+", re.IGNORECASE), rf"\g<1>{MASK}"),
+    (_CONNECTION_SECRET, rf"\g<1>{MASK}"),
     (re.compile(r"(://[^/\s:@'\"]+:)[^@/\s'\"]+@"), rf"\g<1>{MASK}@"),
     (re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/\-]+=*", re.IGNORECASE), rf"\g<1>{MASK}"),
 )
@@ -56,18 +59,22 @@ def _values(value: Any) -> list[str]:
     return []
 
 
-def _secrets_from(options: dict[str, Any]) -> list[str]:
+def _option_secrets(options: dict[str, Any]) -> list[str]:
+    """The values of secret-named options, nested dicts included (client_kwargs, credentials)."""
     found = []
     for key, value in options.items():
         if isinstance(key, str) and is_secret_name(key):
             found.extend(_values(value))
-        elif isinstance(value, dict):  # client_kwargs, config_kwargs, credentials dicts
-            found.extend(_secrets_from(value))
-    found.extend(v for env in _ENV_SECRETS if (v := os.environ.get(env)))
-    # A connection string's key is shown elsewhere on its own (base64): remove it alone too.
-    for text in list(found):
-        found.extend(m.group(1) for m in re.finditer(r"(?:AccountKey|SharedAccessSignature)=([^;]+)", text))
+        elif isinstance(value, dict):
+            found.extend(_option_secrets(value))
     return found
+
+
+def _secrets_from(options: dict[str, Any]) -> list[str]:
+    """Every credential value to remove: the options', the environment's, and the key inside
+    each connection string among them."""
+    found = _option_secrets(options) + [v for env in _ENV_SECRETS if (v := os.environ.get(env))]
+    return found + [m.group(2) for text in found for m in _CONNECTION_SECRET.finditer(text)]
 
 
 def _by_shape(text: str) -> str:
