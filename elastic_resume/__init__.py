@@ -43,7 +43,7 @@ EXIT_PREEMPTED = ExitCode.PREEMPTED
 #: Exit code of a run that gave up (spike budget spent, nothing verifiable): do not retry.
 EXIT_GAVE_UP = ExitCode.GAVE_UP
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"  # tests/test_codebase.py holds it to pyproject.toml
 
 _LAZY = {
     "CheckpointManager": "checkpoint.manager",
@@ -52,6 +52,7 @@ _LAZY = {
     "Manifest": "checkpoint.manifest",
     "RNGState": "checkpoint.state",
     "PerRank": "checkpoint.state",
+    "ResumableDataLoader": "training.loader",
     "ResumableDistributedSampler": "training.sampler",
     "settle_ddp_buckets": "training.ddp",
     "SpikeGuard": "spike.guard",
@@ -87,6 +88,7 @@ if TYPE_CHECKING:
     from .spike.guard import GuardOptions, SpikeGuard
     from .spike.policy import RollbackPolicy
     from .training.ddp import settle_ddp_buckets
+    from .training.loader import ResumableDataLoader
     from .training.sampler import ResumableDistributedSampler
 
     def _manager_is_a_backend(manager: CheckpointManager) -> CheckpointBackend:
@@ -128,6 +130,7 @@ __all__ = [
     "PerRank",
     "Plateau",
     "RNGState",
+    "ResumableDataLoader",
     "ResumableDistributedSampler",
     "RobustZScore",
     "RollbackPolicy",

@@ -186,3 +186,12 @@ def test_the_command_line_lists_and_verifies_without_importing_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", r.stdout
+
+
+def test_the_package_version_is_the_one_pyproject_declares():
+    import tomllib
+
+    import elastic_resume
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        assert elastic_resume.__version__ == tomllib.load(f)["project"]["version"]

@@ -127,7 +127,8 @@ def snapshot_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
 
 
 def apply_state(state: MutableMapping[str, Any], loaded: Mapping[str, Any], *, step: int) -> None:
-    """Restore in place: ``load_state_dict`` on stateful objects, replace plain values."""
+    """Restore in place: ``load_state_dict`` on stateful objects, refill plain dicts and lists,
+    replace other plain values."""
     missing = [k for k in state if k not in loaded]
     if missing:
         raise StateError(
@@ -150,8 +151,18 @@ def apply_state(state: MutableMapping[str, Any], loaded: Mapping[str, Any], *, s
             except Exception as e:
                 raise StateError(f"checkpoint step {step}: cannot load state[{key!r}]: {e}") from e
     for key in list(state):
-        if not _has_state_dict(state[key]):
-            state[key] = loaded[key]
+        value, saved = state[key], loaded[key]
+        if _has_state_dict(value):
+            continue
+        # Containers are refilled in place, as load_state_dict does: a script that keeps a
+        # reference (self.progress = state["progress"]) sees the restored counters.
+        if type(value) is dict and isinstance(saved, Mapping):
+            value.clear()
+            value.update(saved)
+        elif type(value) is list and isinstance(saved, list):
+            value[:] = saved
+        else:
+            state[key] = saved
 
 
 def _mismatch(live: Any, saved: Any) -> str | None:

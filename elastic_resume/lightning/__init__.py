@@ -20,9 +20,9 @@ Three pieces, each in Lightning's own idiom::
 - ``ElasticResume`` (``callback.py``): the spike detectors and the one-collective vote in the
   training loop, in-process rollback through Lightning's own state (no second ``fit``), data
   skipping, LR scaling, preemption saves, and the drift report on resume.
-- ``ResumableDataLoader`` (``data.py``): a ``DataLoader`` over ``ResumableDistributedSampler``
-  whose position Lightning saves in its loop state, so a mid-epoch resume continues with the
-  next batch.
+- ``ResumableDataLoader`` (from ``elastic_resume.training``, re-exported here): a drop-in
+  ``DataLoader`` over ``ResumableDistributedSampler`` whose position Lightning saves in its loop
+  state, so a mid-epoch resume continues with the next batch.
 
 Behind them: ``backend.py`` (the spike guard's checkpoint backend inside a ``Trainer``),
 ``loading.py`` (``load_from_checkpoint`` and export), ``_compat.py`` (both namespaces and every
@@ -32,10 +32,10 @@ Lightning internal used). Saving, reading and agreeing go through the checkpoint
 
 from __future__ import annotations
 
+from ..training.loader import ResumableDataLoader
 from . import _compat  # noqa: F401 - fails here, with the remedy, when no supported Lightning is importable
 from .callback import ElasticResume
 from .checkpoint_io import CHECKPOINT_KEY, ElasticCheckpointIO
-from .data import ResumableDataLoader
 from .loading import load_checkpoint, load_from_checkpoint
 
 __all__ = ["CHECKPOINT_KEY", "ElasticCheckpointIO", "ElasticResume", "ResumableDataLoader", "load_checkpoint",

@@ -43,7 +43,7 @@ from . import _compat
 from ._compat import CALLBACK_BASES
 from .backend import TrainerBackend
 from .checkpoint_io import CHECKPOINT_KEY, ElasticCheckpointIO, normalize_path
-from .data import ResumableDataLoader
+from ..training.loader import ResumableDataLoader
 
 log = logging.getLogger("elastic_resume")
 

@@ -6,6 +6,14 @@ The epoch's order is a permutation of the dataset fixed by (seed, epoch). ``cons
 many positions of that order all ranks together have used; the rest is dealt out round-robin
 (rank r takes remaining[r::world_size]), so after every rank took k samples exactly the first
 ``consumed + k * world_size`` positions are used, a contiguous prefix at any world size.
+
+Passes behave as ``DistributedSampler``'s: every ``iter()`` is a fresh pass over the epoch, so a
+peek at one batch (``next(iter(loader))``), a second loop in the same epoch or a missing
+``set_epoch`` do what they do there. The one difference is the first pass after a restore
+(``load_state_dict``) or a ``seek``: it starts at the saved position. A pass counts as that
+first pass only once training is seen consuming it: it ran to its end, or a checkpoint took its
+position (``state_dict``) after it moved. A pass the script dropped before either (a peek at the
+batch size) leaves the saved position for the next one, so peeking never skips data.
 """
 
 from __future__ import annotations
@@ -56,7 +64,11 @@ class ResumableDistributedSampler(Sampler[int]):
         self.drop_last = drop_last
         self.auto_track = auto_track
         self.epoch = 0
-        self.consumed = 0  # global positions of this epoch's order already used
+        self.consumed = 0  # global positions of this epoch's order used by the latest pass
+        self._resume_at: int | None = None  # where the next pass starts, after a restore or a seek
+        self._passes = 0  # passes begun: only the latest one moves the position
+        self._pass_start: int | None = None  # where the latest pass began, when from _resume_at
+        self._epoch_confirmed = False  # set_epoch named the restored epoch after the restore
 
     # -- order ---------------------------------------------------------------------------------
     def epoch_order(self, epoch: int | None = None) -> list[int]:
@@ -66,8 +78,8 @@ class ResumableDistributedSampler(Sampler[int]):
             return torch.randperm(self.dataset_len, generator=g).tolist()
         return list(range(self.dataset_len))
 
-    def _remaining(self) -> list[int]:
-        rest = self.epoch_order()[self.consumed :]
+    def _remaining(self, start: int) -> list[int]:
+        rest = self.epoch_order()[start:]
         w = self.num_replicas
         if self.drop_last:
             rest = rest[: len(rest) - len(rest) % w]
@@ -77,14 +89,29 @@ class ResumableDistributedSampler(Sampler[int]):
         return rest
 
     def __iter__(self) -> Iterator[int]:
-        mine = self._remaining()[self.rank :: self.num_replicas]
-        for index in mine:
-            if self.auto_track:
+        # A generator: the pass begins at the loader's first request, not when iter() is called.
+        start = self._resume_at if self._resume_at is not None else 0
+        if not self._remaining(start) and not self._epoch_confirmed:
+            # A restore at the end of an epoch, and the script has not yet said this epoch is the
+            # one it trains (set_epoch): a peek at the batch size gets a fresh pass, as from a
+            # DistributedSampler. After set_epoch of the finished epoch the pass is empty: the
+            # epoch is done, and the script's loop moves on to the next.
+            start = 0
+        self._passes += 1
+        me = self._passes
+        self._pass_start = start if self._resume_at is not None else None
+        self.consumed = start
+        for index in self._remaining(start)[self.rank :: self.num_replicas]:
+            if self.auto_track and me == self._passes:
                 self.consumed = min(self.dataset_len, self.consumed + self.num_replicas)
             yield index
+        if me == self._passes:
+            self._resume_at, self._epoch_confirmed = None, False  # the first pass after the restore ran to its end
 
     def __len__(self) -> int:
-        return len(self._remaining()) // self.num_replicas
+        """Samples this rank draws in a whole epoch, as ``DistributedSampler``: schedules sized
+        from ``len(loader)`` are the same in a resumed run (a resumed pass yields fewer)."""
+        return len(self._remaining(0)) // self.num_replicas
 
     # -- position ------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -92,6 +119,8 @@ class ResumableDistributedSampler(Sampler[int]):
         if epoch != self.epoch:
             self.epoch = epoch
             self.consumed = 0
+            self._resume_at = None
+        self._epoch_confirmed = self._resume_at is not None
 
     def advance(self, local_samples: int) -> None:
         """Count ``local_samples`` (trained on by this rank in the last step) as consumed on every
@@ -107,12 +136,16 @@ class ResumableDistributedSampler(Sampler[int]):
         """Jump to an absolute position (skipping data after a rollback); the next iterator
         starts there."""
         self.epoch, self.consumed = divmod(max(0, position), self.dataset_len)
+        self._resume_at, self._epoch_confirmed = self.consumed, False
 
     @property
     def epoch_finished(self) -> bool:
         return self.consumed >= self.dataset_len - (self.dataset_len % self.num_replicas if self.drop_last else 0)
 
     def state_dict(self) -> dict[str, Any]:
+        if self._pass_start is not None and self.consumed != self._pass_start:
+            # A checkpoint of a pass that moved from the saved position: training consumed it.
+            self._resume_at = self._pass_start = None
         return {
             "epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "shuffle": self.shuffle,
             "dataset_len": self.dataset_len, "drop_last": self.drop_last,
@@ -131,3 +164,5 @@ class ResumableDistributedSampler(Sampler[int]):
             )
         self.epoch = int(state["epoch"])
         self.consumed = int(state["consumed"])
+        self._resume_at, self._epoch_confirmed = self.consumed, False
+        self._pass_start = None

@@ -353,3 +353,14 @@ def test_prune_never_deletes_a_save_whose_attempt_directory_has_no_file_yet(tmp_
     old.mkdir(parents=True)  # an attempt that began long before the newest commit: abandoned
     mgr.save(7, {"w": torch.ones(4)})
     assert not old.parent.exists()
+
+
+def test_restore_refills_plain_dicts_and_lists_in_place(tmp_path):
+    """A script that keeps a reference to a counter dict it put in the state (``self.progress =
+    state["progress"]``) sees the restored values, as with ``load_state_dict``."""
+    progress, seen = {"epoch": 3, "step": 70}, [1, 2]
+    CheckpointManager(tmp_path).save(70, {"progress": progress, "seen": seen, "lr": 0.5})
+    mine, held = {"epoch": 0, "step": 0}, []
+    state = {"progress": mine, "seen": held, "lr": 1.0}
+    assert CheckpointManager(tmp_path).restore(state) == 70
+    assert state["progress"] is mine and mine == progress and held == seen and state["lr"] == 0.5
