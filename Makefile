@@ -8,6 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.runtime
 OLDEST_LIGHTNING := pytorch-lightning==2.5.6
 OLDEST_LIGHTNING_DIR := $(VENV)/overlays/pytorch-lightning-2.5
 AZURITE_VERSION := 3.35.0
@@ -16,10 +17,16 @@ CONSTRAINTS := constraints.txt
 
 .PHONY: demo test test-fast lint bench install services constraints clean
 
-$(STAMP): pyproject.toml $(CONSTRAINTS)
+# What the demo needs: torch, the package and matplotlib for its plot (about 1 GB less than the
+# test toolchain below: no Lightning, emulators, linters or Azurite).
+$(RUNTIME): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[report]"
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME) pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	# The oldest supported Lightning, beside the newest: a PYTHONPATH overlay the tests put first
 	# (with lightning hidden), so one environment tests both releases.
@@ -31,7 +38,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(BIN)/python launch/demo.py
 
 # Slurm and munge for the real-Slurm test (Debian packages; the tests start the daemons).
@@ -60,6 +67,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_integrity.py
 	$(BIN)/python benchmarks/bench_manager.py
 	$(BIN)/python benchmarks/bench_guard.py
+	$(BIN)/python benchmarks/bench_false_rollbacks.py
 	$(BIN)/python benchmarks/bench_launcher.py
 	$(BIN)/python benchmarks/bench_lightning.py
 

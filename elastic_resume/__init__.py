@@ -60,6 +60,7 @@ _LAZY = {
     "CheckpointBackend": "spike.backend",
     "RollbackPolicy": "spike.policy",
     "Threshold": "spike.detectors",
+    "MaxRatio": "spike.detectors",
     "MovingAverageRatio": "spike.detectors",
     "EMARatio": "spike.detectors",
     "RobustZScore": "spike.detectors",
@@ -78,6 +79,7 @@ if TYPE_CHECKING:
     from .spike.detectors import (
         CUSUM,
         EMARatio,
+        MaxRatio,
         MovingAverageRatio,
         NonFinite,
         Plateau,
@@ -124,6 +126,7 @@ __all__ = [
     "GaveUpError",
     "GuardOptions",
     "Manifest",
+    "MaxRatio",
     "MovingAverageRatio",
     "NoCheckpointError",
     "NonFinite",

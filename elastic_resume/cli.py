@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .checkpoint.manifest import Manifest
 from .checkpoint.store import CheckpointStore, StepReport, StepStatus, list_bundles, written_order
 from .contract import DEFAULT_RDZV_PORT, ExitCode
 from .errors import CheckpointCorruptError, ConfigError, ElasticResumeError, NoCheckpointError
@@ -132,9 +133,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(
             (f"{bundle:<{width}}  " if bundled else "")
             + f"{r.step:>12}  {r.status:<10}  {_size(r.size):>9}  "
-            f"{(m.world_size if m else '-'):>5}  {_age(m.created if m else None):>6}"
+            f"{(_training_world(m) if m else '-'):>5}  {_age(m.created if m else None):>6}"
         )
+    if not args.full:
+        print("(STATUS from manifests and file sizes: no data was read; 'ls --full' or 'verify' checks every byte)")
     return EXIT_OK
+
+
+def _training_world(m: Manifest) -> int:
+    """The world size of the run that saved ``m`` as its fingerprint or metadata records it (a
+    Lightning bundle is written by global rank 0 alone, a world of one, for a run of any size),
+    else the writers'."""
+    world = next((section["world_size"] for section in (m.fingerprint, m.metadata)
+                  if isinstance(section, dict) and "world_size" in section), None)
+    return world if isinstance(world, int) and not isinstance(world, bool) and world > 0 else m.world_size
 
 
 def cmd_latest(args: argparse.Namespace) -> int:
@@ -183,7 +195,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    store = _open(args)
+    # In a ModelCheckpoint directory the step lives in a bundle: the one written last that has it.
+    stores = _stores(args)
+    store = next((s for _, s in stores if args.step in s.committed_steps()), stores[0][1])
+    bundle = next((b for b, s in stores if s is store), None)
     report = store.verify(args.step, full=False)
     if report.manifest is None:
         reasons = "; ".join(f"{f}: {why}" for f, why in report.problems) or "no manifest (never committed)"
@@ -196,10 +211,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(body, indent=1, sort_keys=True))
         return EXIT_OK if report.ok else EXIT_NEGATIVE
-    print(f"step        {m.step}  ({report.status})")
+    status = f"{report.status}; data not read: 'verify --step {m.step}' checks every byte" if report.ok else report.status
+    if bundle is not None:
+        print(f"bundle      {bundle}")
+    print(f"step        {m.step}  ({status})")
+    print(f"world size  {_training_world(m)}" + (f" (written by {m.world_size})" if _training_world(m) != m.world_size else ""))
     print(f"attempt     {m.attempt}")
     print(f"created     {body['created_iso']} ({_age(m.created)} ago)")
-    print(f"world size  {m.world_size}")
     print(f"size        {_size(m.total_bytes)} in {len(m.files)} files")
     for entry in m.files:
         print(f"  {entry.path}  {_size(entry.size)}  {entry.digest}  rank={entry.rank}")
@@ -295,17 +313,19 @@ def _pos_int(flag: str):  # type: ignore[no-untyped-def]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="elastic-resume",
-        description="Launch resumable training; inspect, verify and prune its checkpoints (local paths, file:// or s3:// roots).",
+        description="Launch resumable training; inspect, verify and prune its checkpoints (roots: a local path, file://, "
+        "s3://, gs://, az:// (abfs://) or memory://).",
         epilog=f"Exit codes: {ExitCode.OK} ok, {ExitCode.NEGATIVE} none found or corruption found, {ExitCode.USAGE} bad "
         f"usage or root, {ExitCode.PREEMPTED} preempted after a committed save (requeue), {ExitCode.GAVE_UP} gave up "
-        "(do not retry).",
+        f"(do not retry), {ExitCode.PERMANENT} an error no restart can heal (do not retry).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log structured events to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("root", metavar="ROOT", help="checkpoint root: a directory, file:// or s3://bucket/prefix")
+        p.add_argument("root", metavar="ROOT", help="checkpoint root: a directory, file://, s3://, gs://, az:// (abfs://) or "
+                       "memory:// bucket/prefix")
         p.add_argument(
             "--storage-option", action="append", default=[], metavar="KEY=VALUE",
             help="storage option passed to the backend (repeatable), e.g. endpoint_url=http://127.0.0.1:9000",
@@ -337,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", metavar="PATH", nargs="+", help="event log files or directories of *.jsonl")
     p.add_argument("--plot", metavar="PNG", help="also draw the loss curve with restarts and rollbacks marked")
     p.add_argument("--json", action="store_true", help="print JSON")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--run-id", help="report this run of the logs (default: the newest, saying so when there are more)")
+    which.add_argument("--all-runs", action="store_true", help="merge every run in the logs into one report")
     p.set_defaults(func=cmd_report)
 
     help = "print an sbatch script that runs 'elastic-resume launch' on every node, with requeue on preemption"
@@ -386,15 +409,31 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import load_events, plot, summarize, well_formed
 
-    events = load_events(args.paths)
-    if not events:
-        raise ConfigError(f"no events in {', '.join(args.paths)}")
+    logs = load_events(args.paths)
+    notes = [f"not an event log, skipped: {f}" for f in logs.not_event_logs]
+    if not logs.events:
+        raise ConfigError(f"no events in {', '.join(args.paths)}" + (
+            f" ({len(logs.not_event_logs)} *.jsonl file(s) hold no event lines)" if logs.not_event_logs else ""))
+    events, runs = logs.events, logs.runs
+    if args.run_id is not None:
+        if args.run_id not in runs:
+            raise ConfigError(f"--run-id {args.run_id}: no such run in these logs (they hold {', '.join(runs) or 'none'})")
+        events = logs.of_run(args.run_id)
+    elif len(runs) > 1 and not args.all_runs:
+        newest = max(runs, key=lambda r: runs[r][1])
+        events = logs.of_run(newest)
+        notes.append(f"these logs hold {len(runs)} runs ({', '.join(runs)}); reporting the newest, {newest} "
+                     "(--run-id ID for another, --all-runs to merge them)")
+    elif len(runs) > 1:
+        notes.append(f"merging {len(runs)} runs: {', '.join(runs)}")
     summary = summarize(events)
     events = [e for e in events if well_formed(e)]
     if args.json:
-        print(json.dumps(summary.as_dict(), indent=2))
+        print(json.dumps({**summary.as_dict(), "notes": notes}, indent=2))
     else:
         print(summary.text())
+        for note in notes:
+            print(f"  note: {note}")
     if args.plot:
         plot(events, summary, args.plot)
         if not args.json:

@@ -40,6 +40,9 @@ class ExitCode(enum.IntEnum):
     PREEMPTED = 75
     #: Gave up (rollback budget spent, nothing verifiable to resume from): do not retry.
     GAVE_UP = 76
+    #: An error no restart can heal (a bad root, option or flag, a state that does not match the
+    #: model, drift with ``drift="fail"``): do not retry (EX_CONFIG).
+    PERMANENT = 78
 
 
 class Env(StrEnum):
@@ -112,6 +115,9 @@ class Event(StrEnum):
     RNG_RESEEDED = "rng_reseeded"
     # the spike guard
     STEP = "step"
+    #: The loss the guard judged for a step (the mean over the ranks), once the vote brought it
+    #: (rank 0; a step or more after that step's own line).
+    LOSS_JUDGED = "loss_judged"
     SPIKE_DETECTED = "spike_detected"
     SPIKE_IGNORED = "spike_ignored"
     VOTE_TRIGGERED = "vote_triggered"

@@ -15,9 +15,16 @@ from .contract import ExitCode
 class ElasticResumeError(Exception):
     """Base class of every error this library raises on purpose."""
 
+    #: No restart can heal it: the same script with the same flags, root and checkpoint would
+    #: fail the same way. A worker it escapes exits ``ExitCode.PERMANENT`` (78) and the launcher
+    #: does not restart the group.
+    permanent = False
+
 
 class ConfigError(ElasticResumeError, ValueError):
     """An argument, flag or option has a value that cannot work; the message names it."""
+
+    permanent = True
 
 
 class DriftError(ConfigError):
@@ -27,6 +34,8 @@ class DriftError(ConfigError):
 class ConfigTypeError(ElasticResumeError, TypeError):
     """A value has a type that cannot work (a model output that is no tensor, ...); the message
     names it."""
+
+    permanent = True
 
 
 class StorageError(ElasticResumeError, OSError):
@@ -41,6 +50,13 @@ class StorageError(ElasticResumeError, OSError):
 
     def __str__(self) -> str:
         return self.strerror if isinstance(self.strerror, str) else super().__str__()
+
+
+class BadRootError(StorageError):
+    """The checkpoint root cannot be one: a file where a directory belongs, a scheme or bucket
+    name that cannot exist. (A root that cannot be reached now is a plain ``StorageError``.)"""
+
+    permanent = True
 
 
 class FileTooLargeError(StorageError):
@@ -104,6 +120,8 @@ class CheckpointNotFoundError(NoCheckpointError, FileNotFoundError):
 class StateError(ElasticResumeError):
     """The training state given to save/restore does not fit the checkpoint (unsupported value
     type, missing key, shape mismatch); the message names the key path."""
+
+    permanent = True
 
 
 class GaveUpError(ElasticResumeError):

@@ -27,9 +27,46 @@ from .contract import Event
 from .errors import ConfigError
 from .events import read_events
 
+#: Key added to each loaded event: the run id of the launch whose ``launch_started`` precedes it
+#: in its file (None before any). One file may hold several launches (an ``--er-event-log``
+#: reused), and a directory several runs.
+RUN = "_run"
 
-def load_events(paths: Sequence[str]) -> list[dict[str, Any]]:
-    """Every event from the given files and directories (``*.jsonl`` below them), by time."""
+
+@dataclass
+class Logs:
+    """What :func:`load_events` found: the events, by time, and the files it passed over."""
+
+    events: list[dict[str, Any]]
+    not_event_logs: list[str]  #: ``*.jsonl`` files with no event line (loss logs, other data)
+
+    @property
+    def runs(self) -> dict[str, tuple[float, float]]:
+        """Run id -> (first, last) time of its events."""
+        out: dict[str, tuple[float, float]] = {}
+        for e in self.events:
+            run, ts = e.get(RUN), e.get("ts")
+            if isinstance(run, str) and _is_number(ts):
+                first, last = out.get(run, (ts, ts))
+                out[run] = (min(first, ts), max(last, ts))
+        return out
+
+    def of_run(self, run_id: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get(RUN) == run_id]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_event(e: dict[str, Any]) -> bool:
+    return isinstance(e.get("event"), str) and _is_number(e.get("ts"))
+
+
+def load_events(paths: Sequence[str]) -> Logs:
+    """Every event from the given files and directories (``*.jsonl`` below them), by time. A
+    file none of whose lines is an event (a loss log beside the event logs) is passed over and
+    named, never read as one."""
     files: list[str] = []
     for p in paths:
         if os.path.isdir(p):
@@ -39,13 +76,23 @@ def load_events(paths: Sequence[str]) -> list[dict[str, Any]]:
         else:
             raise ConfigError(f"event log {p!r} not found")
     events: list[dict[str, Any]] = []
+    passed_over: list[str] = []
     for f in files:
         try:
-            events += read_events(f)
+            lines = read_events(f)
         except OSError as e:
             raise ConfigError(f"event log {f!r} cannot be read: {e.strerror or e}") from None
-    events.sort(key=lambda e: e["ts"] if isinstance(e.get("ts"), (int, float)) and not isinstance(e["ts"], bool) else 0.0)
-    return events
+        if lines and not any(_is_event(e) for e in lines):
+            passed_over.append(f)
+            continue
+        run = None
+        for e in lines:
+            if e.get("event") == Event.LAUNCH_STARTED and isinstance(e.get("run_id"), str):
+                run = e["run_id"]
+            e[RUN] = run
+        events += lines
+    events.sort(key=lambda e: e["ts"] if _is_number(e.get("ts")) else 0.0)
+    return Logs(events, passed_over)
 
 
 _INT_FIELDS = ("step", "rank", "from_step", "to_step", "through_step", "bytes", "exit_code", "generation")
@@ -97,6 +144,11 @@ class Summary:
     last_step: int | None = None
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) that survived
     abandoned: list[list[tuple[int, float]]] = field(default_factory=list)  # thrown-away segments
+    #: The loss the guard judged (the mean over the ranks), where the vote brought it: the kept
+    #: steps', and the thrown-away steps' (a spike's step is among those: it was rolled back).
+    judged_curve: list[tuple[int, float]] = field(default_factory=list)
+    judged_abandoned: list[tuple[int, float]] = field(default_factory=list)
+    ranks: int | None = None  #: how many ranks the judged loss is the mean over
     restarts: list[dict[str, Any]] = field(default_factory=list)
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
     preemptions: list[dict[str, Any]] = field(default_factory=list)
@@ -220,6 +272,7 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
     timeline: dict[int, tuple[float, float | None]] = {}  # step -> (loss, seconds)
     order: list[int] = []  # the timeline's steps, increasing (a stack: redone steps pop the tail)
     abandoned: list[list[tuple[int, float]]] = []
+    judged: dict[int, float] = {}  # step of the timeline -> the judged loss
     failed_at: float | None = None
     pending_restarts: list[dict[str, Any]] = []
     last_restart_ts = -1e18
@@ -235,6 +288,8 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
             while order and order[-1] >= step:
                 last = order.pop()
                 dropped.append((last, timeline.pop(last)[0]))
+                if last in judged:
+                    s.judged_abandoned.append((last, judged.pop(last)))
             if dropped:
                 abandoned.append(dropped[::-1])
             order.append(step)
@@ -244,6 +299,14 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
                 if r.get("recover_s") is None and r.get("_failed_ts") is not None:
                     r["recover_s"] = round(e["ts"] - r["_failed_ts"], 3)
             pending_restarts = []
+        elif kind == Event.LOSS_JUDGED and _rank0(e):
+            # Its step's own line came first (the vote reports a step after it), and a redo of
+            # the step only after it (a rollback acts on the vote): it belongs to that step.
+            loss, step = e.get("loss"), e.get("step")
+            if step in timeline and isinstance(loss, (int, float)) and not isinstance(loss, bool):
+                judged[step] = float(loss)
+                if _is_int(e.get("ranks")):
+                    s.ranks = e["ranks"]
         elif kind == Event.WORKERS_FAILED:
             failed_at = e["ts"] if failed_at is None else failed_at
         elif kind == Event.RESTART:
@@ -275,7 +338,7 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
             if isinstance(e.get("seconds"), (int, float)):
                 s.save_seconds.append(float(e["seconds"]))
         elif kind in _PROBLEMS and (_rank0(e) or kind in (Event.CORRUPTION_FOUND, Event.SAVE_FAILED)):
-            s.problems.append({k: v for k, v in e.items() if k not in ("pid",)})
+            s.problems.append({k: v for k, v in e.items() if k not in ("pid", RUN)})
         elif kind == Event.LAUNCH_FINISHED:
             s.exits.append({"node": e.get("node"), "exit_code": e.get("exit_code"), "reason": e.get("reason")})
     for r in s.restarts:
@@ -284,6 +347,7 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
     for p in s.preemptions:
         p["ts"] = time.strftime("%H:%M:%S", time.localtime(p["ts"]))
     s.curve = sorted((k, v[0]) for k, v in timeline.items())
+    s.judged_curve = sorted(judged.items())
     s.abandoned = abandoned
     s.steps_final = len(timeline)
     s.last_step = max(timeline) if timeline else None
@@ -305,37 +369,62 @@ def plot(events: list[dict[str, Any]], summary: Summary, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("the plot needs matplotlib: pip install 'elastic-resume[report]'") from None
-    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(11.5, 4.8), dpi=110)
+    judged = bool(summary.judged_curve)
+    # The loss the detectors judged (the mean over the ranks) when the vote recorded it; rank 0's
+    # own loss otherwise, and thin beside it. A spike on another rank shows in the first only.
+    thrown = dict(summary.judged_abandoned) if judged else {}
     for i, seg in enumerate(summary.abandoned):
-        ax.plot([p[0] for p in seg], [p[1] for p in seg], color="0.7", lw=1,
+        points = [(st, thrown.get(st, v)) for st, v in seg]
+        ax.plot([p[0] for p in points], [p[1] for p in points], color="0.7", lw=1,
                 label="steps thrown away (redone)" if i == 0 else None)
-    if summary.curve:
-        ax.plot([p[0] for p in summary.curve], [p[1] for p in summary.curve], color="tab:blue", lw=1.4, label="loss (kept)")
+    if judged:
+        ranks = f" over {summary.ranks} ranks" if summary.ranks else ""
+        ax.plot([p[0] for p in summary.curve], [p[1] for p in summary.curve], color="tab:blue", lw=0.7, alpha=0.35,
+                label="rank 0's loss")
+        ax.plot([p[0] for p in summary.judged_curve], [p[1] for p in summary.judged_curve], color="tab:blue", lw=1.5,
+                label=f"loss judged (mean{ranks}), kept")
+    elif summary.curve:
+        ax.plot([p[0] for p in summary.curve], [p[1] for p in summary.curve], color="tab:blue", lw=1.4,
+                label="loss (rank 0), kept")
     for i, r in enumerate(summary.restarts):
         if r.get("resumed_from") is not None:
             ax.axvline(r["resumed_from"], color="tab:red", ls="--", lw=1, label="restart (resumed here)" if i == 0 else None)
-    for i, r in enumerate(summary.rollbacks):
-        ax.axvline(r["from_step"], color="tab:orange", ls=":", lw=1.2, label="spike (rolled back)" if i == 0 else None)
-        ax.annotate("", xy=(r["to_step"], 0.5), xytext=(r["from_step"], 0.5), xycoords=("data", "axes fraction"),
-                    arrowprops={"arrowstyle": "->", "color": "tab:orange"})
     skips = [e for e in events if e.get("event") == Event.DATA_SKIPPED and _rank0(e)]
-    rolls = summary.rollbacks
-    for i, (sk, rb) in enumerate(zip(skips, rolls)):
-        if sk.get("through_step") is not None:
-            ax.axvspan(rb["from_step"], sk["through_step"], color="tab:orange", alpha=0.15,
-                       label="data skipped" if i == 0 else None)
+    for i, (rb, sk) in enumerate(zip(summary.rollbacks, skips + [{}] * len(summary.rollbacks))):
+        spike = thrown.get(rb["from_step"])
+        if spike is None:
+            spike = next((v for st, v in reversed([p for seg in summary.abandoned for p in seg]) if st == rb["from_step"]), None)
+        if spike is not None:
+            ax.plot([rb["from_step"]], [spike], marker="X", ms=9, color="tab:orange", ls="none",
+                    label="spike (rolled back)" if i == 0 else None)
+            ax.annotate(f"spike at step {rb['from_step']}: {spike:.3g}", (rb["from_step"], spike), fontsize=8,
+                        textcoords="offset points", xytext=(6, -4), color="tab:orange")
+        ax.annotate("", xy=(rb["to_step"], 0.5), xytext=(rb["from_step"], 0.5), xycoords=("data", "axes fraction"),
+                    arrowprops={"arrowstyle": "->", "color": "tab:orange"})
+        through = sk.get("through_step")
+        if _is_int(through) and through > rb["to_step"]:
+            # The samples skipped are those the old timeline trained at steps to+1..through;
+            # the redone steps there train on the data that follows.
+            ax.axvspan(rb["to_step"] + 0.5, through + 0.5, color="tab:orange", alpha=0.12,
+                       label=f"data of steps {rb['to_step'] + 1}-{through} skipped" if i == 0 else None)
     for i, p in enumerate(summary.preemptions):
         if p.get("saved_step") is not None:
             ax.axvline(p["saved_step"], color="tab:green", ls="-.", lw=1, label="preemption save" if i == 0 else None)
-    finite = [v for _, v in summary.curve if v == v and abs(v) != float("inf")]
+    values = [v for seg in summary.abandoned for _, v in seg] + [v for _, v in summary.curve] + list(thrown.values())
+    finite = [v for v in values + [v for _, v in summary.judged_curve] if v == v and abs(v) != float("inf")]
     if finite and max(finite) > 0 and max(finite) / max(min(finite), 1e-12) > 100:
         ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (rank 0)")
-    good = f", goodput {100 * summary.goodput:.0f}%" if summary.goodput is not None else ""
+    ax.set_ylabel("loss")
     ax.set_title(f"{len(summary.restarts)} restart(s), {len(summary.rollbacks)} rollback(s), "
-                 f"{len(summary.preemptions)} preemption(s){good}")
-    ax.legend(loc="upper right", fontsize=8)
+                 f"{len(summary.preemptions)} preemption(s)")
+    if summary.goodput is not None:
+        # An unexplained percentage misleads: say what it divides.
+        ax.plot([], [], " ", label=f"goodput {100 * summary.goodput:.0f}% = time in kept steps {summary.useful_s:.1f} s"
+                f" / wall {summary.wall_s:.1f} s")
+        ax.plot([], [], " ", label="  (the rest: start-up, restarts, redone steps, saves)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5, frameon=False)  # beside: never over the curve
     fig.tight_layout()
     import uuid
 

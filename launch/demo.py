@@ -28,14 +28,13 @@ CLI = [sys.executable, "-m", "elastic_resume.cli"]
 STEPS, SAVE_EVERY, KILL_AT, SPIKE_AT = 60, 5, 23, 45
 
 
-def launch(root: str, loss_log: str, *faults: str, events: str | None = None) -> int:
-    cmd = [*CLI, "launch", "--standalone", "--nproc-per-node=2", "--monitor-interval=0.2"]
-    if events:
-        cmd.append(f"--er-event-log={events}")
-    else:
+def launch(root: str, loss_log: str, events: str, *faults: str, summary: bool = True) -> int:
+    # Every file of the demo, event logs included, stays under OUT (nothing in the checkout).
+    cmd = [*CLI, "launch", "--standalone", "--nproc-per-node=2", "--monitor-interval=0.2", f"--er-event-log={events}"]
+    if not summary:
         cmd.append("--er-no-summary")
     cmd += [os.path.join(HERE, "train_ddp.py"), "--root", root, "--steps", str(STEPS), "--save-every", str(SAVE_EVERY),
-            "--guard", "--detector-z", "20", "--loss-log", loss_log, "--fault-dir", OUT, *faults]
+            "--guard", "--loss-log", loss_log, "--fault-dir", OUT, *faults]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     # torchrun's own log lines (worker failures it handles) go to the file; our summary stays.
     with open(os.path.join(OUT, "launcher.log"), "a") as log:
@@ -74,13 +73,13 @@ def main() -> int:
     root, log, events = os.path.join(OUT, "ckpt"), os.path.join(OUT, "loss.jsonl"), os.path.join(OUT, "events.jsonl")
 
     banner(f"1. reference: 2 processes, {STEPS} steps, checkpoint every {SAVE_EVERY}")
-    if launch(ref_root, ref_log) != 0:
+    if launch(ref_root, ref_log, os.path.join(OUT, "reference-events.jsonl"), summary=False) != 0:
         print(f"FAIL: the reference run failed; see {OUT}/launcher.log")
         return 1
 
     banner(f"2. the same run; worker rank 1 is SIGKILLed at step {KILL_AT}, its loss spikes at step {SPIKE_AT}")
-    rc = launch(root, log, "--die-at-steps", str(KILL_AT), "--die-rank", "1", "--spike-at-step", str(SPIKE_AT),
-                "--spike-rank", "1", events=events)
+    rc = launch(root, log, events, "--die-at-steps", str(KILL_AT), "--die-rank", "1", "--spike-at-step", str(SPIKE_AT),
+                "--spike-rank", "1")
     if rc != 0:
         print(f"FAIL: exit code {rc}; see {OUT}/launcher.log")
         return 1

@@ -84,10 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--lr-scale", type=float, default=1.0, help="multiply the LR by this after each rollback")
     g.add_argument("--budget", type=int, default=3, help="rollbacks allowed before giving up (exit 76)")
     g.add_argument("--restart-from-scratch", action="store_true", help="with no old-enough checkpoint, restart from step 0")
-    g.add_argument("--detector-window", type=int, default=20)
-    g.add_argument("--detector-z", type=float, default=8.0)
-    g.add_argument("--default-detectors", action="store_true", help="the library's default detectors instead of "
-                   "NonFinite + RobustZScore(--detector-window, --detector-z)")
+    g.add_argument("--detector-window", type=int, help="judge with RobustZScore over this window instead of the "
+                   "library's default detectors")
+    g.add_argument("--detector-z", type=float, default=8.0, help="RobustZScore's threshold (with --detector-window)")
     g.add_argument("--judge", default="global", choices=["global", "rank"],
                    help="judge the loss averaged over all ranks (default) or each rank's own")
     g.add_argument("--plateau-above", type=float, help="add Plateau(above=...): roll back while the loss stays above this")
@@ -163,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.guard:
         policy = RollbackPolicy(margin=args.margin, skip_after=args.skip_after, skip_data=not args.no_skip,
                                 lr_scale=args.lr_scale, budget=args.budget, restart_from_scratch=args.restart_from_scratch)
-        detectors = default_detectors() if args.default_detectors else [
+        detectors = default_detectors() if args.detector_window is None else [
             NonFinite(watch="loss"), NonFinite(watch="grad_norm"), RobustZScore(window=args.detector_window, z=args.detector_z)]
         if args.plateau_above is not None:
             detectors.append(Plateau(above=args.plateau_above, after_steps=args.plateau_after,

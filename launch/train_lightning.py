@@ -47,6 +47,7 @@ from elastic_resume import (
     ConfigError,
     ElasticResumeError,
     GaveUpError,
+    MaxRatio,
     NoCheckpointError,
     NonFinite,
     Plateau,
@@ -96,6 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--accumulate", type=int, default=1, help="Trainer(accumulate_grad_batches=...); a spike "
                    "injected at a step lands in its first micro-batch")
     g.add_argument("--judge", default="global", choices=["global", "rank"])
+    g.add_argument("--detector-window", type=int, help="judge with RobustZScore(window=N, z=8) instead of the default "
+                   "MaxRatio (3x the highest loss of the last 128 steps)")
     g.add_argument("--plateau-above", type=float, help="add Plateau(above=...): roll back while the loss stays above this")
     g.add_argument("--plateau-after", type=int, default=10)
     g.add_argument("--plateau-window", type=int, default=4)
@@ -186,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
 
     ckpt_io = ElasticCheckpointIO(async_save=args.async_save) if args.checkpoint_io == "elastic" else None
-    detectors = [NonFinite(watch="loss"), RobustZScore(window=20, z=8.0)]
+    detectors = [NonFinite(watch="loss"), MaxRatio() if args.detector_window is None else
+                 RobustZScore(window=args.detector_window, z=8.0)]
     if args.plateau_above is not None:
         detectors.append(Plateau(above=args.plateau_above, after_steps=args.plateau_after, window=args.plateau_window))
     guard = None if args.no_guard or ckpt_io is None else ElasticResume(

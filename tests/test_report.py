@@ -67,3 +67,42 @@ def test_report_command_line(tmp_path):
     assert doc["steps_final"] == 4 and doc["useful_s"] == 2.0
     r = subprocess.run([*cli, str(tmp_path / "missing.jsonl")], capture_output=True, text=True, env=child_env())
     assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_report_passes_over_files_that_are_not_event_logs_and_never_merges_runs_silently(tmp_path):
+    """The demo's directory holds loss logs beside the event logs, and a reused log directory
+    holds several runs: the report reads only event logs, says which files it skipped, and reports
+    one run unless told to merge."""
+    import json
+    import subprocess
+    import sys
+
+    from harness.processes import child_env
+
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write("losses.jsonl", [{"rank": 0, "world": 2, "step": s, "loss": 0.5, "samples": [1, 2]} for s in range(1, 4)])
+    old = [ev(0, "launch_started", node="n", pid=1, run_id="old-run"),
+           *[ev(s, "step", rank=0, step=s, loss=1.0, seconds=0.5) for s in range(1, 9)]]
+    new = [ev(100, "launch_started", node="n", pid=2, run_id="new-run"),
+           *[ev(100 + s, "step", rank=0, step=s, loss=1.0, seconds=0.5) for s in range(1, 4)]]
+    write("run-a.jsonl", old)
+    write("run-b.jsonl", new)
+    cli = [sys.executable, "-m", "elastic_resume.cli", "report"]
+
+    def report(*flags):
+        r = subprocess.run([*cli, str(tmp_path), *flags], capture_output=True, text=True, env=child_env())
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        return r.stdout
+
+    text = report()
+    assert "not an event log, skipped: " + str(tmp_path / "losses.jsonl") in text
+    assert "these logs hold 2 runs (old-run, new-run); reporting the newest, new-run" in text
+    doc = json.loads(report("--json"))
+    assert doc["steps_final"] == 3 and len(doc["notes"]) == 2
+    assert json.loads(report("--json", "--run-id", "old-run"))["steps_final"] == 8
+    merged = json.loads(report("--json", "--all-runs"))
+    assert "merging 2 runs: old-run, new-run" in merged["notes"]
+    r = subprocess.run([*cli, str(tmp_path / "losses.jsonl")], capture_output=True, text=True, env=child_env())
+    assert r.returncode == 2 and "hold no event lines" in r.stderr and "Traceback" not in r.stderr

@@ -18,6 +18,7 @@ so a dead rank turns into an error, never a hang.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -27,7 +28,7 @@ from typing import Any
 
 from ..collectives import Group, default_group, on_rank0, process_group
 from ..contract import DEFAULT_MAX_RESUMES_PER_STEP, Env, Event
-from ..errors import CheckpointCorruptError, ConfigError, StateError, StorageError
+from ..errors import BadRootError, CheckpointCorruptError, ConfigError, StateError, StorageError
 from ..events import EventLog
 from ..storage import open_storage
 from . import drift, fingerprint
@@ -165,9 +166,25 @@ class CheckpointManager:
         # timeline this run branched away from, each with the manifest digest seen (rank 0).
         self._abandoned: dict[int, str] = {}
         # Rank 0 creates the root and proves it can write before any training happens, so a
-        # bad root fails in the first second rather than at the first save an hour in.
-        if self.rank == 0:
-            self.storage.ensure_root(create=not opts.read_only, probe_write=not opts.read_only)
+        # bad root fails in the first second rather than at the first save an hour in. A writer
+        # is constructed on every rank (saving is collective): each one raises the same error,
+        # the permanent kind included, instead of the others failing on rank 0's exit.
+        if opts.read_only:
+            if self.rank == 0:
+                self.storage.ensure_root(create=False, probe_write=False)
+        else:
+            bad_root = on_rank0(self.group, self._ensure_root, error=StorageError, what="checkpoint root")
+            if bad_root is not None:
+                raise BadRootError(errno.ENOTDIR, bad_root)
+
+    def _ensure_root(self) -> str | None:
+        """Rank 0: create the root and probe a write. A root that can never be one comes back as
+        its message (every rank raises it); anything else raises (every rank hears it)."""
+        try:
+            self.storage.ensure_root(create=True, probe_write=True)
+        except BadRootError as e:
+            return str(e)
+        return None
 
     # -- save ---------------------------------------------------------------------------------
     def save(

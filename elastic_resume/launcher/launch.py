@@ -14,8 +14,8 @@ so every torchrun flag and ``PET_*`` variable works), the same rendezvous and th
   save at the next step boundary and exit 75; the launcher waits at most ``--er-grace`` seconds,
   requeues the Slurm job once (from the first node) and exits 75;
 * exit codes are a contract: 0 done, 75 preempted (safe to requeue), 76 gave up (the spike
-  guard's budget is spent, or nothing verifiable to resume from): never restarted, because a
-  restart would fail the same way;
+  guard's budget is spent, or nothing verifiable to resume from) and 78 an error no restart can
+  heal (a bad root, option or state): never restarted, because a restart would fail the same way;
 * events (restarts with their cause, preemptions, the workers' saves, rollbacks and step
   losses) go to one JSONL file per node, and a summary is printed at the end
   (``elastic-resume report`` makes the same summary and a plot from the files).
@@ -48,6 +48,7 @@ from ..events import EventLog
 from ..storage import is_secret_name, redact, redact_argv
 from ..storage.secrets import MASK
 from . import detect as envmod
+from .worker import EXEC
 
 #: What each worker process runs first (see ``worker.py``).
 WORKER_MODULE = "elastic_resume.launcher.worker"
@@ -68,6 +69,7 @@ class Outcome(StrEnum):
     """Why a launch stopped restarting its workers (None while it may restart them)."""
 
     GAVE_UP = "gave_up"  #: a worker exited 76
+    PERMANENT = "permanent"  #: a worker exited 78: an error no restart heals
     PREEMPTED = "preempted"  #: a worker exited 75 after a committed save
     PREEMPT_TIMEOUT = "preempt_timeout"  #: the workers did not save within the grace period
     PREEMPT_FAILED = "preempt_failed"  #: the workers failed after a preemption signal, before saving
@@ -205,8 +207,9 @@ def plan_launch(argv: list[str], *, check_script: bool = True, script_optional: 
     args = parser.parse_args(argv)
     _check_sizes(args)
     if args.run_path:
-        raise ConfigError("--run-path runs the script inside the launcher; elastic-resume launch needs worker "
-                          "processes it can signal: drop --run-path")
+        raise ConfigError("--run-path runs the script inside the launcher process (torchrun's own flag for "
+                          "that); elastic-resume launch needs worker processes it can signal, restart and outlive: "
+                          "drop --run-path")
     if check_script and not args.no_python and not args.module and not os.path.isfile(args.training_script):
         raise ConfigError(f"training script {args.training_script!r} not found")
     if args.er_requeue not in tuple(Requeue):
@@ -222,6 +225,10 @@ def plan_launch(argv: list[str], *, check_script: bool = True, script_optional: 
     if not args.no_python:
         # python -u [-m] SCRIPT ARGS  ->  python -u -m elastic_resume.worker [-m] SCRIPT ARGS
         cmd_args = [cmd_args[0], "-m", WORKER_MODULE, *cmd_args[1:]]
+    else:
+        # PROGRAM ARGS  ->  python -m elastic_resume.worker --exec PROGRAM ARGS: the program
+        # replaces that process, keeping the death signal (no orphans after a SIGKILLed launcher).
+        cmd, cmd_args = sys.executable, ["-m", WORKER_MODULE, EXEC, cmd, *cmd_args]
     if config.rdzv_backend == "c10d" and not args.er_no_fast_failure_detection:
         for key, value in envmod.FAST_RDZV_CONF.items():
             config.rdzv_configs.setdefault(key, value)
@@ -320,6 +327,8 @@ class Launch:
             codes = {f["exitcode"] for f in failures}
             if ExitCode.GAVE_UP in codes:
                 self.outcome = Outcome.GAVE_UP
+            elif ExitCode.PERMANENT in codes:
+                self.outcome = Outcome.PERMANENT
             elif self.preempt_at is not None or ExitCode.PREEMPTED in codes:
                 self.outcome = Outcome.PREEMPTED if ExitCode.PREEMPTED in codes else Outcome.PREEMPT_FAILED
             self.last_failure = failures
@@ -357,7 +366,9 @@ class Launch:
         if not self.plan.args.er_no_summary:
             from ..report import load_events, summarize
 
-            print(summarize(load_events([self.plan.event_log])).text(), file=sys.stderr, flush=True)
+            # This run's events only: an --er-event-log reused by other runs holds theirs too.
+            logs = load_events([self.plan.event_log])
+            print(summarize(logs.of_run(str(self.plan.config.run_id))).text(), file=sys.stderr, flush=True)
         return code
 
     def _run_agent(self) -> tuple[int, str]:
@@ -385,6 +396,9 @@ class Launch:
             return 0, "finished"
         if self.outcome == Outcome.GAVE_UP:
             return ExitCode.GAVE_UP, f"gave up (exit {ExitCode.GAVE_UP} from a worker: not retried)"
+        if self.outcome == Outcome.PERMANENT:
+            return ExitCode.PERMANENT, (f"an error no restart can heal (exit {ExitCode.PERMANENT} from a worker: "
+                                        "not retried; the worker's line above says what)")
         if self.outcome == Outcome.PREEMPTED:
             return ExitCode.PREEMPTED, f"preempted by {self.preempt_signal or 'a worker'} after a committed save"
         if self.outcome in (Outcome.PREEMPT_TIMEOUT, Outcome.PREEMPT_FAILED):

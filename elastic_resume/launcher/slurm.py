@@ -97,7 +97,8 @@ def render_sbatch(o: SbatchOptions) -> str:
         "",
         f"# Exit codes of 'elastic-resume launch': {ExitCode.OK} done; {ExitCode.PREEMPTED} preempted after a "
         "committed save (the",
-        f"# launcher on the first node has requeued the job); {ExitCode.GAVE_UP} gave up: do not resubmit.",
+        f"# launcher on the first node has requeued the job); {ExitCode.GAVE_UP} gave up, {ExitCode.PERMANENT} an error no",
+        "# restart can heal (a bad root, option or state): do not resubmit.",
         "set -u",
         *(f"export {k}={q(v)}" for k, v in sorted(env.items())),
         *o.setup,

@@ -13,7 +13,8 @@ It does three things, then runs the script exactly as ``python SCRIPT`` would (s
 
 And on the way out it keeps the exit-code contract without ceremony in the script: a
 :class:`~elastic_resume.errors.GaveUpError` that escapes the script (from a plain loop or from
-Lightning's ``fit``) exits 76, "do not retry", with its one-line reason; a process group the
+Lightning's ``fit``) exits 76, "do not retry", with its one-line reason; an error no restart can
+heal (a bad root, option or state: ``ElasticResumeError.permanent``) exits 78 likewise; a process group the
 script left initialised is destroyed before interpreter teardown; and **a script that finished
 exits 0, whatever torch's destructors do**. With torch 2.13, gloo's threads abort the process
 (SIGABRT, "terminate called without an active exception") in the C++ destructors that run at
@@ -30,6 +31,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import runpy
@@ -38,9 +40,12 @@ import sys
 
 from .. import preemption
 from ..contract import Env, ExitCode
-from ..errors import GaveUpError
+from ..errors import ElasticResumeError, GaveUpError
 
 _PR_SET_PDEATHSIG = 1
+#: First argument for a program that is not a Python script (``launch --no-python``): set the
+#: death signal, then exec it.
+EXEC = "--exec"
 
 
 def _die_with_launcher() -> None:
@@ -57,10 +62,20 @@ def _die_with_launcher() -> None:
 
 
 def main(argv: list[str]) -> None:
-    if not argv or (argv[0] == "-m" and len(argv) < 2):
-        sys.stderr.write("usage: python -m elastic_resume.launcher.worker SCRIPT [ARGS] | -m MODULE [ARGS]\n")
+    if not argv or (argv[0] in ("-m", EXEC) and len(argv) < 2):
+        sys.stderr.write("usage: python -m elastic_resume.launcher.worker SCRIPT [ARGS] | -m MODULE [ARGS] "
+                         f"| {EXEC} PROGRAM [ARGS]\n")
         raise SystemExit(ExitCode.USAGE)
     _die_with_launcher()
+    if argv[0] == EXEC:
+        # --no-python: the worker is another program. It keeps the death signal across exec
+        # (the kernel clears it only for set-user-ID programs), so a SIGKILLed launcher leaves
+        # no orphan either; what it does with signals and exit codes is its own business.
+        try:
+            os.execvp(argv[1], argv[1:])
+        except OSError as e:
+            sys.stderr.write(f"elastic-resume: cannot run {argv[1]!r}: {e.strerror or e}\n")
+            os._exit(ExitCode.PERMANENT if e.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC) else ExitCode.FAILED)
     preemption.install()
     # Registered before the script runs, so they run after the script's own exit handlers (and
     # _leave_if_finished after every handler registered from here on).
@@ -72,6 +87,15 @@ def main(argv: list[str]) -> None:
         sys.stderr.write(f"elastic-resume: gave up: {e}\n")
         _decided.append(int(ExitCode.GAVE_UP))
         raise SystemExit(int(ExitCode.GAVE_UP)) from None
+    except ElasticResumeError as e:
+        if not e.permanent:
+            raise
+        # A bad root, option or state: every restart would fail the same way. One line, the
+        # exit code the launcher does not restart, and no traceback for a user's mistake.
+        sys.stderr.write(f"elastic-resume: {type(e).__name__}: {e} (no restart can heal this: exit "
+                         f"{int(ExitCode.PERMANENT)}, not retried)\n")
+        _decided.append(int(ExitCode.PERMANENT))
+        raise SystemExit(int(ExitCode.PERMANENT)) from None
     except SystemExit as e:
         if e.code is None or (isinstance(e.code, int) and not isinstance(e.code, bool)):
             _decided.append(e.code or 0)  # the script chose its status (0, 75 after a save, ...)

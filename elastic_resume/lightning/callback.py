@@ -38,12 +38,12 @@ from ..contract import Event, ExitCode
 from ..errors import ConfigError
 from ..spike.guard import GuardOptions, SpikeGuard
 from ..training.ddp import settle_ddp_buckets
+from ..training.loader import ResumableDataLoader
 from ..training.sampler import ResumableDistributedSampler
 from . import _compat
 from ._compat import CALLBACK_BASES
 from .backend import TrainerBackend
 from .checkpoint_io import CHECKPOINT_KEY, ElasticCheckpointIO, normalize_path
-from ..training.loader import ResumableDataLoader
 
 log = logging.getLogger("elastic_resume")
 

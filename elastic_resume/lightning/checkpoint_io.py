@@ -260,8 +260,10 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         store.storage.ensure_root(create=True, probe_write=True)
         # The same path saved again at the same step replaces what stands there now.
         replace = store.manifest_digest(step) if step in store.committed_steps() else None
+        # The run's world size: this bundle has one writer (global rank 0), whatever the run's.
+        world = extra.get("world_size") or int(os.environ.get("WORLD_SIZE", "1") or 1)
         metadata = {"lightning_path": path.rsplit("/", 1)[-1], "epoch": checkpoint.get("epoch"),
-                    **extra.get("metadata", {})}
+                    "world_size": world, **extra.get("metadata", {})}
         self._active_path = path
 
         def keep_newest(manifest: Manifest) -> None:

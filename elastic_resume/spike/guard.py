@@ -331,6 +331,9 @@ class SpikeGuard:
             if values.nonfinite:
                 continue  # the mean of the finite ranks is no loss to learn a baseline from
             self._global_losses.append(values.loss)
+            if self.checkpoints.rank == 0:  # the curve the report plots: what the detectors saw
+                self.checkpoints.events.record(Event.LOSS_JUDGED, step=values.step, loss=values.loss,
+                                               ranks=result.world_size)
             verdict, name = self.bank.update(values.step, values.loss, values.grad_norm, where=self._global, epoch=epoch)
             if verdict and found is None:
                 found = verdict
@@ -373,10 +376,24 @@ class SpikeGuard:
         if action.kind == ActionKind.STOP:
             self.vote.discard()
             self.checkpoints.wait()
-            self.emit(Event.GAVE_UP, step=result.step, reason=action.reason, rollbacks=self.recovery.rollbacks,
+            reason = f"{action.reason}; {self._what_the_run_looked_like(result)}"
+            self.emit(Event.GAVE_UP, step=result.step, reason=reason, rollbacks=self.recovery.rollbacks,
                       budget=self.policy.budget)
-            raise GaveUpError(action.reason)
+            raise GaveUpError(reason)
         return self._rollback(action, now)
+
+    def _what_the_run_looked_like(self, result: VoteResult) -> str:
+        """The evidence behind giving up, for the person who reads why: each rollback so far and
+        the loss the guard judged, recently and at this step."""
+        rollbacks = "; ".join(f"step {h['onset']} -> {h['anchor']} ({h['reason']})" for h in self.recovery.history[-5:])
+        said = f"rollbacks so far: {rollbacks}" if rollbacks else "no rollback so far"
+        recent = list(self._global_losses)
+        if recent:
+            said += (f"; the loss over the last {len(recent)} steps judged: median {statistics.median(recent):.6g},"
+                     f" lowest {min(recent):.6g}, highest {max(recent):.6g}")
+        if not math.isnan(result.mean_loss):
+            said += f"; at step {result.step}: {result.mean_loss:.6g} (the mean over {result.world_size} ranks)"
+        return said
 
     # -- rollback -----------------------------------------------------------------------------
     def _skip_end(self, action: Action, now: int) -> int | None:

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ..errors import FileTooLargeError, SizeMismatchError, StorageError
+from ..errors import BadRootError, FileTooLargeError, SizeMismatchError, StorageError
 from .protocol import (
     SMALL_FILE_LIMIT,
     ByteStream,
@@ -50,7 +50,7 @@ class LocalStorage:
     def ensure_root(self, *, create: bool, probe_write: bool) -> None:
         if not os.path.isdir(self.root):
             if os.path.exists(self.root):
-                raise StorageError(errno.ENOTDIR, f"checkpoint root {self.root} exists but is not a directory")
+                raise BadRootError(errno.ENOTDIR, f"checkpoint root {self.root} exists but is not a directory")
             if not create:
                 raise StorageError(errno.ENOENT, f"checkpoint root {self.root} does not exist")
             try:

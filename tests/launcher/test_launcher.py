@@ -290,3 +290,59 @@ def test_doctor_shows_what_slurm_would_give(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "elastic_resume.launcher.worker train.py --log x --nnodes 3" in r.stdout
     assert "requeue with scontrol" not in out  # node 1 does not requeue; node 0 does
+
+
+@pytest.mark.slow
+def test_errors_no_restart_can_heal_exit_78_once_with_one_line(tmp_path):
+    """A bad root, a state that does not fit the model, drift with drift="fail": each fails the
+    same way on every restart, so the worker exits 78 with one line and the launcher, with
+    restarts left, does not restart it."""
+    snapshot = tmp_path / "snapshot.pt"
+    snapshot.write_bytes(b"an old torch.save file")
+    saved = tmp_path / "ckpt"
+    first = run(launcher_cmd("--standalone", "--nproc-per-node=2", args=(
+        "--root", str(saved), "--steps", "4", "--save-every", "4", "--fault-dir", str(tmp_path))))
+    assert first.returncode == 0, first.stderr[-3000:]
+    cases = {
+        "checkpoint root .*snapshot.pt exists but is not a directory": ("--root", str(snapshot)),
+        r"StateError: checkpoint step 4: cannot load state\['model'\]": ("--root", str(saved), "--hidden", "48"),
+        "DriftError: the run resuming from step 4 differs": ("--root", str(saved), "--lr", "0.01", "--drift", "fail"),
+    }
+    for i, (expected, args) in enumerate(cases.items()):
+        log = tmp_path / f"events-{i}.jsonl"
+        r = run(launcher_cmd("--standalone", "--nproc-per-node=2", "--max-restarts=3", f"--er-event-log={log}",
+                             args=(*args, "--steps", "8", "--fault-dir", str(tmp_path))))
+        assert r.returncode == 78, r.stderr[-3000:]
+        events = [e["event"] for e in read_events(str(log))]
+        assert events.count("workers_started") == 1 and "restart" not in events, events
+        assert re.search(expected, r.stderr) and "not retried" in r.stderr
+        assert "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+def test_no_python_workers_die_with_a_sigkilled_launcher_too(tmp_path):
+    """--no-python runs another program as the worker; it keeps the orphan protection (the
+    death signal survives the exec)."""
+    script = tmp_path / "work.sh"
+    script.write_text("#!/bin/sh\necho \"worker $RANK up\" >> \"$1\"\nexec sleep 300\n")
+    script.chmod(0o755)
+    up = tmp_path / "up.txt"
+    p = start(launcher_cmd("--standalone", "--nproc-per-node=2", "--no-python", f"--er-event-log={tmp_path / 'e.jsonl'}",
+                           script=str(script), args=(str(up),)), str(tmp_path / "launch.log"))
+    try:
+        deadline = time.monotonic() + 60
+        while not (up.exists() and len(up.read_text().splitlines()) == 2):
+            assert time.monotonic() < deadline and p.poll() is None, (tmp_path / "launch.log").read_text()[-2000:]
+            time.sleep(0.05)
+        workers = children(p.pid)
+        assert len(workers) == 2 and all(open(f"/proc/{w}/comm").read().strip() == "sleep" for w in workers)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while any(alive(w) for w in workers):
+            assert time.monotonic() < deadline, "--no-python workers outlived their launcher"
+            time.sleep(0.05)
+    finally:
+        stop(p)
+    r = run(launcher_cmd("--standalone", "--nproc-per-node=1", "--no-python", "--max-restarts=2",
+                         f"--er-event-log={tmp_path / 'missing.jsonl'}", script=str(tmp_path / "no-such-program")))
+    assert r.returncode == 78 and "cannot run" in r.stderr and "no-such-program" in r.stderr

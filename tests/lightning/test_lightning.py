@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -30,7 +32,7 @@ def launch(tmp_path, *args: str, root: str | None = None, nproc: int = 2) -> lis
         "--standalone", f"--nproc-per-node={nproc}", f"--er-event-log={tmp_path / 'events.jsonl'}",
         script=SCRIPT,
         args=("--root", root or str(tmp_path / "ckpt"), "--fault-dir", str(tmp_path),
-              "--loss-log", str(tmp_path / "loss.jsonl"), *args),
+              "--loss-log", str(tmp_path / "loss.jsonl"), "--detector-window", "20", *args),
     )
 
 
@@ -107,6 +109,18 @@ def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, reference, n
     assert sorted((e["rank"], e["step"]) for e in events(tmp_path, "restored")) == [(0, 15), (1, 15)]
     # The corrupt checkpoint stays for inspection; the redone step 20 is saved beside it.
     assert "epoch=1-step=20.ckpt" in bundles(tmp_path) and "epoch=1-step=20-v1.ckpt" in bundles(tmp_path)
+    # The commands agree on the directory: the run's world size (2, not the one writer), a step
+    # of a bundle inspected, corruption labelled once the data is read.
+    cli = [sys.executable, "-m", "elastic_resume.cli"]
+    ls = subprocess.run([*cli, "ls", str(tmp_path / "ckpt")], capture_output=True, text=True).stdout
+    rows = {line.split()[0]: line.split() for line in ls.splitlines() if line.startswith("epoch=")}
+    assert rows["epoch=0-step=15.ckpt"][1:5] == ["15", "committed", rows["epoch=0-step=15.ckpt"][3], "2"]
+    assert "no data was read" in ls
+    full = subprocess.run([*cli, "ls", "--full", str(tmp_path / "ckpt")], capture_output=True, text=True).stdout
+    assert any(line.startswith("epoch=1-step=20.ckpt ") and " corrupt " in line for line in full.splitlines())
+    shown = subprocess.run([*cli, "inspect", str(tmp_path / "ckpt"), "15"], capture_output=True, text=True)
+    assert shown.returncode == 0 and "bundle      epoch=0-step=15.ckpt" in shown.stdout
+    assert "world size  2 (written by 1)" in shown.stdout
     got = last_losses(tmp_path / "loss.jsonl")
     assert {k: v for k, v in got.items()} == {k: v for k, v in reference.items() if k[1] <= 25}
 

@@ -11,6 +11,7 @@ import pytest
 from elastic_resume import (
     CUSUM,
     EMARatio,
+    MaxRatio,
     MovingAverageRatio,
     NonFinite,
     Plateau,
@@ -37,6 +38,7 @@ ALL = [
     lambda: MovingAverageRatio(window=30, ratio=2.0),
     lambda: EMARatio(alpha=0.05, ratio=2.0, warmup=10),
     lambda: RobustZScore(window=50, z=8.0),
+    lambda: MaxRatio(),
     lambda: CUSUM(k=0.5, h=12.0),
 ]
 
@@ -46,7 +48,7 @@ def test_quiet_on_a_normal_noisy_curve(make):
     assert fired(make(), decaying(600)) == []
 
 
-@pytest.mark.parametrize("make", ALL[:3])
+@pytest.mark.parametrize("make", ALL[:4])
 def test_a_single_spike_fires_once_and_does_not_poison_the_baseline(make):
     series = decaying(300)
     series[200] *= 8
@@ -55,7 +57,7 @@ def test_a_single_spike_fires_once_and_does_not_poison_the_baseline(make):
 
 def test_slowly_rising_loss_does_not_fire_the_spike_detectors():
     series = [1.0 + 0.002 * i for i in range(500)]  # +0.2% per step: drift, not a spike
-    for make in ALL[:3]:
+    for make in ALL[:4]:
         assert fired(make(), series) == []
 
 
@@ -135,14 +137,19 @@ def test_detector_state_round_trips_so_a_resume_judges_identically():
                [b.update(v, i).spike for i, v in enumerate(series[200:], 200)]
 
 
-def test_bank_reports_stop_before_spike_and_refuses_changed_detector_list():
+def test_bank_reports_stop_before_spike_and_resumes_a_changed_detector_list(caplog):
     bank = DetectorBank([NonFinite(), Plateau(above=0, after_steps=0, action="stop")])
     verdict, name = bank.update(1, float("nan"))
     assert verdict.spike and name == "NonFinite(loss)"
     verdict, name = bank.update(2, 5.0)
     assert verdict.stop and name.startswith("Plateau")
-    with pytest.raises(ConfigError, match="detectors changed"):
-        DetectorBank([NonFinite()]).load_state_dict(bank.state_dict())
+    # Changed detectors (a new default, new settings) resume: each one saved keeps its state,
+    # the others start fresh, and a warning names them.
+    changed = DetectorBank([Plateau(above=0, after_steps=0, action="stop"), MaxRatio()])
+    with caplog.at_level("WARNING", logger="elastic_resume"):
+        changed.load_state_dict(bank.state_dict())
+    assert changed.detectors[0].seen == 2 and changed.detectors[1].seen == 0
+    assert "MaxRatio(loss) start fresh" in caplog.text
 
 
 def test_bad_detector_settings_are_config_errors():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -16,7 +17,7 @@ from tests.helpers.torchrun import torchrun, why
 def run(tmp_path, *args: str, max_restarts: int = 0):
     log, events = tmp_path / "loss.jsonl", tmp_path / "events.jsonl"
     r = torchrun(2, "--root", str(tmp_path / "ckpt"), "--steps", "30", "--save-every", "4", "--guard",
-                 "--no-shuffle", "--fault-dir", str(tmp_path), "--loss-log", str(log), *args,
+                 "--detector-window", "20", "--no-shuffle", "--fault-dir", str(tmp_path), "--loss-log", str(log), *args,
                  max_restarts=max_restarts, env={"ER_EVENT_LOG": str(events)})
     evs = [json.loads(line) for line in events.read_text().splitlines()] if events.exists() else []
     recs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -62,6 +63,10 @@ def test_poisoned_stretch_repeats_without_skipping_and_is_passed_with_it(tmp_pat
     gave_up = named(events, "gave_up")
     assert gave_up and "rollback budget of 2 is spent" in gave_up[0]["reason"]
     assert "gave up: loss spike at step 14" in r.stderr
+    # The evidence a person would want: each rollback, and the loss before and at the spike.
+    assert re.search(r"rollbacks so far: step 14 -> \d+ \(loss spike.*; step 14 -> \d+ ", gave_up[0]["reason"])
+    assert re.search(r"the loss over the last \d+ steps judged: median [\d.e-]+, lowest [\d.e-]+, highest", gave_up[0]["reason"])
+    assert re.search(r"at step 14: [\d.e+]+ \(the mean over 2 ranks\)", gave_up[0]["reason"])
     skipping = tmp_path / "skipping"
     skipping.mkdir()
     r, events, records = run(skipping, *poison)
@@ -166,7 +171,7 @@ def test_a_clean_run_at_8_ranks_with_the_default_detectors_never_rolls_back(tmp_
     # benchmark (bench_guard.py) counts what per-rank judging does on such runs.
     log, events = tmp_path / "loss.jsonl", tmp_path / "events.jsonl"
     r = torchrun(8, "--root", str(tmp_path / "ckpt"), "--steps", "150", "--save-every", "25", "--guard",
-                 "--default-detectors", "--batch-size", "2", "--margin", "20", "--loss-log", str(log),
+                 "--batch-size", "2", "--margin", "20", "--loss-log", str(log),
                  "--fault-dir", str(tmp_path), env={"ER_EVENT_LOG": str(events)}, timeout=600)
     assert r.returncode == 0, why(r)
     evs = [json.loads(line) for line in events.read_text().splitlines()]
@@ -174,3 +179,16 @@ def test_a_clean_run_at_8_ranks_with_the_default_detectors_never_rolls_back(tmp_
     assert "finished at step 150" in r.stdout
     steps = {json.loads(line)["step"] for line in log.read_text().splitlines()}
     assert steps == set(range(1, 151))  # judged past the detectors' warm-up (25 steps)
+
+
+@pytest.mark.slow
+def test_the_projects_own_guarded_regression_runs_900_clean_steps_without_a_rollback(tmp_path):
+    """launch/train_ddp.py --guard: a converging MSE regression at 2 ranks. 0.3's default
+    RobustZScore rolled it back at steps 360 and 416 and gave up at 505."""
+    events = tmp_path / "events.jsonl"
+    r = torchrun(2, "--root", str(tmp_path / "ckpt"), "--steps", "900", "--save-every", "50", "--guard",
+                 "--fault-dir", str(tmp_path), env={"ER_EVENT_LOG": str(events)}, timeout=600)
+    assert r.returncode == 0, why(r)
+    evs = [json.loads(line) for line in events.read_text().splitlines()]
+    assert not named(evs, "spike_detected") and not named(evs, "rollback")
+    assert "finished at step 900" in r.stdout

@@ -127,7 +127,7 @@ def test_resumable_dataloader_counts_what_the_loop_took_and_keeps_the_users_orde
 
 
 def test_resumable_dataloader_names_what_contradicts():
-    with pytest.raises(ConfigError, match="shuffle=False.*sampler's shuffle=True"):
+    with pytest.raises(ConfigError, match=r"shuffle=False.*sampler's shuffle=True"):
         ResumableDataLoader(dataset(), batch_size=2, shuffle=False,
                             sampler=ResumableDistributedSampler(dataset(), 1, 0, shuffle=True))
     with pytest.raises(ConfigError, match="got RandomSampler"):
