@@ -124,6 +124,10 @@ class Event(StrEnum):
     ROLLBACK_STARTED = "rollback_started"
     ROLLBACK_RESTORED = "rollback_restored"
     ROLLBACK = "rollback"
+    #: A rollback decided before a crash, whose re-commit had not landed, carried out at start.
+    ROLLBACK_RESUMED = "rollback_resumed"
+    #: Such a rollback left alone: the run resumed from a step older than its anchor.
+    ROLLBACK_ABANDONED = "rollback_abandoned"
     DATA_SKIPPED = "data_skipped"
     GAVE_UP = "gave_up"
     PREEMPTION_SAVE = "preemption_save"

@@ -46,8 +46,8 @@ class Logs:
         out: dict[str, tuple[float, float]] = {}
         for e in self.events:
             run, ts = e.get(RUN), e.get("ts")
-            if isinstance(run, str) and _is_number(ts):
-                first, last = out.get(run, (ts, ts))
+            if isinstance(run, str) and isinstance(ts, (int, float)) and _is_number(ts):
+                first, last = out.get(run, (float(ts), float(ts)))
                 out[run] = (min(first, ts), max(last, ts))
         return out
 
@@ -80,16 +80,16 @@ def load_events(paths: Sequence[str]) -> Logs:
     for f in files:
         try:
             lines = read_events(f)
-        except OSError as e:
-            raise ConfigError(f"event log {f!r} cannot be read: {e.strerror or e}") from None
-        if lines and not any(_is_event(e) for e in lines):
+        except OSError as err:
+            raise ConfigError(f"event log {f!r} cannot be read: {err.strerror or err}") from None
+        if lines and not any(_is_event(line) for line in lines):
             passed_over.append(f)
             continue
         run = None
-        for e in lines:
-            if e.get("event") == Event.LAUNCH_STARTED and isinstance(e.get("run_id"), str):
-                run = e["run_id"]
-            e[RUN] = run
+        for line in lines:
+            if line.get("event") == Event.LAUNCH_STARTED and isinstance(line.get("run_id"), str):
+                run = line["run_id"]
+            line[RUN] = run
         events += lines
     events.sort(key=lambda e: e["ts"] if _is_number(e.get("ts")) else 0.0)
     return Logs(events, passed_over)
@@ -302,9 +302,9 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
         elif kind == Event.LOSS_JUDGED and _rank0(e):
             # Its step's own line came first (the vote reports a step after it), and a redo of
             # the step only after it (a rollback acts on the vote): it belongs to that step.
-            loss, step = e.get("loss"), e.get("step")
-            if step in timeline and isinstance(loss, (int, float)) and not isinstance(loss, bool):
-                judged[step] = float(loss)
+            loss, judged_step = e.get("loss"), e.get("step")
+            if judged_step in timeline and isinstance(loss, (int, float)) and not isinstance(loss, bool):
+                judged[judged_step] = float(loss)
                 if _is_int(e.get("ranks")):
                     s.ranks = e["ranks"]
         elif kind == Event.WORKERS_FAILED:
@@ -403,7 +403,7 @@ def plot(events: list[dict[str, Any]], summary: Summary, path: str) -> None:
         ax.annotate("", xy=(rb["to_step"], 0.5), xytext=(rb["from_step"], 0.5), xycoords=("data", "axes fraction"),
                     arrowprops={"arrowstyle": "->", "color": "tab:orange"})
         through = sk.get("through_step")
-        if _is_int(through) and through > rb["to_step"]:
+        if isinstance(through, int) and _is_int(through) and through > rb["to_step"]:
             # The samples skipped are those the old timeline trained at steps to+1..through;
             # the redone steps there train on the data that follows.
             ax.axvspan(rb["to_step"] + 0.5, through + 0.5, color="tab:orange", alpha=0.12,

@@ -51,6 +51,25 @@ def test_report_plot_is_a_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_report_follows_the_judged_loss_and_keeps_a_rolled_back_spike_where_it_happened():
+    """The guard judges the mean over the ranks (a spike on rank 1 is invisible in rank 0's
+    loss): the report's curve is that mean, the spike's step is among the thrown-away steps with
+    its judged value, and the redone steps carry their own."""
+    events = []
+    for s in range(1, 8):
+        events += [ev(s, "step", rank=0, step=s, loss=0.5, seconds=0.1),
+                   ev(s + 0.5, "loss_judged", rank=0, step=s, loss=400.0 if s == 7 else 0.6, ranks=2)]
+    events += [ev(7.6, "rollback", rank=0, from_step=7, to_step=5, skipped=[80, 128]),
+               ev(7.7, "data_skipped", rank=0, through_step=8)]
+    for s in (6, 7, 8):
+        events += [ev(8 + s, "step", rank=0, step=s, loss=0.4, seconds=0.1),
+                   ev(8.5 + s, "loss_judged", rank=0, step=s, loss=0.45, ranks=2)]
+    s = summarize(events)
+    assert s.judged_curve == [(1, 0.6), (2, 0.6), (3, 0.6), (4, 0.6), (5, 0.6), (6, 0.45), (7, 0.45), (8, 0.45)]
+    assert (7, 400.0) in s.judged_abandoned and s.ranks == 2
+    assert s.curve[-1] == (8, 0.4)  # rank 0's own line is kept beside it
+
+
 def test_report_command_line(tmp_path):
     import json
     import subprocess

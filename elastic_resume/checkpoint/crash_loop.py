@@ -10,19 +10,18 @@ one counts as no resumes, never as a reason to distrust a checkpoint.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..contract import Event
 from ..errors import StorageError
 from .layout import RESUME_LOG
+from .root_records import read_record, write_record
 
 if TYPE_CHECKING:
     from .store import CheckpointStore
 
 _FORMAT = "elastic-resume-resumes"
-_LIMIT = 1 << 20
 
 
 def plan_resume(candidates: Sequence[int], counts: dict[int, int], max_resumes: int) -> tuple[list[int], list[int]]:
@@ -39,18 +38,16 @@ def plan_resume(candidates: Sequence[int], counts: dict[int, int], max_resumes: 
 
 def resume_counts(store: CheckpointStore) -> dict[int, int]:
     """How many times a run resumed from each step. A missing or unreadable file counts as none."""
+    doc = read_record(store.storage, RESUME_LOG)
     try:
-        doc = json.loads(store.storage.read_small(RESUME_LOG, limit=_LIMIT))
         counts = {int(k): int(v) for k, v in doc.get("resumes", {}).items()}
         return {k: v for k, v in counts.items() if k >= 0 and v >= 0}
-    except (FileNotFoundError, OSError, ValueError, AttributeError, TypeError, RecursionError):
+    except (ValueError, AttributeError, TypeError, OverflowError):
         return {}
 
 
 def _write(store: CheckpointStore, counts: dict[int, int]) -> None:
-    data = json.dumps({"format": _FORMAT, "resumes": {str(k): v for k, v in sorted(counts.items())}},
-                      indent=1).encode()
-    store.storage.write_atomic(RESUME_LOG, [memoryview(data)], size=len(data))
+    write_record(store.storage, RESUME_LOG, {"format": _FORMAT, "resumes": {str(k): v for k, v in sorted(counts.items())}})
 
 
 def resume_candidates(store: CheckpointStore, committed: list[int], max_resumes: int) -> tuple[list[int], dict[int, str]]:

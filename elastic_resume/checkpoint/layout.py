@@ -28,6 +28,9 @@ STEP_PREFIX = "step-"
 STEP_DIGITS = 12
 #: Root-level file counting resumes per step, for the crash-loop fallback.
 RESUME_LOG = "resume-attempts.json"
+#: Root-level file holding the last rollback decided by the spike guard, written before it is
+#: carried out (a crash in between finishes the same rollback at the next start).
+ROLLBACK_DECISION = "rollback-decision.json"
 PRUNE_LOCK = ".prune.lock"
 
 _STEP_RE = re.compile(rf"^step-([0-9]{{{STEP_DIGITS},}})$")

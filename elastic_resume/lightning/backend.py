@@ -12,10 +12,13 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping, MutableMapping
 from typing import Any
 
+from ..checkpoint.layout import ROLLBACK_DECISION
+from ..checkpoint.root_records import read_record, write_record
 from ..collectives import Group, on_rank0
 from ..contract import Event
 from ..errors import ConfigError, StorageError
 from ..events import EventLog
+from ..storage import open_storage
 from . import _compat
 from .checkpoint_io import ElasticCheckpointIO, _join
 
@@ -114,6 +117,18 @@ class TrainerBackend:
             return sorted(set(retired.values()))
 
         return on_rank0(self.group, retire, error=lambda m: StorageError(0, m), what=f"checkpoint directory {dirpath}")
+
+    def _decision_storage(self) -> Any:
+        return open_storage(self._dir(), self.io.storage_options)
+
+    def record_decision(self, decision: Mapping[str, Any]) -> None:
+        """Rank 0 writes the rollback decision into the checkpoint directory, atomically."""
+        on_rank0(self.group, lambda: write_record(self._decision_storage(), ROLLBACK_DECISION, dict(decision)),
+                 error=lambda m: StorageError(0, m), what=f"cannot record the rollback decision in {self._dir()}")
+
+    def recorded_decision(self) -> Any:
+        return on_rank0(self.group, lambda: read_record(self._decision_storage(), ROLLBACK_DECISION),
+                        error=lambda m: StorageError(0, m), what=f"cannot read the rollback decision in {self._dir()}")
 
     def restore(self, state: MutableMapping[str, Any], *, step: int | None = None) -> int | None:
         """Load ``step`` into the running trainer (Lightning itself restores at the start of

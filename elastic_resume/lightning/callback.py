@@ -190,7 +190,10 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
         if self.guard.sampler is None and self.guard.policy.skip_data:
             log.warning("ElasticResume: the training dataloader has no ResumableDistributedSampler, so a rollback "
                         "cannot skip the data around a spike (it replays it); use ResumableDataLoader")
-        self.guard.attach(trainer.global_step if trainer.ckpt_path else None)
+        if self.guard.attach(trainer.global_step if trainer.ckpt_path else None) is not None:
+            # A rollback decided before the last stop was carried out now: the loop goes on
+            # from its anchor, at the skipped-ahead data position.
+            self._continue_from(trainer)
         self._last_step = trainer.global_step
         # What identifies the run does not change while it trains: computed once, not per save.
         self._run_fingerprint = self._fingerprint(trainer, pl_module)

@@ -70,6 +70,15 @@ class CheckpointBackend(Protocol):
         """Checkpoint ``step`` with the guard's metadata and health record."""
         ...
 
+    def record_decision(self, decision: Mapping[str, Any]) -> None:
+        """Write a rollback's decision (JSON-able) to storage, durably, before it is carried
+        out; it replaces the one recorded before."""
+        ...
+
+    def recorded_decision(self) -> Any:
+        """The last decision recorded (parsed JSON, untrusted), or None; the same on every rank."""
+        ...
+
     def wait(self) -> Any:
         """Wait for a background save (and raise its error)."""
         ...

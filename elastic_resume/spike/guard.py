@@ -42,7 +42,7 @@ from ..errors import ConfigError, GaveUpError
 from ..training.sampler import ResumableDistributedSampler
 from .backend import CheckpointBackend
 from .detectors import Anchor, Detector, DetectorBank, Judge, Plateau, judged_where
-from .policy import Action, ActionKind, Recovery, RollbackPolicy, decide, lowest_loss
+from .policy import Action, ActionKind, Recovery, RollbackDecision, RollbackPolicy, decide, lowest_loss
 from .vote import Quorum, Vote, VoteResult
 
 RECOVERY_KEY = "spike_guard"
@@ -189,16 +189,33 @@ class SpikeGuard:
         """Restore the newest verified checkpoint (0 if none). With ``restart_from_scratch``,
         a fresh run first commits step 0 so there is always something to roll back to."""
         restored = self.checkpoints.restore(self.state)
-        self.attach(restored)
-        return restored or 0
+        redone = self.attach(restored)
+        return redone if redone is not None else (restored or 0)
 
-    def attach(self, restored: int | None) -> None:
+    def attach(self, restored: int | None) -> int | None:
         """Take up training after a restore done by someone else (``restored`` is the step, or
-        None for a fresh run): learn which checkpoints exist and their health."""
+        None for a fresh run): learn which checkpoints exist and their health, and finish a
+        rollback a crash interrupted. Returns the step training continues from when that
+        rollback was carried out now (its anchor), else None."""
         self._committed = self.checkpoints.checkpoint_health()
-        if restored is None and self.policy.restart_from_scratch:
-            self.save(0)
         self._step_clock = time.monotonic()
+        if restored is None:
+            if self.policy.restart_from_scratch:
+                self.save(0)
+            return None
+        decision = RollbackDecision.from_json(self.checkpoints.recorded_decision())
+        if decision is None or self.recovery.rollbacks > decision.recovery.get("rollbacks", 0):
+            return None  # none recorded, or its re-commit landed (the state restored carries it)
+        if restored < decision.anchor:
+            self.emit(Event.ROLLBACK_ABANDONED, step=restored, anchor=decision.anchor, onset=decision.onset,
+                      reason=f"a rollback to step {decision.anchor} was decided before the last stop, but the run "
+                             f"resumed from the older step {restored}: it judges the steps after it afresh")
+            return None
+        self.emit(Event.ROLLBACK_RESUMED, step=restored, anchor=decision.anchor, onset=decision.onset,
+                  reason=f"the rollback from step {decision.onset} to step {decision.anchor} was decided before the "
+                         "last stop and had not been committed: carrying it out now")
+        self._committed = [c for c in self._committed if c[0] <= restored]
+        return self._carry_out(decision).step
 
     def _protect_anchor(self, step: int) -> None:
         """Keep out of retention's reach every checkpoint a spike at ``step`` or later could roll
@@ -413,9 +430,22 @@ class SpikeGuard:
     def _rollback(self, action: Action, now: int) -> StepOutcome:
         assert action.anchor is not None and action.onset is not None
         self.vote.discard()
+        # The decision goes to storage before anything is acted on: a crash anywhere between
+        # here and the re-commit of the anchor (which carries the rollback's effects) finds it
+        # at the next start, and the same rollback is carried out then (attach).
+        decision = RollbackDecision(onset=action.onset, anchor=action.anchor, skip_through_step=action.skip_through_step,
+                                    skip_end=self._skip_end(action, now), reason=action.reason, at_step=now,
+                                    recovery=self.recovery.state_dict())
+        self.checkpoints.record_decision(decision.to_json())
+        return self._carry_out(decision)
+
+    def _carry_out(self, decision: RollbackDecision) -> StepOutcome:
+        action = Action(ActionKind.ROLLBACK, onset=decision.onset, anchor=decision.anchor,
+                        skip_through_step=decision.skip_through_step, reason=decision.reason)
+        assert action.anchor is not None and action.onset is not None
+        now, skip_end = decision.at_step, decision.skip_end
         before = Recovery()
-        before.load_state_dict(self.recovery.state_dict())
-        skip_end = self._skip_end(action, now)
+        before.load_state_dict(decision.recovery)
         self.emit(Event.ROLLBACK_STARTED, from_step=action.onset, to_step=action.anchor, reason=action.reason)
         # Load the anchor before retiring anything: only a step every rank just loaded may make
         # the newer ones (the abandoned timeline) go, so a rollback never leaves less than it found.
@@ -451,8 +481,8 @@ class SpikeGuard:
         self._last_trouble = None
         self._positions.clear()
         # Re-commit the anchor with the recovery state and the new data position, in the
-        # background: training goes on at once, and a crash before that commit only means the
-        # original anchor is found again and the same rollback is redone (never half of one).
+        # background: training goes on at once. A crash before that commit lands is healed by
+        # the decision recorded above: the next start carries out this same rollback.
         self.save(action.anchor, blocking=False)
         self.emit(Event.ROLLBACK, from_step=action.onset, to_step=action.anchor, skipped=window,
                   lr_scale=after.lr_scale, rollbacks=after.rollbacks, budget=self.policy.budget,

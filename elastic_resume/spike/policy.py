@@ -75,6 +75,51 @@ class Recovery:
         self.history = list(state["history"])
 
 
+@dataclass(frozen=True)
+class RollbackDecision:
+    """A rollback as decided, written to storage before it is carried out: everything needed to
+    carry out the same rollback again after a crash (the anchor, the data to skip, the recovery
+    state it starts from). The re-committed anchor makes it moot: its recovery state counts
+    one more rollback than :attr:`recovery` does."""
+
+    onset: int
+    anchor: int
+    skip_through_step: int | None
+    skip_end: int | None  #: absolute sample position where data resumes (None: no skip)
+    reason: str
+    at_step: int  #: the step training had reached when it was decided
+    recovery: dict[str, Any]  #: ``Recovery.state_dict()`` at the decision
+
+    FORMAT = "elastic-resume-rollback-decision"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": self.FORMAT, "onset": self.onset, "anchor": self.anchor,
+                "skip_through_step": self.skip_through_step, "skip_end": self.skip_end, "reason": self.reason,
+                "at_step": self.at_step, "recovery": self.recovery}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> RollbackDecision | None:
+        """Decoded with bounds, never trusted: anything but a well-formed record is None."""
+        if not isinstance(doc, dict) or doc.get("format") != cls.FORMAT:
+            return None
+
+        def count(v: Any, optional: bool = False) -> bool:
+            return (optional and v is None) or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62)
+
+        fields = ("onset", "anchor", "at_step")
+        if not all(count(doc.get(k)) for k in fields) or not all(
+                count(doc.get(k), optional=True) for k in ("skip_through_step", "skip_end")):
+            return None
+        if not isinstance(doc.get("reason"), str) or not isinstance(doc.get("recovery"), dict):
+            return None
+        try:
+            Recovery().load_state_dict(doc["recovery"])  # the shape a Recovery loads, or none
+        except (KeyError, TypeError, ValueError, OverflowError):
+            return None
+        return cls(onset=doc["onset"], anchor=doc["anchor"], skip_through_step=doc["skip_through_step"],
+                   skip_end=doc["skip_end"], reason=doc["reason"][:2000], at_step=doc["at_step"], recovery=doc["recovery"])
+
+
 class ActionKind(StrEnum):
     """What every rank does after a vote."""
 

@@ -192,3 +192,20 @@ def test_the_projects_own_guarded_regression_runs_900_clean_steps_without_a_roll
     evs = [json.loads(line) for line in events.read_text().splitlines()]
     assert not named(evs, "spike_detected") and not named(evs, "rollback")
     assert "finished at step 900" in r.stdout
+
+
+def test_a_crash_between_a_rollbacks_decision_and_its_commit_finishes_that_rollback(tmp_path):
+    """A one-off spike (it does not recur when the steps are trained again) and a rank killed
+    after the anchor was restored, before the re-commit: the restarted run carries out the
+    recorded rollback (skip, budget) instead of forgetting it."""
+    r, events, _ = run(tmp_path, "--spike-at-step", "15", "--die-in-rollback", max_restarts=1)
+    assert r.returncode == 0, why(r)
+    resumed = named(events, "rollback_resumed")
+    assert {e["rank"] for e in resumed} == {0, 1} and {(e["onset"], e["anchor"]) for e in resumed} == {(15, 12)}
+    recovery = Recovery()
+    mgr = CheckpointManager(tmp_path / "ckpt", read_only=True)
+    assert mgr.restore({"spike_guard": recovery}) == 30
+    assert recovery.rollbacks == 1 and len(recovery.windows) == 1
+    assert recovery.history[0]["onset"] == 15 and recovery.history[0]["anchor"] == 12
+    skipped = named(events, "data_skipped")
+    assert {(e["start_sample"], e["end_sample"]) for e in skipped} == {(12 * 16, 18 * 16)}
