@@ -14,6 +14,7 @@ false-positive rate does not grow with the world size; ``judge="rank"``: each ra
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 import statistics
@@ -64,8 +65,12 @@ OK = Verdict()
 
 
 @dataclass(kw_only=True)
-class Detector:
-    """Base: subclasses implement ``_judge`` (and ``_absorb`` for stateful baselines)."""
+class Detector(abc.ABC):
+    """Base: subclasses implement ``_judge`` (and ``_absorb`` for stateful baselines).
+
+    Declared an abstract base (``abc.ABC``) so that configuration parsers treat ``Detector`` as a
+    family of classes: jsonargparse (``LightningCLI``) then accepts any detector by
+    ``class_path`` where a signature says ``list[Detector]``."""
 
     watch: str = "loss"
     warmup: int = 0

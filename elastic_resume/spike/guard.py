@@ -56,7 +56,8 @@ class GuardOptions:
     """How a :class:`SpikeGuard` (and Lightning's ``ElasticResume``) detects spikes and reacts."""
 
     detectors: list[Detector] | None = None
-    """Spike detectors (default: NaN/Inf in loss and gradient norm, and a robust z-score of the loss)."""
+    """Spike detectors (default: ``default_detectors()``: NaN/Inf in loss and gradient norm, and a
+    loss over 3x the highest of the last 128 steps)."""
     policy: RollbackPolicy | None = None
     """What a rollback does (margin, data skipped, LR scale, budget); default ``RollbackPolicy()``."""
     quorum: str | float = "any"
@@ -67,7 +68,7 @@ class GuardOptions:
     """1: read each vote one check later, so its latency hides behind a step; 0: read at once."""
     health_window: int = 10
     """Checkpoints taken within this many steps after any trouble are unhealthy: never an anchor."""
-    judge: str = Judge.GLOBAL
+    judge: str = Judge.GLOBAL.value  # a plain string as default: configuration files (YAML) can write it
     """``global``: judge the loss averaged over all ranks; ``rank``: each rank's own, with ``quorum``."""
 
     def __post_init__(self) -> None:
