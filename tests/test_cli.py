@@ -39,8 +39,9 @@ def test_ls_text_and_json(populated):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["STEP", "STATUS", "SIZE", "WORLD", "AGE"]
-    assert [line.split()[:2] for line in lines[1:]] == [
+    assert [line.split()[:2] for line in lines[1:-1]] == [
         ["400", "incomplete"], ["300", "committed"], ["200", "committed"], ["100", "committed"]]
+    assert "no data was read" in lines[-1]  # "committed" is what the manifests say, not a verification
     r = run_cli("ls", populated.url, "--json", *populated.cli_options(), env=populated.env)
     rows = json.loads(r.stdout)
     assert rows[1]["step"] == 300 and rows[1]["world_size"] == 1 and rows[1]["size"] > 4000
@@ -128,3 +129,26 @@ def test_storage_option_parsing():
                     "client_kwargs": {"verify": False}}
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_storage_options(["broken"])
+
+
+def test_ls_and_inspect_say_what_they_have_not_read(populated):
+    """A flipped byte: ls (manifests and sizes only) cannot see it and says so; ls --full and
+    verify read the data and call the step corrupt; inspect does not claim more than it read."""
+    opts = populated.cli_options()
+    st = tamper.raw(populated.url, populated.storage_options)
+    victim = tamper.data_files(st, 300)[0]
+    tamper.flip_byte(st, victim, len(tamper.get(st, victim)) // 2)
+    quick = run_cli("ls", populated.url, *opts, env=populated.env).stdout
+    assert "no data was read; 'ls --full' or 'verify' checks every byte" in quick
+    full = run_cli("ls", "--full", populated.url, *opts, env=populated.env).stdout
+    assert any(line.split()[:2] == ["300", "corrupt"] for line in full.splitlines())
+    shown = run_cli("inspect", populated.url, "300", *opts, env=populated.env)
+    assert "(committed; data not read: 'verify --step 300' checks every byte)" in shown.stdout
+
+
+def test_help_lists_every_kind_of_root():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for scheme in ("file://", "s3://", "gs://", "az://", "memory://"):
+        assert scheme in text
