@@ -65,7 +65,7 @@ OK = Verdict()
 
 
 @dataclass(kw_only=True)
-class Detector(abc.ABC):
+class Detector(abc.ABC):  # noqa: B024 - a family for config parsers; every hook has a working default
     """Base: subclasses implement ``_judge`` (and ``_absorb`` for stateful baselines).
 
     Declared an abstract base (``abc.ABC``) so that configuration parsers treat ``Detector`` as a
@@ -99,11 +99,11 @@ class Detector(abc.ABC):
     def _judge(self, value: float, step: int) -> Verdict:
         return OK
 
-    def on_rollback(self, anchor: int) -> None:
+    def on_rollback(self, anchor: int) -> None:  # noqa: B027 - optional hook
         """Called after a rollback restored this detector's state from the anchor at step
         ``anchor``: a detector whose clock is recovery state (``Plateau``) restarts it here."""
 
-    def _absorb(self, value: float) -> None:
+    def _absorb(self, value: float) -> None:  # noqa: B027 - optional hook: stateless detectors keep nothing
         pass
 
     def state_dict(self) -> dict[str, Any]:

@@ -51,6 +51,18 @@ def kill_node(agent: subprocess.Popen[str], timeout: float = 15) -> list[int]:
     return workers
 
 
+def kill_launcher_alone(launcher: subprocess.Popen[str], workers: list[int], timeout: float = 15) -> None:
+    """SIGKILL only the launcher (no chance to clean up) and wait for ``workers`` to die with it:
+    the orphan protection at work. Fails if any outlives it by ``timeout`` seconds."""
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait(timeout=30)
+    deadline = time.monotonic() + timeout
+    while any(alive(w) for w in workers):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"workers {workers} outlived their SIGKILLed launcher by {timeout}s")
+        time.sleep(0.05)
+
+
 def wait_event(path: str, predicate, timeout: float = 120, proc: subprocess.Popen[str] | None = None) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -14,8 +14,8 @@ from elastic_resume import CheckpointManager
 from elastic_resume.events import read_events
 from harness.processes import REPO, free_port
 from tests.helpers.launcher import (
-    alive,
     children,
+    kill_launcher_alone,
     kill_node,
     launcher_cmd,
     losses,
@@ -246,12 +246,7 @@ def test_sigkilled_launcher_takes_its_workers_along_and_a_relaunch_resumes(tmp_p
         wait_event(events, lambda e: e["event"] == "save_committed" and e["step"] >= 8, proc=p)
         workers = children(p.pid)
         assert len(workers) == 2
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait(timeout=30)
-        deadline = time.monotonic() + 15
-        while any(alive(w) for w in workers):
-            assert time.monotonic() < deadline, "workers outlived their launcher"
-            time.sleep(0.05)
+        kill_launcher_alone(p, workers)
     finally:
         stop(p)
     latest = CheckpointManager(str(tmp_path / "ckpt"), read_only=True).latest()
@@ -335,12 +330,7 @@ def test_no_python_workers_die_with_a_sigkilled_launcher_too(tmp_path):
             time.sleep(0.05)
         workers = children(p.pid)
         assert len(workers) == 2 and all(open(f"/proc/{w}/comm").read().strip() == "sleep" for w in workers)
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait(timeout=30)
-        deadline = time.monotonic() + 15
-        while any(alive(w) for w in workers):
-            assert time.monotonic() < deadline, "--no-python workers outlived their launcher"
-            time.sleep(0.05)
+        kill_launcher_alone(p, workers)
     finally:
         stop(p)
     r = run(launcher_cmd("--standalone", "--nproc-per-node=1", "--no-python", "--max-restarts=2",

@@ -14,7 +14,7 @@ import pytest
 
 from elastic_resume.events import read_events
 from harness.processes import REPO
-from tests.helpers.launcher import launcher_cmd, run
+from tests.helpers.launcher import launcher_cmd
 from tests.helpers.lightning_namespaces import only
 
 pytest.importorskip("jsonargparse")
@@ -43,7 +43,8 @@ def launch(tmp_path, name: str, die_at_step: int = 0):
     env = only("pytorch_lightning", {"LOSS_LOG": str(work / "loss.jsonl"), "FAULT_DIR": str(work),
                                      "DIE_AT_STEP": str(die_at_step)})
     cmd = launcher_cmd("--standalone", "--nproc-per-node=2", "--max-restarts=1", f"--er-event-log={work / 'events.jsonl'}",
-                       script=SCRIPT, args=("--config", str(config), "--trainer.devices", "2", "--trainer.default_root_dir", str(work)))
+                       script=SCRIPT,
+                       args=("--config", str(config), "--trainer.devices", "2", "--trainer.default_root_dir", str(work)))
     r = subprocess_in(work, cmd, env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     losses = {}
