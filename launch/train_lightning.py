@@ -44,7 +44,6 @@ except ImportError:  # ... or the same classes from the lightning distribution
 
 from elastic_resume import (
     EXIT_GAVE_UP,
-    ConfigError,
     ElasticResumeError,
     GaveUpError,
     MaxRatio,
@@ -92,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--lr-scale", type=float, default=1.0)
     g.add_argument("--budget", type=int, default=3)
     g.add_argument("--spike-at-step", type=int)
+    g.add_argument("--die-in-rollback", action="store_true", help="SIGKILL --die-rank in the middle of its first "
+                   "rollback (after the anchor was loaded, before its re-commit)")
     g.add_argument("--spike-rank", type=int, default=1)
     g.add_argument("--spike-factor", type=float, default=1e4)
     g.add_argument("--accumulate", type=int, default=1, help="Trainer(accumulate_grad_batches=...); a spike "
@@ -173,6 +174,24 @@ class SyntheticData(pl.LightningDataModule):
         return ResumableDataLoader(self.dataset, sampler=sampler, batch_size=self.hparams.batch_size)
 
 
+class DieInRollback(pl.Callback):
+    """--die-in-rollback: SIGKILL --die-rank right after a rollback restored its anchor, before the
+    re-commit (fault injection; set up after ElasticResume, whose guard it listens to)."""
+
+    def __init__(self, guard: ElasticResume, args: argparse.Namespace) -> None:
+        self.elastic, self.args = guard, args
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.args.die_in_rollback or self.elastic.guard is None:
+            return
+
+        def on_event(event: dict) -> None:
+            if event["event"] == "rollback_restored" and trainer.global_rank == self.args.die_rank and \
+                    once(self.args, "rollback"):
+                os.kill(os.getpid(), signal.SIGKILL)
+        self.elastic.guard.on_event = on_event
+
+
 def once(args: argparse.Namespace, name: str) -> bool:
     marker = os.path.join(args.fault_dir, f".fault-{name}")
     if os.path.exists(marker):
@@ -204,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         max_steps=args.steps, use_distributed_sampler=False, accumulate_grad_batches=args.accumulate,
         plugins=[ckpt_io] if ckpt_io else None,
         callbacks=[ModelCheckpoint(dirpath=args.root, every_n_train_steps=args.save_every, save_top_k=-1,
-                                   save_last=args.save_last), *([guard] if guard else [])],
+                                   save_last=args.save_last), *([guard, DieInRollback(guard, args)] if guard else [])],
         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )
     model = Regression(args.hidden, args.lr, args.layers, args.dropout, args)
@@ -213,11 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_io.resume_path(args.root) if ckpt_io else None)
     except GaveUpError:
         raise  # the rollback budget is spent: under elastic-resume launch this exits 76 by itself
-    except (ConfigError, NoCheckpointError) as e:  # drift="fail", a bad setting, nothing loadable: a retry cannot fix it
+    except NoCheckpointError as e:  # nothing loadable: a retry cannot fix it
         print(f"rank {trainer.global_rank}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_GAVE_UP
-    except ElasticResumeError as e:  # storage trouble, a failed save: worth a restart
-        print(f"rank {trainer.global_rank}: error: {e}", file=sys.stderr, flush=True)
+    except ElasticResumeError as e:
+        if e.permanent:
+            raise  # drift="fail", a bad setting: under elastic-resume launch the worker exits 78, not retried
+        print(f"rank {trainer.global_rank}: error: {e}", file=sys.stderr, flush=True)  # storage trouble, a failed save
         return 1
     if trainer.global_rank == 0:
         print(f"lightning namespace: {pl.__name__} {pl.__version__}", flush=True)

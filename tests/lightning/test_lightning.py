@@ -276,3 +276,18 @@ def test_oldest_supported_release_resumes_bit_for_bit_and_rolls_back(tmp_path):
     assert {(e["from_step"], e["to_step"]) for e in events(tmp_path / "spike", "rollback")} == {(17, 15)}
     got = last_losses(tmp_path / "spike" / "loss.jsonl")
     assert max(s for _, s in got) == 20 and all(v < 10 for v in got.values())
+
+
+@pytest.mark.slow
+def test_a_crash_between_a_rollbacks_decision_and_its_commit_is_finished_at_the_next_start(tmp_path, ns_env):
+    """A one-off spike at step 17, and rank 1 SIGKILLed right after the anchor was loaded: the
+    restarted run resumes from the newest checkpoint, finds the decision recorded before the
+    crash, and carries out that rollback (the spike does not recur by itself)."""
+    r = run(launch(tmp_path, "--steps", "30", "--spike-at-step", "17", "--die-in-rollback"), env=ns_env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    resumed = events(tmp_path, "rollback_resumed")
+    assert {e["rank"] for e in resumed} == {0, 1} and {e["onset"] for e in resumed} == {17}
+    after = [e for e in events(tmp_path, "rollback") if e["rank"] == 0]
+    assert len(after) == 1 and after[0]["from_step"] == 17 and after[0]["rollbacks"] == 1
+    assert after[0]["skipped"] is not None
+    assert len(events(tmp_path, "workers_started")) == 2
