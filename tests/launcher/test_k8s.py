@@ -83,7 +83,7 @@ def test_exit_code_policy_and_grace_period(name, spec):
     container = pod["containers"][0]
     rules = spec["podFailurePolicy"]["rules"]
     by_code = {code: r["action"] for r in rules if "onExitCodes" in r for code in r["onExitCodes"]["values"]}
-    assert by_code == {ExitCode.GAVE_UP: "FailJob", ExitCode.PREEMPTED: "Ignore"}
+    assert by_code == {ExitCode.GAVE_UP: "FailJob", ExitCode.PERMANENT: "FailJob", ExitCode.PREEMPTED: "Ignore"}
     assert all(r["onExitCodes"]["containerName"] == container["name"] for r in rules if "onExitCodes" in r)
     assert any(c["type"] == "DisruptionTarget" and r["action"] == "Ignore"
                for r in rules for c in r.get("onPodConditions", []))
