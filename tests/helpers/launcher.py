@@ -43,12 +43,17 @@ def kill_node(agent: subprocess.Popen[str], timeout: float = 15) -> list[int]:
         except ProcessLookupError:
             pass
     agent.wait(timeout=30)
+    wait_gone(workers, timeout, "after SIGKILL")
+    return workers
+
+
+def wait_gone(workers: list[int], timeout: float, after: str) -> None:
+    """Wait until none of ``workers`` is alive; fail naming them ``timeout`` seconds ``after`` ..."""
     deadline = time.monotonic() + timeout
     while any(alive(w) for w in workers):
         if time.monotonic() > deadline:
-            raise AssertionError(f"workers {workers} still alive {timeout}s after SIGKILL")
+            raise AssertionError(f"workers {workers} still alive {timeout}s {after}")
         time.sleep(0.02)
-    return workers
 
 
 def kill_launcher_alone(launcher: subprocess.Popen[str], workers: list[int], timeout: float = 15) -> None:
@@ -56,11 +61,7 @@ def kill_launcher_alone(launcher: subprocess.Popen[str], workers: list[int], tim
     the orphan protection at work. Fails if any outlives it by ``timeout`` seconds."""
     os.kill(launcher.pid, signal.SIGKILL)
     launcher.wait(timeout=30)
-    deadline = time.monotonic() + timeout
-    while any(alive(w) for w in workers):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"workers {workers} outlived their SIGKILLed launcher by {timeout}s")
-        time.sleep(0.05)
+    wait_gone(workers, timeout, "after their launcher was SIGKILLed (orphans)")
 
 
 def wait_event(path: str, predicate, timeout: float = 120, proc: subprocess.Popen[str] | None = None) -> dict[str, Any]:
