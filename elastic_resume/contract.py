@@ -111,6 +111,8 @@ class Event(StrEnum):
     CORRUPTION_FOUND = "corruption_found"
     RESUME_CRASH_LOOP = "resume_crash_loop"
     DRIFT_FOUND = "drift_found"
+    #: A restored state's own step counter disagrees with the step restored (see state.py).
+    STEP_COUNTER_STALE = "step_counter_stale"
     PER_RANK_RESEEDED = "per_rank_reseeded"
     RNG_RESEEDED = "rng_reseeded"
     # the spike guard

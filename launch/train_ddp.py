@@ -214,9 +214,10 @@ def main(argv: list[str] | None = None) -> int:
             die_once(args.root, step, rank, args)
             if args.step_seconds:
                 time.sleep(args.step_seconds)
+            # Every field of the state is kept current at every step, not only on --save-every
+            # steps: a preemption saves whatever step the vote lands on.
+            state["progress"]["step"] = step
             save_now = step % args.save_every == 0 or step == args.steps or step == args.stop_at_step
-            if save_now:
-                state["progress"]["step"] = step
             if guard is not None:
                 outcome = guard.step(step, loss.item(), grad_norm=grad_norm.item(), save=save_now,
                                      blocking=not args.async_save)

@@ -64,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         scheduler.step()
         step += 1
+        progress["step"] = step  # current at every step, wherever a save happens
         if log:
             log.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
             log.flush()
         if step % args.save_every == 0 or step == args.steps:
-            progress["step"] = step
             mgr.save(step, state, metadata={"loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
     print(f"finished at step {step}, loss {loss.item():.6f}", flush=True)
     return 0

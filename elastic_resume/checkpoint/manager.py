@@ -38,7 +38,7 @@ from .manifest import Manifest
 from .reading import LoadedStep, ReadAttempt, try_read
 from .root_records import read_record, write_record
 from .saving import StepWriter
-from .state import apply_state
+from .state import apply_state, stale_step_counters
 from .store import CheckpointStore
 from .values import allowed_class_names
 
@@ -298,6 +298,13 @@ class CheckpointManager:
                                       allow=[*self.options.drift_allow, *self._recovery_drift], events=self.events,
                                       restored_tree=loaded.replicated)
         self._apply(state, loaded)
+        for name, value in stale_step_counters(state, manifest.step):
+            reason = (f"restored step {manifest.step}, but {name} is {value}: the script's counter was not current when "
+                      f"step {manifest.step} was saved (a preemption saves at any step); a loop that continues from "
+                      f"{value} trains steps again on the newer model. Update it at every step, or continue from "
+                      f"the step restore() returns")
+            log.warning("%s", reason)
+            self.events.emit(Event.STEP_COUNTER_STALE, step=manifest.step, counter=name, value=value, reason=reason)
         if manifest.world_size == self.world_size:  # then every file was read by some rank
             self.store.mark_loadable(manifest.step, manifest.raw_digest)
         self.last_committed = self.last_restored = manifest.step

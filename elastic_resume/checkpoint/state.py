@@ -165,6 +165,21 @@ def apply_state(state: MutableMapping[str, Any], loaded: Mapping[str, Any], *, s
             state[key] = saved
 
 
+def stale_step_counters(state: Mapping[str, Any], step: int) -> list[tuple[str, int]]:
+    """The script's own step counters in a restored ``state`` that disagree with the step it was
+    saved as: ``state["step"]``, or a ``"step"`` entry of a dict in it (``state["progress"]["step"]``).
+    A counter updated only on periodic saves holds an old value in a preemption save, and a loop
+    that continues from it trains those steps again on top of the newer model."""
+    found: list[tuple[str, int]] = []
+    for key, value in state.items():
+        candidates = [(f"state[{key!r}]", value)] if key == "step" else (
+            [(f"state[{key!r}]['step']", value.get("step"))] if isinstance(value, dict) else [])
+        for name, v in candidates:
+            if isinstance(v, int) and not isinstance(v, bool) and v != step:
+                found.append((name, v))
+    return found
+
+
 def _mismatch(live: Any, saved: Any) -> str | None:
     """Why ``saved`` cannot be loaded into ``live`` (a module or an optimizer), or None."""
     if isinstance(live, torch.nn.Module):

@@ -364,3 +364,19 @@ def test_restore_refills_plain_dicts_and_lists_in_place(tmp_path):
     state = {"progress": mine, "seen": held, "lr": 1.0}
     assert CheckpointManager(tmp_path).restore(state) == 70
     assert state["progress"] is mine and mine == progress and held == seen and state["lr"] == 0.5
+
+
+def test_a_restore_names_a_step_counter_that_was_stale_when_saved(tmp_path, caplog):
+    """A counter updated only on periodic saves holds an old value in a save at another step (a
+    preemption): the restore says so, naming it, instead of letting the loop train steps again."""
+    CheckpointManager(tmp_path).save(83, {"w": torch.ones(2), "progress": {"step": 50}, "step": 83})
+    state = {"w": torch.zeros(2), "progress": {"step": 0}, "step": 0}
+    with caplog.at_level("WARNING", logger="elastic_resume"):
+        assert CheckpointManager(tmp_path).restore(state) == 83
+    assert "restored step 83, but state['progress']['step'] is 50" in caplog.text
+    assert "state['step']" not in caplog.text  # that one is current
+    caplog.clear()
+    CheckpointManager(tmp_path / "current").save(7, {"progress": {"step": 7}})
+    with caplog.at_level("WARNING", logger="elastic_resume"):
+        CheckpointManager(tmp_path / "current").restore({"progress": {"step": 0}})
+    assert "was not current" not in caplog.text
