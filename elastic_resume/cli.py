@@ -363,24 +363,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     help = "print an sbatch script that runs 'elastic-resume launch' on every node, with requeue on preemption"
-    p = sub.add_parser("sbatch", help=help, description=help)
+    p = sub.add_parser("sbatch", help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--job-name", default="train")
     p.add_argument("--nodes", type=_pos_int("--nodes"), default=2)
     p.add_argument("--min-nodes", type=_pos_int("--min-nodes"), help="go on with this many nodes after a node failure")
-    p.add_argument("--nproc-per-node", type=_pos_int("--nproc-per-node"), default=8)
-    p.add_argument("--gpus-per-node", type=_nonneg_int("--gpus-per-node"), default=8, help="0 for CPU-only nodes")
+    p.add_argument("--gpus-per-node", type=_nonneg_int("--gpus-per-node"),
+                   help="GPUs to request per node (default: what every node of this cluster offers, from sinfo; "
+                        "none on a CPU cluster); 0 requests none")
+    p.add_argument("--nproc-per-node", type=_pos_int("--nproc-per-node"),
+                   help="workers per node (default: one per GPU requested, else 1)")
     p.add_argument("--cpus-per-task", type=_pos_int("--cpus-per-task"))
-    p.add_argument("--time", default="24:00:00")
+    p.add_argument("--time", default="24:00:00", help="the job's time limit")
     p.add_argument("--signal-lead", type=_pos_int("--signal-lead"), default=300,
-                   help="seconds before the time limit Slurm sends USR1 (default 300)")
+                   help="seconds before the time limit Slurm sends USR1 (shorter than --time)")
     p.add_argument("--grace", type=_pos_int("--grace"), help="seconds the workers get to save (default: lead minus 20%%)")
     p.add_argument("--partition")
     p.add_argument("--account")
-    p.add_argument("--log", default="logs/%x-%j.out", help="sbatch --output pattern (appended across requeues)")
+    p.add_argument("-o", "--output", "--log", dest="log", default="%x-%j.out",
+                   help="the job's log, as sbatch -o (appended across requeues); a directory in it is created now")
     p.add_argument("--rdzv-port", type=_pos_int("--rdzv-port"), default=DEFAULT_RDZV_PORT)
     p.add_argument("--launcher", default="elastic-resume", help="command that runs elastic-resume on the nodes")
     p.add_argument("--setup", action="append", default=[], help="shell line run before srun (repeatable)")
-    p.add_argument("-o", "--output", help="write the script here instead of stdout")
+    p.add_argument("--write", metavar="FILE", help="write the script to FILE instead of stdout")
     p.add_argument("script", metavar="SCRIPT")
     p.add_argument("script_args", metavar="ARGS", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_sbatch)
@@ -442,21 +446,34 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sbatch(args: argparse.Namespace) -> int:
-    from .launcher.slurm import SbatchOptions, render_sbatch
+    import os
 
+    from .launcher.slurm import SbatchOptions, cluster_gpus_per_node, render_sbatch
+
+    if args.log.endswith((".sbatch", ".sh")):
+        raise ConfigError(f"-o {args.log}: -o is the job's log, as in sbatch; write the script with --write {args.log}")
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else cluster_gpus_per_node()
     text = render_sbatch(SbatchOptions(
         script=args.script, script_args=tuple(args.script_args), job_name=args.job_name, nodes=args.nodes,
-        min_nodes=args.min_nodes, nproc_per_node=args.nproc_per_node, gpus_per_node=args.gpus_per_node or None,
+        min_nodes=args.min_nodes, nproc_per_node=args.nproc_per_node or gpus or 1, gpus_per_node=gpus or None,
         cpus_per_task=args.cpus_per_task, time=args.time, signal_lead_s=args.signal_lead, grace_s=args.grace,
         partition=args.partition, account=args.account, output=args.log, rdzv_port=args.rdzv_port,
         launcher=args.launcher, setup=tuple(args.setup),
     ))
-    if args.output:
+    # Slurm opens the log before the script runs: a missing directory fails the job with no log.
+    log_dir = os.path.dirname(args.log)
+    if log_dir and "%" not in log_dir and not os.path.isdir(log_dir):
         try:
-            with open(args.output, "w") as f:
+            os.makedirs(log_dir)
+        except OSError as e:
+            raise ConfigError(f"-o {args.log}: cannot create the log's directory {log_dir}: {e.strerror or e}") from None
+        print(f"created {log_dir}/ for the job's log (Slurm does not create it)", file=sys.stderr)
+    if args.write:
+        try:
+            with open(args.write, "w") as f:
                 f.write(text)
         except OSError as e:
-            raise ConfigError(f"-o {args.output}: cannot write the script: {e.strerror or e}") from None
+            raise ConfigError(f"--write {args.write}: cannot write the script: {e.strerror or e}") from None
     else:
         sys.stdout.write(text)
     return EXIT_OK

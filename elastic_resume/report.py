@@ -276,6 +276,7 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
     failed_at: float | None = None
     pending_restarts: list[dict[str, Any]] = []
     last_restart_ts = -1e18
+    incident: set[tuple[Any, Any, Any]] = set()  # the launchers that restarted for the current incident
     commits: set[tuple[Any, Any]] = set()
     for e in events:
         kind = e.get("event")
@@ -310,12 +311,16 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
         elif kind == Event.WORKERS_FAILED:
             failed_at = e["ts"] if failed_at is None else failed_at
         elif kind == Event.RESTART:
-            # Every node's agent restarts for the same incident; count it once.
-            if e["ts"] - last_restart_ts > 15.0:
+            # Every node's agent restarts for the same incident; count it once. A node that
+            # restarts again is a new incident, however soon (quick crash loops are not one).
+            where = (e.get(RUN), e.get("node"), e.get("pid"))
+            if e["ts"] - last_restart_ts > 15.0 or where in incident:
+                incident = set()
                 r = {"ts": e["ts"], "node": e.get("node"), "cause": _cause(e.get("failures")),
                      "_failed_ts": failed_at or e["ts"], "recover_s": None, "resumed_from": None}
                 s.restarts.append(r)
                 pending_restarts.append(r)
+            incident.add(where)
             last_restart_ts = e["ts"]
             failed_at = None
         elif kind in (Event.RESTORED, Event.RESTORE_NONE) and _rank0(e) and pending_restarts:

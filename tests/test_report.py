@@ -125,3 +125,13 @@ def test_report_passes_over_files_that_are_not_event_logs_and_never_merges_runs_
     assert "merging 2 runs: old-run, new-run" in merged["notes"]
     r = subprocess.run([*cli, str(tmp_path / "losses.jsonl")], capture_output=True, text=True, env=child_env())
     assert r.returncode == 2 and "hold no event lines" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_quick_restarts_of_one_launcher_are_each_counted_and_other_nodes_join_the_incident():
+    failures = [{"rank": 0, "exitcode": 1}]
+    events = [ev(0, "launch_started", node="n", pid=1)]
+    for t in (1, 4, 7):  # one node, three restarts 3 s apart: three incidents
+        events.append(ev(t, "restart", node="n", pid=1, failures=failures))
+    events.append(ev(7.5, "restart", node="m", pid=2, failures=failures))  # the other node, same incident
+    s = summarize(events)
+    assert len(s.restarts) == 3

@@ -19,7 +19,10 @@ What the script does and why:
 
 from __future__ import annotations
 
+import re
 import shlex
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 
 from ..contract import DEFAULT_RDZV_PORT, Env, ExitCode
@@ -33,15 +36,15 @@ class SbatchOptions:
     job_name: str = "train"
     nodes: int = 2
     min_nodes: int | None = None
-    nproc_per_node: int = 8
-    gpus_per_node: int | None = 8
+    nproc_per_node: int = 1
+    gpus_per_node: int | None = None
     cpus_per_task: int | None = None
     time: str = "24:00:00"
     signal_lead_s: int = 300
     grace_s: int | None = None
     partition: str | None = None
     account: str | None = None
-    output: str = "logs/%x-%j.out"
+    output: str = "%x-%j.out"  #: in the submit directory: nothing has to exist before the job starts
     rdzv_port: int = DEFAULT_RDZV_PORT
     launcher: str = "elastic-resume"
     setup: tuple[str, ...] = ()
@@ -56,8 +59,58 @@ class SbatchOptions:
             raise ConfigError(f"--nproc-per-node must be at least 1 (got {self.nproc_per_node})")
         if self.signal_lead_s < 10:
             raise ConfigError(f"--signal-lead must leave at least 10 s for a save (got {self.signal_lead_s})")
+        limit = slurm_seconds(self.time)
+        if limit is not None and self.signal_lead_s >= limit:
+            raise ConfigError(f"--signal-lead {self.signal_lead_s} s is not shorter than --time {self.time} ({limit} s): "
+                              "the warning would come before the job starts")
         if self.grace_s is not None and not 0 < self.grace_s < self.signal_lead_s:
             raise ConfigError(f"--grace ({self.grace_s}) must be positive and below --signal-lead ({self.signal_lead_s})")
+
+
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def slurm_seconds(text: str) -> int | None:
+    """A Slurm time limit in seconds (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``,
+    ``D-HH:MM:SS``); None for ``UNLIMITED``/``infinite``. Anything else is a ConfigError."""
+    if text.strip().lower() in ("unlimited", "infinite"):
+        return None
+    m = _TIME.match(text.strip())
+    if not m:
+        raise ConfigError(f"--time {text!r}: not a Slurm time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS)")
+    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    assert a is not None
+    if days is not None:  # D-HH[:MM[:SS]]
+        return ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
+    if c is not None:  # HH:MM:SS
+        return (a * 60 + (b or 0)) * 60 + c
+    return a * 60 + (b or 0)  # MM or MM:SS
+
+
+_GPU_GRES = re.compile(r"(?:^|,)gpu(?::[\w.-]+)?:(\d+)")
+
+
+def gpus_per_node_from_gres(lines: list[str]) -> int | None:
+    """Pure: the GPUs per node every node of ``sinfo -h -o %G`` lines offers alike (``gpu:8``,
+    ``gpu:a100:4(S:0-1)``); None on a CPU cluster, or when the nodes differ (then say it)."""
+    counts = set()
+    for line in (ln.strip() for ln in lines if ln.strip()):
+        found = [int(n) for n in _GPU_GRES.findall(line)]
+        counts.add(sum(found))
+    counts.discard(0)
+    return counts.pop() if len(counts) == 1 and all(c for c in counts) else None
+
+
+def cluster_gpus_per_node() -> int | None:
+    """What this cluster's nodes offer, from ``sinfo`` (None where sinfo is missing, fails, or
+    the nodes have no GPUs): the generator's default, so the script runs where it is made."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return gpus_per_node_from_gres(r.stdout.splitlines()) if r.returncode == 0 else None
 
 
 def default_grace(lead_s: int) -> int:

@@ -24,6 +24,34 @@ def test_slurm_example_script_is_the_generators_output():
             "slurm/train.sbatch is stale: regenerate it from elastic_resume.launcher.slurm.EXAMPLE"
 
 
+def test_sbatch_generator_defaults_fit_the_cluster_and_refuse_a_lead_past_the_limit(tmp_path):
+    import subprocess
+
+    from elastic_resume.launcher.slurm import gpus_per_node_from_gres, slurm_seconds
+
+    assert gpus_per_node_from_gres(["(null)", "(null)"]) is None  # a CPU cluster: ask for no GPUs
+    assert gpus_per_node_from_gres(["gpu:8", "gpu:8(S:0-1)"]) == 8
+    assert gpus_per_node_from_gres(["gpu:a100:4(S:0),gpu:a100:4(S:1)"]) == 8
+    assert gpus_per_node_from_gres(["gpu:8", "gpu:4"]) is None  # nodes differ: the user says
+    assert [slurm_seconds(t) for t in ("30", "30:15", "01:00:00", "1-00", "1-02:03", "1-02:03:04")] == [
+        1800, 1815, 3600, 86400, 93780, 93784]
+    with pytest.raises(ConfigError, match="--signal-lead 600 s is not shorter than --time 00:05:00"):
+        render_sbatch(SbatchOptions(script="t.py", time="00:05:00", signal_lead_s=600))
+    with pytest.raises(ConfigError, match="--time 'soon'"):
+        render_sbatch(SbatchOptions(script="t.py", time="soon"))
+    cli = [sys.executable, "-m", "elastic_resume.cli", "sbatch"]
+    env = child_env({"PATH": "/usr/bin:/bin"})  # whatever sinfo says here; none is a CPU answer too
+    r = subprocess.run([*cli, "t.py"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0 and "--gpus-per-node" not in r.stdout and "--nproc-per-node=1 " in r.stdout
+    assert "#SBATCH --output=%x-%j.out" in r.stdout
+    r = subprocess.run([*cli, "--help"], capture_output=True, text=True, env=env)
+    assert "(default: 24:00:00)" in r.stdout and "(default: 300)" in r.stdout
+    r = subprocess.run([*cli, "-o", "job.sbatch", "t.py"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 2 and "--write job.sbatch" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([*cli, "--time", "10", "--signal-lead", "900", "t.py"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "--signal-lead 900" in r.stderr
+
+
 def test_sbatch_generator_settings():
     text = render_sbatch(SbatchOptions(script="t.py", nodes=2, nproc_per_node=4, gpus_per_node=None,
                                        signal_lead_s=120, partition="gpu"))
@@ -107,10 +135,63 @@ def test_sbatch_command_reproduces_the_example(tmp_path):
     r = subprocess.run([sys.executable, "-m", "elastic_resume.cli", "sbatch", "--nodes", str(e.nodes), "--min-nodes",
                         str(e.min_nodes), "--nproc-per-node", str(e.nproc_per_node), "--gpus-per-node",
                         str(e.gpus_per_node), "--cpus-per-task", str(e.cpus_per_task), "--time", e.time,
-                        "--signal-lead", str(e.signal_lead_s), "--setup", e.setup[0], "-o", str(out), e.script,
-                        *e.script_args], capture_output=True, text=True, env=child_env())
+                        "--signal-lead", str(e.signal_lead_s), "--setup", e.setup[0], "-o", e.output, "--write",
+                        str(out), e.script, *e.script_args], capture_output=True, text=True, env=child_env(), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert out.read_text() == render_sbatch(EXAMPLE)
+    assert (tmp_path / "logs").is_dir() and "created logs/" in r.stderr  # Slurm would not create it
     r = subprocess.run([sys.executable, "-m", "elastic_resume.cli", "sbatch", "--nodes", "2", "--min-nodes", "3", "t.py"],
                        capture_output=True, text=True, env=child_env())
     assert r.returncode == 2 and "--min-nodes" in r.stderr and "Traceback" not in r.stderr
+
+
+def submit(slurm, tmp_path, *generator_args: str) -> tuple[str, str]:
+    """Generate a script with the CLI in ``tmp_path`` (as a user does, nothing prepared), submit
+    it from there; returns (job id, the script text)."""
+    import subprocess
+
+    env = {**child_env(), **slurm.env}
+    gen = subprocess.run([sys.executable, "-m", "elastic_resume.cli", "sbatch", "--nodes", "1", "--time", "00:10:00",
+                          "--signal-lead", "60", "--launcher", f"{sys.executable} -m elastic_resume.cli",
+                          "--write", "job.sbatch", *generator_args], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=60)
+    assert gen.returncode == 0, gen.stderr
+    r = subprocess.run(["sbatch", "--parsable", "job.sbatch"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr  # no "Invalid generic resource (gres) specification" on a CPU cluster
+    return r.stdout.strip().split(";")[0], (tmp_path / "job.sbatch").read_text()
+
+
+@pytest.mark.slow
+def test_a_generated_script_runs_on_a_cpu_cluster_and_a_bad_root_fails_once_with_78(slurm, tmp_path):
+    """The generator's defaults on this CPU-only cluster, a log directory nobody prepared: the job
+    runs and logs. Then a root that is a file: one clean line in the job log, exit 78, no retry."""
+    good = tmp_path / "good"
+    good.mkdir()
+    job, text = submit(slurm, good, "-o", "logs/%x-%j.out", "--job-name", "er-cpu", TRAIN,
+                       "--root", str(good / "ckpt"), "--steps", "6", "--save-every", "3")
+    assert "--gpus-per-node" not in text and "--nproc-per-node=1 " in text
+    try:
+        info = slurm.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=240)
+    except BaseException:
+        slurm.run("scancel", job, check=False)
+        raise
+    log = good / "logs" / f"er-cpu-{job}.out"
+    assert info["JobState"] == "COMPLETED", (log.read_text()[-3000:] if log.exists() else "no log") + f"\n{info}"
+    assert "step ended with exit code 0" in log.read_text()
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "snapshot.pt").write_bytes(b"not a directory")
+    slurm.wait_node_idle()
+    job, _ = submit(slurm, bad, "--job-name", "er-bad", TRAIN, "--root", str(bad / "snapshot.pt"), "--steps", "6")
+    try:
+        info = slurm.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=240)
+    except BaseException:
+        slurm.run("scancel", job, check=False)
+        raise
+    out = (bad / f"er-bad-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("78:"), out[-3000:] + f"\n{info}"
+    assert out.count("BadRootError: checkpoint root") >= 1 and "Traceback" not in out, out[-3000:]
+    assert "restarts           none" in out and "exit               78" in out
+    assert int(info["Restarts"]) == 0
