@@ -17,7 +17,7 @@ from typing import Any
 
 from .checkpoint.manifest import Manifest
 from .checkpoint.store import CheckpointStore, StepReport, StepStatus, list_bundles, written_order
-from .contract import DEFAULT_RDZV_PORT, ExitCode
+from .contract import ExitCode
 from .errors import CheckpointCorruptError, ConfigError, ElasticResumeError, NoCheckpointError
 from .storage import open_storage, redact
 
@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account")
     p.add_argument("-o", "--output", "--log", dest="log", default="%x-%j.out",
                    help="the job's log, as sbatch -o (appended across requeues); a directory in it is created now")
-    p.add_argument("--rdzv-port", type=_pos_int("--rdzv-port"), default=DEFAULT_RDZV_PORT)
+    p.add_argument("--rdzv-port", type=_pos_int("--rdzv-port"),
+                   help="a fixed rendezvous port (default: one per job, 30000 + job id %% 10000)")
     p.add_argument("--launcher", default="elastic-resume", help="command that runs elastic-resume on the nodes")
     p.add_argument("--setup", action="append", default=[], help="shell line run before srun (repeatable)")
     p.add_argument("--write", metavar="FILE", help="write the script to FILE instead of stdout")

@@ -82,6 +82,11 @@ class Env(StrEnum):
 
 #: Port of the c10d rendezvous store on node 0 when nothing else names one.
 DEFAULT_RDZV_PORT = 29400
+#: Slurm: the rendezvous port of job J is SLURM_RDZV_PORT_BASE + J % SLURM_RDZV_PORT_SPAN (unless
+#: ER_RDZV_PORT says), so two jobs sharing a node never share a rendezvous store; every node of
+#: a job (and the generated batch script) derives the same one.
+SLURM_RDZV_PORT_BASE = 30000
+SLURM_RDZV_PORT_SPAN = 10000
 #: torchrun's default master port (static rendezvous).
 DEFAULT_MASTER_PORT = 29500
 #: Resumes from one step, with nothing newer committed in between, before falling back.

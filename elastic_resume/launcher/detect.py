@@ -33,7 +33,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..contract import DEFAULT_RDZV_PORT, Env
+from ..contract import DEFAULT_RDZV_PORT, SLURM_RDZV_PORT_BASE, SLURM_RDZV_PORT_SPAN, Env
 from ..errors import ConfigError
 
 #: Restarts of the worker group torchrun may do before giving up (torchrun's default is 0).
@@ -155,6 +155,16 @@ def _port(env: Mapping[str, str]) -> int:
     return _int(env, Env.RDZV_PORT, DEFAULT_RDZV_PORT) or DEFAULT_RDZV_PORT
 
 
+def slurm_rdzv_port(env: Mapping[str, str], job_id: str) -> int:
+    """ER_RDZV_PORT, else a port derived from the job id: jobs that share a node get their own
+    rendezvous stores (one fixed port made one job's end take the other down)."""
+    given = _int(env, Env.RDZV_PORT)
+    if given:
+        return given
+    number = int(job_id) if job_id.isdigit() else sum(job_id.encode())
+    return SLURM_RDZV_PORT_BASE + number % SLURM_RDZV_PORT_SPAN
+
+
 def _nnodes(env: Mapping[str, str], fixed: int) -> str:
     """``N``, or ``MIN:N`` when ``ER_MIN_NODES`` allows the job to go on with fewer nodes."""
     low = _int(env, Env.MIN_NODES)
@@ -174,7 +184,7 @@ def detect_slurm(env: Mapping[str, str]) -> Detected | None:
     if not in_step:
         return Detected(
             platform="slurm", nnodes="1", node_rank=0, rdzv_id=f"slurm-{job_id}", rdzv_backend="c10d",
-            rdzv_endpoint=f"localhost:{_port(env)}", restart_count=restarts, job_id=job_id,
+            rdzv_endpoint=f"localhost:{slurm_rdzv_port(env, job_id)}", restart_count=restarts, job_id=job_id,
             notes=("not inside srun: only this node takes part; run 'srun elastic-resume launch ...' "
                    "with one task per node to use the whole allocation",),
         )
@@ -190,7 +200,7 @@ def detect_slurm(env: Mapping[str, str]) -> Detected | None:
                      "(srun --ntasks-per-node=1); the launcher starts the workers")
     return Detected(
         platform="slurm", nnodes=_nnodes(env, nnodes), node_rank=_int(env, "SLURM_NODEID", 0),
-        rdzv_id=f"slurm-{job_id}", rdzv_backend="c10d", rdzv_endpoint=f"{hosts[0]}:{_port(env)}",
+        rdzv_id=f"slurm-{job_id}", rdzv_backend="c10d", rdzv_endpoint=f"{hosts[0]}:{slurm_rdzv_port(env, job_id)}",
         restart_count=restarts, job_id=job_id, hosts=hosts, notes=tuple(notes),
     )
 

@@ -25,7 +25,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-from ..contract import DEFAULT_RDZV_PORT, Env, ExitCode
+from ..contract import SLURM_RDZV_PORT_BASE, SLURM_RDZV_PORT_SPAN, Env, ExitCode
 from ..errors import ConfigError
 
 
@@ -45,7 +45,7 @@ class SbatchOptions:
     partition: str | None = None
     account: str | None = None
     output: str = "%x-%j.out"  #: in the submit directory: nothing has to exist before the job starts
-    rdzv_port: int = DEFAULT_RDZV_PORT
+    rdzv_port: int | None = None  #: None: derived from the job id (see contract.SLURM_RDZV_PORT_BASE)
     launcher: str = "elastic-resume"
     setup: tuple[str, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -139,7 +139,7 @@ def render_sbatch(o: SbatchOptions) -> str:
         directives.append("--no-kill")
     env = {Env.GRACE_SECONDS.value: str(grace), **o.extra_env}
     launch = [*shlex.split(o.launcher), "launch", f"--nnodes={nnodes}", f"--nproc-per-node={o.nproc_per_node}",
-              "--rdzv-backend=c10d", f'--rdzv-endpoint="$head:{o.rdzv_port}"', '--rdzv-id="slurm-$SLURM_JOB_ID"',
+              "--rdzv-backend=c10d", '--rdzv-endpoint="$head:$port"', '--rdzv-id="slurm-$SLURM_JOB_ID"',
               q(o.script), *(q(a) for a in o.script_args)]
     launch_line = " ".join(launch)  # the rendezvous flags stay double-quoted: the shell fills in $head
     lines = [
@@ -156,7 +156,11 @@ def render_sbatch(o: SbatchOptions) -> str:
         *(f"export {k}={q(v)}" for k, v in sorted(env.items())),
         *o.setup,
         'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        'echo "$(date -Is) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST (rendezvous $head)"',
+        "# A rendezvous port of this job's own: jobs sharing a node must not share one store.",
+        (f"port={o.rdzv_port}" if o.rdzv_port else
+         f"port=${{ER_RDZV_PORT:-$(( {SLURM_RDZV_PORT_BASE} + SLURM_JOB_ID % {SLURM_RDZV_PORT_SPAN} ))}}"),
+        'echo "$(date -Is) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST '
+        '(rendezvous $head:$port)"',
         "",
         "# USR1 from --signal (or scancel --signal=USR1 --batch) and TERM reach this shell; pass them",
         "# to srun as USR1, which forwards them to the launchers: save at the next step, then requeue.",

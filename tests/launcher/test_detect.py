@@ -41,7 +41,7 @@ SLURM_STEP = {"SLURM_JOB_ID": "981", "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST"
 def test_slurm_step_gives_nodes_rank_id_endpoint_and_restarts():
     d = detect(SLURM_STEP)
     assert (d.platform, d.nnodes, d.node_rank, d.rdzv_id) == ("slurm", "3", 2, "slurm-981")
-    assert d.rdzv_endpoint == f"gpu07:{DEFAULT_RDZV_PORT}" and d.restart_count == 1
+    assert d.rdzv_endpoint == "gpu07:30981" and d.restart_count == 1  # a port of the job's own
     assert d.requeue_with_scontrol and not d.is_first_node and not d.notes
     pet = d.torchrun_defaults()
     assert pet["PET_NNODES"] == "3" and pet["PET_RDZV_BACKEND"] == "c10d" and "PET_NODE_RANK" not in pet
@@ -94,3 +94,17 @@ def test_pytorchjob_without_elastic_policy_counts_pods():
     d = detect({"HOSTNAME": "bert-worker-0", "MASTER_ADDR": "bert-master-0", "MASTER_PORT": "23456",
                 "WORLD_SIZE": "3", "RANK": "1"})
     assert (d.nnodes, d.node_rank) == ("3", 1) and d.rdzv_endpoint == f"bert-master-0:{DEFAULT_RDZV_PORT}"
+
+
+def test_jobs_sharing_a_node_get_rendezvous_ports_of_their_own_that_the_batch_script_agrees_on():
+    import subprocess
+
+    from elastic_resume.launcher.slurm import SbatchOptions, render_sbatch
+
+    ports = {detect({**SLURM_STEP, "SLURM_JOB_ID": job}).rdzv_endpoint for job in ("981", "982", "10981")}
+    assert ports == {"gpu07:30981", "gpu07:30982"}  # 981 and 10981 share one only 10,000 ids apart
+    assert detect({**SLURM_STEP, "ER_RDZV_PORT": "29400"}).rdzv_endpoint == "gpu07:29400"
+    script = render_sbatch(SbatchOptions(script="t.py"))
+    port_line = next(line for line in script.splitlines() if line.startswith("port="))
+    shell = subprocess.run(["bash", "-c", f"SLURM_JOB_ID=982; {port_line}; echo $port"], capture_output=True, text=True)
+    assert shell.stdout.strip() == "30982"  # the script's arithmetic is detect's

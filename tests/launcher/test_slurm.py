@@ -195,3 +195,30 @@ def test_a_generated_script_runs_on_a_cpu_cluster_and_a_bad_root_fails_once_with
     assert out.count("BadRootError: checkpoint root") >= 1 and "Traceback" not in out, out[-3000:]
     assert "restarts           none" in out and "exit               78" in out
     assert int(info["Restarts"]) == 0
+
+
+@pytest.mark.slow
+def test_two_jobs_on_one_node_do_not_take_each_other_down(slurm, tmp_path):
+    """Two generated jobs share the node; the short one ends while the long one trains. Each has
+    its own rendezvous port (one fixed port put both on one store, and the survivor failed with
+    'The connection to the C10d store has failed')."""
+    jobs = {}
+    for name, steps in (("long", "160"), ("short", "6")):
+        work = tmp_path / name
+        work.mkdir()
+        jobs[name], _ = submit(slurm, work, "--job-name", f"er-{name}", TRAIN, "--root", str(work / "ckpt"),
+                               "--steps", steps, "--save-every", "40", "--step-seconds", "0.05")
+    try:
+        infos = {name: slurm.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
+                 for name, job in sorted(jobs.items(), key=lambda kv: kv[0] != "short")}
+    except BaseException:
+        for job in jobs.values():
+            slurm.run("scancel", job, check=False)
+        raise
+    logs = {name: (tmp_path / name / f"er-{name}-{job}.out").read_text() for name, job in jobs.items()}
+    assert infos["short"]["JobState"] == "COMPLETED", logs["short"][-3000:]
+    assert infos["long"]["JobState"] == "COMPLETED", logs["long"][-3000:]
+    assert "restarts           none" in logs["long"] and "C10d store has failed" not in logs["long"]
+    ports = {name: next(line for line in log.splitlines() if "(rendezvous " in line).rsplit(":", 1)[-1]
+             for name, log in logs.items()}
+    assert ports["long"] != ports["short"]
