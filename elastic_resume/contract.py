@@ -150,6 +150,9 @@ class Event(StrEnum):
     PREEMPTION_GRACE_EXPIRED = "preemption_grace_expired"
     REQUEUED = "requeued"
     REQUEUE_FAILED = "requeue_failed"
+    #: Not requeued on purpose: the job was cancelled (scancel), or the scheduler already ended or
+    #: requeued it (an admin's scontrol requeue, Slurm's own preemption).
+    REQUEUE_SKIPPED = "requeue_skipped"
     RENDEZVOUS_CLOSE_FAILED = "rendezvous_close_failed"
 
 

@@ -32,6 +32,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -277,6 +278,7 @@ class Launch:
         self.preempt_at: float | None = None
         self.preempt_signal: str | None = None
         self.outcome: Outcome | None = None
+        self.cancelled = False  # Slurm: the job was cancelled, not preempted (see _requeue)
         self.last_failure: list[dict[str, Any]] | None = None
         self.generation = 0
         self.phase = "starting"  # starting -> running (workers started once) -> done
@@ -357,11 +359,15 @@ class Launch:
                   nnodes=f"{self.plan.config.min_nodes}:{self.plan.config.max_nodes}",
                   nproc_per_node=self.plan.config.nproc_per_node,
                   cmd=redact_argv([self.plan.cmd, *self.plan.cmd_args]))
+        # The job log (Slurm's, a pod's) says where the structured story of this run is kept.
+        print(f"elastic-resume: events of this run go to {self.plan.event_log}", file=sys.stderr, flush=True)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self.on_signal)
         code, reason = self._run_agent()
         if code == ExitCode.PREEMPTED and self.plan.will_requeue:
             self._requeue()
+            if self.cancelled:
+                reason = f"{reason}; the job was cancelled, so it is not requeued"
         self.emit(Event.LAUNCH_FINISHED, exit_code=code, reason=reason, seconds=round(time.time() - self.started, 3))
         if not self.plan.args.er_no_summary:
             from ..report import load_events, summarize
@@ -444,6 +450,22 @@ class Launch:
 
     def _requeue(self) -> None:
         job = self.plan.detected.job_id
+        # A preemption requeues; a user's cancel ends the job. Both reach the workers as a signal
+        # (scancel sends TERM), but Slurm has already marked a cancelled job COMPLETING: only a
+        # job still RUNNING (the time limit's USR1, scancel --signal=USR1 --batch) is requeued.
+        job_info = slurm_job_info(str(job))
+        state = job_info.get("JobState")
+        restarts = job_info.get("Restarts", "")
+        # An admin's `scontrol requeue` (or Slurm's own preemption) also arrives as TERM to a
+        # COMPLETING job, but Slurm has already counted the restart: that job comes back.
+        requeued = state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED") or (
+            restarts.isdigit() and int(restarts) > self.plan.detected.restart_count)
+        if state is not None and (state != "RUNNING" or requeued):
+            why = ("already requeued (an admin's scontrol requeue, or Slurm's own preemption)" if requeued else
+                   "cancelled (scancel) or ended by the scheduler: the save stands, the job ends")
+            self.cancelled = not requeued
+            self.emit(Event.REQUEUE_SKIPPED, job_id=job, job_state=state, reason=f"job {job} is {state}: {why}")
+            return
         try:
             r = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True, timeout=60)
             ok = r.returncode == 0
@@ -451,6 +473,16 @@ class Launch:
                       **({} if ok else {"error": (r.stderr or r.stdout).strip()}))
         except (OSError, subprocess.TimeoutExpired) as e:
             self.emit(Event.REQUEUE_FAILED, job_id=job, error=str(e))
+
+
+def slurm_job_info(job: str) -> dict[str, str]:
+    """The job's fields as slurmctld sees them now (``scontrol show job -o``: ``JobState``,
+    ``Restarts``, ...); empty when it cannot be asked (then the launcher requeues, as before)."""
+    try:
+        r = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return dict(re.findall(r"(?:^|\s)(\w+)=(\S*)", r.stdout)) if r.returncode == 0 else {}
 
 
 def main(argv: list[str]) -> int:

@@ -304,7 +304,7 @@ def test_errors_no_restart_can_heal_exit_78_once_with_one_line(tmp_path):
     snapshot = tmp_path / "snapshot.pt"
     snapshot.write_bytes(b"an old torch.save file")
     saved = tmp_path / "ckpt"
-    first = run(launcher_cmd("--standalone", "--nproc-per-node=2", args=(
+    first = run(launcher_cmd("--standalone", "--nproc-per-node=2", f"--er-event-log={tmp_path / 'first.jsonl'}", args=(
         "--root", str(saved), "--steps", "4", "--save-every", "4", "--fault-dir", str(tmp_path))))
     assert first.returncode == 0, first.stderr[-3000:]
     cases = {

@@ -222,3 +222,61 @@ def test_two_jobs_on_one_node_do_not_take_each_other_down(slurm, tmp_path):
     ports = {name: next(line for line in log.splitlines() if "(rendezvous " in line).rsplit(":", 1)[-1]
              for name, log in logs.items()}
     assert ports["long"] != ports["short"]
+
+
+@pytest.mark.slow
+def test_a_plain_scancel_ends_the_job_after_a_save_and_is_not_undone(slurm, tmp_path):
+    """scancel sends TERM, which the workers also get for a preemption; the job is already
+    COMPLETING in Slurm's eyes, so the launcher saves and does not requeue it."""
+    events = str(tmp_path / "events.jsonl")
+    job, _ = submit(slurm, tmp_path, "--job-name", "er-cancel", TRAIN, "--root", str(tmp_path / "ckpt"),
+                    "--steps", "2000", "--save-every", "1000", "--guard", "--step-seconds", "0.05")
+    try:
+        slurm.wait_state(job, ("RUNNING",), timeout=120)
+        log = tmp_path / f"er-cancel-{job}.out"
+        deadline = time.monotonic() + 120
+        while not (log.exists() and "events of this run go to" in log.read_text()):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        events = log.read_text().split("events of this run go to ", 1)[1].split("\n", 1)[0].strip()
+        wait_event(events, lambda e: e["event"] == "step" and e["step"] >= 5, timeout=120)  # training under way
+        slurm.run("scancel", job)
+        info = slurm.wait_state(job, ("CANCELLED", "COMPLETED", "FAILED", "PENDING"), timeout=120)
+        time.sleep(3)
+        info = slurm.job(job)
+    except BaseException:
+        slurm.run("scancel", job, check=False)
+        raise
+    out = log.read_text()
+    assert info["JobState"] == "CANCELLED" and int(info["Restarts"]) == 0, out[-3000:] + f"\n{info}"
+    ev = read_events(events)
+    skipped = [e for e in ev if e["event"] == "requeue_skipped"]
+    assert skipped and skipped[0]["job_state"] in ("COMPLETING", "CANCELLED") and not [e for e in ev if e["event"] == "requeued"]
+    assert [e for e in ev if e["event"] == "preemption_save"]  # it saved first (KillWait left time)
+    assert "the job was cancelled, so it is not requeued" in out
+
+
+@pytest.mark.slow
+def test_an_admins_requeue_is_not_reported_as_a_failed_requeue(slurm, tmp_path):
+    """scontrol requeue also reaches the job as TERM; Slurm has already counted the restart, so
+    the launcher saves and leaves the requeue to Slurm, with no false requeue_failed."""
+    slurm.wait_node_idle()
+    job, _ = submit(slurm, tmp_path, "--job-name", "er-admin", TRAIN, "--root", str(tmp_path / "ckpt"),
+                    "--steps", "2000", "--save-every", "1000", "--guard", "--step-seconds", "0.05")
+    log = tmp_path / f"er-admin-{job}.out"
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and "events of this run go to" in log.read_text()):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        events = log.read_text().split("events of this run go to ", 1)[1].split("\n", 1)[0].strip()
+        wait_event(events, lambda e: e["event"] == "step" and e["step"] >= 5, timeout=120)
+        slurm.run("scontrol", "requeue", job)
+        skipped = wait_event(events, lambda e: e["event"] in ("requeue_skipped", "requeued", "requeue_failed"),
+                             timeout=120)
+        info = slurm.wait_state(job, ("PENDING",), timeout=60)
+    finally:
+        slurm.run("scancel", job, check=False)
+    assert skipped["event"] == "requeue_skipped" and "already requeued" in skipped["reason"], skipped
+    assert int(info["Restarts"]) == 1
+    assert [e for e in read_events(events) if e["event"] == "preemption_save"]
