@@ -138,6 +138,8 @@ class Event(StrEnum):
     DATA_SKIPPED = "data_skipped"
     GAVE_UP = "gave_up"
     PREEMPTION_SAVE = "preemption_save"
+    #: Under the launcher, a script saves but never checks the preemption flag (say so once).
+    PREEMPTION_IGNORED = "preemption_ignored"
     # the launcher
     LAUNCH_STARTED = "launch_started"
     LAUNCH_FINISHED = "launch_finished"

@@ -65,6 +65,12 @@ def register_consumer() -> None:
     install()
 
 
+def has_consumer() -> bool:
+    """Whether anything in this process checks the flag (the guard, the Lightning callback,
+    ``CheckpointManager.save_if_preempted``)."""
+    return _consumers > 0
+
+
 def unregister_consumer() -> None:
     global _consumers
     with _lock:

@@ -231,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
                     return EXIT_PREEMPTED
             elif save_now:
                 mgr.save(step, state, metadata={"loss": loss.item()}, blocking=not args.async_save)
+            elif mgr.save_if_preempted(step, state, metadata={"loss": loss.item()}):
+                mgr.close()  # every rank saved this step; the launcher requeues
+                print(f"rank {rank}: preempted, saved step {step}", flush=True)
+                return EXIT_PREEMPTED
             if step == args.stop_at_step:
                 break
     except GaveUpError as e:

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from elastic_resume import CheckpointManager
+from elastic_resume import EXIT_PREEMPTED, CheckpointManager
 
 
 def synthetic_dataset(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         if log:
             log.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
             log.flush()
+        if mgr.save_if_preempted(step, state):  # SIGUSR1/SIGTERM: save this step, exit 75, get requeued
+            print(f"preempted, saved step {step}", flush=True)
+            return EXIT_PREEMPTED
         if step % args.save_every == 0 or step == args.steps:
             mgr.save(step, state, metadata={"loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
     print(f"finished at step {step}, loss {loss.item():.6f}", flush=True)

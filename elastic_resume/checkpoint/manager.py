@@ -26,6 +26,7 @@ from collections.abc import Collection, Iterable, Mapping, MutableMapping, Seque
 from dataclasses import dataclass
 from typing import Any
 
+from .. import preemption
 from ..collectives import Group, default_group, on_rank0, process_group
 from ..contract import DEFAULT_MAX_RESUMES_PER_STEP, Env, Event
 from ..errors import BadRootError, CheckpointCorruptError, ConfigError, StateError, StorageError
@@ -167,6 +168,10 @@ class CheckpointManager:
         # Committed steps newer than a step restored explicitly (``restore(step=N)``): the
         # timeline this run branched away from, each with the manifest digest seen (rank 0).
         self._abandoned: dict[int, str] = {}
+        # save_if_preempted: the flag sum started at the last call, read at the next one.
+        self._preemption_flag: tuple[Any, Any] | None = None
+        self._preemption_registered = False
+        self._warned_preemption = False
         # Rank 0 creates the root and proves it can write before any training happens, so a
         # bad root fails in the first second rather than at the first save an hour in. A writer
         # is constructed on every rank (saving is collective): each one raises the same error,
@@ -210,6 +215,8 @@ class CheckpointManager:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ConfigError(f"step must be a non-negative integer (got {step!r})")
 
+        self._warn_if_preemption_is_ignored()
+
         def current_fingerprint() -> dict[str, Any]:
             return fingerprint.compute(state, world_size=self.world_size, config=self.options.config,
                                        data_description=self.options.data_description)
@@ -218,6 +225,60 @@ class CheckpointManager:
                                  fingerprint=current_fingerprint, blocking=blocking,
                                  replace=self._replaceable.get(step) if self.rank == 0 else None,
                                  after_commit=self._after_commit)
+
+    def save_if_preempted(self, step: int, state: Mapping[str, Any], *,
+                          metadata: Mapping[str, Any] | None = None) -> bool:
+        """Collective, once per step at the step boundary: honour a preemption (SIGUSR1/SIGTERM
+        that the launcher forwards, Slurm's time-limit warning, a Kubernetes eviction). When any
+        rank got the signal, every rank saves this same ``step`` (blocking) and it returns True:
+        leave the loop and exit with ``EXIT_PREEMPTED`` (75), and the launcher requeues.
+
+        The ranks agree through one 8-byte ``all_reduce`` started here and read at the next
+        call, so no step waits on it; a signal therefore leads to a save one step later."""
+        if not self._preemption_registered:
+            preemption.register_consumer()  # from now on SIGTERM is a request, not a death
+            self._preemption_registered = True
+        if self._agreed_preemption():
+            # Every rank read the same sum: all save this step now; no new check is started.
+            self._preemption_flag = None
+            self.save(step, state, metadata=metadata)
+            self.events.emit(Event.PREEMPTION_SAVE, step=step, signal=(preemption.requested() or {}).get("signal"))
+            preemption.clear()
+            return True
+        import torch
+
+        flag = torch.tensor([1.0 if preemption.requested() is not None else 0.0], dtype=torch.float64)
+        pg = process_group(self.group)
+        work = None
+        if pg is not None and self.world_size > 1:
+            import torch.distributed as dist
+
+            work = dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=pg, async_op=True)
+        self._preemption_flag = (flag, work)
+        return False
+
+    def _agreed_preemption(self) -> bool:
+        """Whether any rank had the flag at the previous call (every rank reads the same sum)."""
+        if self._preemption_flag is None:
+            return False
+        flag, work = self._preemption_flag
+        if work is not None:
+            work.wait()
+        return float(flag.item()) > 0
+
+    def _warn_if_preemption_is_ignored(self) -> None:
+        """Under the launcher, a script that saves but never looks at the preemption flag ignores
+        the scheduler's warning until the grace runs out; say so once, at its first save."""
+        if self._warned_preemption or not os.environ.get(Env.LAUNCHER_PID) or preemption.has_consumer():
+            return
+        self._warned_preemption = True
+        reason = ("this script saves checkpoints but never checks for preemption: a SIGUSR1/SIGTERM from the "
+                  "scheduler is ignored until the launcher's grace runs out, and the job resumes from the last "
+                  "periodic save. Call mgr.save_if_preempted(step, state) once per step (exit 75 when it returns "
+                  "True), or use SpikeGuard / ElasticResume")
+        if self.rank == 0:
+            log.warning("%s", reason)
+        self.events.emit(Event.PREEMPTION_IGNORED, reason=reason)
 
     def _after_commit(self, manifest: Manifest) -> None:
         self.last_committed = manifest.step

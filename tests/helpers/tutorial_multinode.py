@@ -10,6 +10,8 @@ not copied), converted to ``CheckpointManager`` the way the README teaches: a ``
 import argparse
 import json
 import os
+import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,7 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
-from elastic_resume import CheckpointManager, ResumableDistributedSampler, RNGState
+from elastic_resume import EXIT_PREEMPTED, CheckpointManager, ResumableDistributedSampler, RNGState
 
 
 class MyTrainDataset(Dataset):
@@ -65,12 +67,15 @@ class Trainer:
         for source, targets in self.train_data:
             loss = self._run_batch(source, targets)
             self.progress["step"] += 1
+            self.progress["epoch"] = epoch  # every field current at every step: a preemption saves any step
             step = self.progress["step"]
             with open(self.loss_log, "a") as f:
                 f.write(json.dumps({"rank": self.global_rank, "epoch": epoch, "step": step, "loss": loss}) + "\n")
+            time.sleep(float(os.environ.get("STEP_SECONDS", "0")))
             if step % self.save_every == 0:
-                self.progress["epoch"] = epoch
                 self.snapshots.save(step, self.state)
+            elif self.snapshots.save_if_preempted(step, self.state):
+                sys.exit(EXIT_PREEMPTED)  # saved this step on every rank; the launcher requeues
             if step == self.die_at_step and self.global_rank == 1 and not os.path.exists(self.loss_log + ".died"):
                 open(self.loss_log + ".died", "w").close()
                 os._exit(9)  # a crash: the launcher restarts the group from the last snapshot

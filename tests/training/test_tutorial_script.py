@@ -43,3 +43,51 @@ def test_the_tutorials_shape_trains_every_step_and_resumes_bit_exact_after_a_cra
     assert last == {(row["rank"], row["step"]): row["loss"] for row in whole}
     redone = [row["step"] for row in resumed if row["rank"] == 0]
     assert redone.count(21) == 2 and redone.count(20) == 1  # steps after the snapshot were redone once
+
+
+@pytest.mark.slow
+def test_the_tutorials_plain_loop_honours_a_preemption_with_one_line(tmp_path):
+    """CheckpointManager.save_if_preempted at the step boundary: SIGUSR1 to the launcher saves
+    the same step on both ranks, exit 75; the rerun continues from it, bit for bit."""
+    import signal
+    import time
+
+    from elastic_resume.events import read_events
+    from tests.helpers.launcher import start, stop, wait_event
+
+    _, whole = launch(tmp_path, "whole")
+    log, events = tmp_path / "preempted.jsonl", str(tmp_path / "preempted-events.jsonl")
+    cmd = launcher_cmd("--standalone", "--nproc-per-node=2", f"--er-event-log={events}", script=SCRIPT,
+                       args=(str(EPOCHS), str(SAVE_EVERY), "--batch_size", str(BATCH), "--snapshot_path",
+                             str(tmp_path / "preempted"), "--loss_log", str(log)))
+    p = start(cmd, str(tmp_path / "launch.log"), env={"STEP_SECONDS": "0.1"})
+    try:
+        wait_event(events, lambda e: e["event"] == "save_committed" and e["step"] == 10, proc=p)
+        time.sleep(0.25)
+        p.send_signal(signal.SIGUSR1)
+        assert p.wait(timeout=120) == 75, (tmp_path / "launch.log").read_text()[-3000:]
+    finally:
+        stop(p)
+    saved = [e["step"] for e in read_events(events) if e["event"] == "preemption_save"]
+    assert len(saved) == 2 and len(set(saved)) == 1 and saved[0] % SAVE_EVERY != 0  # both ranks, one odd step
+    assert "preemption_ignored" not in [e["event"] for e in read_events(events)]
+    r = run(cmd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {(row["rank"], row["step"]): row["loss"] for row in rows} == {(row["rank"], row["step"]): row["loss"]
+                                                                          for row in whole}
+    assert len(rows) == len(whole)  # no step trained twice
+
+
+def test_a_script_that_saves_but_never_checks_for_preemption_is_told_so(tmp_path, monkeypatch, caplog):
+    import torch
+
+    from elastic_resume import CheckpointManager, preemption
+
+    monkeypatch.setenv("ER_LAUNCHER_PID", "1")  # as under elastic-resume launch
+    monkeypatch.setattr(preemption, "_consumers", 0)  # nothing in this process checks the flag
+    mgr = CheckpointManager(tmp_path / "ckpt")
+    with caplog.at_level("WARNING", logger="elastic_resume"):
+        mgr.save(1, {"w": torch.ones(1)})
+        mgr.save(2, {"w": torch.ones(1)})
+    assert caplog.text.count("never checks for preemption") == 1 and "save_if_preempted" in caplog.text
