@@ -171,6 +171,7 @@ class CheckpointManager:
         # save_if_preempted: the flag sum started at the last call, read at the next one.
         self._preemption_flag: tuple[Any, Any] | None = None
         self._preemption_registered = False
+        self._preemption_group: Any = None
         self._warned_preemption = False
         # Rank 0 creates the root and proves it can write before any training happens, so a
         # bad root fails in the first second rather than at the first save an hour in. A writer
@@ -248,12 +249,17 @@ class CheckpointManager:
         import torch
 
         flag = torch.tensor([1.0 if preemption.requested() is not None else 0.0], dtype=torch.float64)
-        pg = process_group(self.group)
         work = None
-        if pg is not None and self.world_size > 1:
+        if process_group(self.group) is not None and self.world_size > 1:
             import torch.distributed as dist
 
-            work = dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=pg, async_op=True)
+            if self._preemption_group is None:
+                # A group of its own (made at the first call, which every rank makes at the same
+                # step): a background save runs collectives on the manager's group from its
+                # thread, and two threads' collectives on one group would interleave differently
+                # on different ranks.
+                self._preemption_group = dist.new_group(backend="gloo")
+            work = dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self._preemption_group, async_op=True)
         self._preemption_flag = (flag, work)
         return False
 

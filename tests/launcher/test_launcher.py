@@ -285,7 +285,7 @@ def test_doctor_shows_what_slurm_would_give(tmp_path):
     r = run([sys.executable, "-m", "elastic_resume.cli", "doctor", "--nproc-per-node", "4"], env=env)
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    assert "slurm (job 4242)" in out and "gpu07:29400 id slurm-4242" in out
+    assert "slurm (job 4242)" in out and "gpu07:34242 id slurm-4242" in out  # the job's own port
     assert "1:2 (elastic)" in out and re.search(r"scheduler restarts so far\s+2\n", out)
     assert re.search(r"node rank\s+1 from the scheduler", out)
     assert "elastic_resume.launcher.worker SCRIPT" in out
