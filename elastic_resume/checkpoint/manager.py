@@ -37,7 +37,7 @@ from .agreement import Agreed, Candidate, agree
 from .layout import ROLLBACK_DECISION
 from .manifest import Manifest
 from .reading import LoadedStep, ReadAttempt, try_read
-from .root_records import read_record, write_record
+from .root_records import read_record_together, write_record_together
 from .saving import StepWriter
 from .state import apply_state, stale_step_counters
 from .store import CheckpointStore
@@ -505,14 +505,11 @@ class CheckpointManager:
     def record_decision(self, decision: Mapping[str, Any]) -> None:
         """Collective: rank 0 writes the spike guard's rollback decision at the root, atomically,
         before the rollback is carried out (``rollback-decision.json``)."""
-        on_rank0(self.group, lambda: write_record(self.storage, ROLLBACK_DECISION, dict(decision)),
-                 error=lambda m: StorageError(0, m), what=f"cannot record the rollback decision under {self.storage.display()}")
+        write_record_together(self.group, self.storage, ROLLBACK_DECISION, dict(decision))
 
     def recorded_decision(self) -> Any:
         """Collective: the last rollback decision recorded at the root (untrusted JSON), or None."""
-        return on_rank0(self.group, lambda: read_record(self.storage, ROLLBACK_DECISION),
-                        error=lambda m: StorageError(0, m),
-                        what=f"cannot read the rollback decision under {self.storage.display()}")
+        return read_record_together(self.group, self.storage, ROLLBACK_DECISION)
 
     def retire_newer_than(self, step: int, *, reason: str) -> list[int]:
         """Remove every committed step newer than ``step`` (they lie on an abandoned timeline,

@@ -6,9 +6,13 @@ missing or damaged one reads as None (the caller says what that means)."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..errors import StorageError
 from ..storage.protocol import Storage
+
+if TYPE_CHECKING:  # collectives imports torch; the CLI reads these records without it
+    from ..collectives import Group
 
 #: No record is anywhere near this; a larger file is damage, refused before it is read.
 LIMIT = 1 << 20
@@ -26,3 +30,19 @@ def write_record(storage: Storage, name: str, doc: Any) -> None:
     """Replace the record atomically (a reader sees the old one or the new one, never a mix)."""
     data = json.dumps(doc, indent=1, allow_nan=False).encode()
     storage.write_atomic(name, [memoryview(data)], size=len(data))
+
+
+def write_record_together(group: Group, storage: Storage, name: str, doc: Any) -> None:
+    """Collective: rank 0 writes the record; a failure is raised on every rank."""
+    from ..collectives import on_rank0
+
+    on_rank0(group, lambda: write_record(storage, name, doc), error=lambda m: StorageError(0, m),
+             what=f"cannot write {name} under {storage.display()}")
+
+
+def read_record_together(group: Group, storage: Storage, name: str) -> Any:
+    """Collective: the record as rank 0 read it (untrusted JSON, or None), the same on every rank."""
+    from ..collectives import on_rank0
+
+    return on_rank0(group, lambda: read_record(storage, name), error=lambda m: StorageError(0, m),
+                    what=f"cannot read {name} under {storage.display()}")

@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterable, Mapping, MutableMapping
 from typing import Any
 
 from ..checkpoint.layout import ROLLBACK_DECISION
-from ..checkpoint.root_records import read_record, write_record
+from ..checkpoint.root_records import read_record_together, write_record_together
 from ..collectives import Group, on_rank0
 from ..contract import Event
 from ..errors import ConfigError, StorageError
@@ -123,12 +123,10 @@ class TrainerBackend:
 
     def record_decision(self, decision: Mapping[str, Any]) -> None:
         """Rank 0 writes the rollback decision into the checkpoint directory, atomically."""
-        on_rank0(self.group, lambda: write_record(self._decision_storage(), ROLLBACK_DECISION, dict(decision)),
-                 error=lambda m: StorageError(0, m), what=f"cannot record the rollback decision in {self._dir()}")
+        write_record_together(self.group, self._decision_storage(), ROLLBACK_DECISION, dict(decision))
 
     def recorded_decision(self) -> Any:
-        return on_rank0(self.group, lambda: read_record(self._decision_storage(), ROLLBACK_DECISION),
-                        error=lambda m: StorageError(0, m), what=f"cannot read the rollback decision in {self._dir()}")
+        return read_record_together(self.group, self._decision_storage(), ROLLBACK_DECISION)
 
     def restore(self, state: MutableMapping[str, Any], *, step: int | None = None) -> int | None:
         """Load ``step`` into the running trainer (Lightning itself restores at the start of

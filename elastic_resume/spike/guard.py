@@ -215,7 +215,6 @@ class SpikeGuard:
         self.emit(Event.ROLLBACK_RESUMED, step=restored, anchor=decision.anchor, onset=decision.onset,
                   reason=f"the rollback from step {decision.onset} to step {decision.anchor} was decided before the "
                          "last stop and had not been committed: carrying it out now")
-        self._committed = [c for c in self._committed if c[0] <= restored]
         return self._carry_out(decision).step
 
     def _protect_anchor(self, step: int) -> None:

@@ -88,10 +88,17 @@ class ResumableDistributedSampler(Sampler[int]):
             rest = rest + (rest * math.ceil(pad / len(rest)))[:pad]
         return rest
 
+    def _pass_size(self, start: int) -> int:
+        """``len(self._remaining(start))`` by arithmetic: no permutation drawn for a length."""
+        rest, w = self.dataset_len - start, self.num_replicas
+        if self.drop_last:
+            return rest - rest % w
+        return rest + (-rest) % w if rest > 0 else 0
+
     def __iter__(self) -> Iterator[int]:
         # A generator: the pass begins at the loader's first request, not when iter() is called.
         start = self._resume_at if self._resume_at is not None else 0
-        if not self._remaining(start) and not self._epoch_confirmed:
+        if not self._pass_size(start) and not self._epoch_confirmed:
             # A restore at the end of an epoch, and the script has not yet said this epoch is the
             # one it trains (set_epoch): a peek at the batch size gets a fresh pass, as from a
             # DistributedSampler. After set_epoch of the finished epoch the pass is empty: the
@@ -111,7 +118,7 @@ class ResumableDistributedSampler(Sampler[int]):
     def __len__(self) -> int:
         """Samples this rank draws in a whole epoch, as ``DistributedSampler``: schedules sized
         from ``len(loader)`` are the same in a resumed run (a resumed pass yields fewer)."""
-        return len(self._remaining(0)) // self.num_replicas
+        return self._pass_size(0) // self.num_replicas
 
     # -- position ------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
