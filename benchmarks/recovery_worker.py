@@ -28,6 +28,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10**9)
     p.add_argument("--save-every", type=int, default=20)
     p.add_argument("--width", type=int, default=8192)
+    p.add_argument("--step-seconds", type=float, default=0.0, help="sleep this long per step (a slower model)")
     args = p.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -49,7 +50,7 @@ def main() -> int:
     mgr = None
     if args.mode == "er":
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from elastic_resume import CheckpointManager
+        from elastic_resume import EXIT_PREEMPTED, CheckpointManager
 
         mgr = CheckpointManager(args.root, keep_last=2)
         log("manager_ready")
@@ -72,13 +73,20 @@ def main() -> int:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if args.step_seconds:
+            time.sleep(args.step_seconds)
         step += 1
         now = time.monotonic()
         if rank == 0:
             log("step", step=step, loss=loss.item(), seconds=round(now - last, 6))
         last = now
+        progress["step"] = step
+        if mgr is not None and mgr.save_if_preempted(step, state):  # a forwarded SIGUSR1/SIGTERM
+            log("preemption_saved", step=step)
+            mgr.close()
+            dist.destroy_process_group()
+            return EXIT_PREEMPTED
         if step % args.save_every == 0:
-            progress["step"] = step
             if mgr is not None:
                 mgr.save(step, state, blocking=False)
             else:

@@ -146,6 +146,8 @@ class Event(StrEnum):
     LAUNCH_ERROR = "launch_error"
     WORKERS_STARTED = "workers_started"
     WORKERS_FAILED = "workers_failed"
+    #: The workers stopped with the preemption code after a committed save (not a failure).
+    WORKERS_PREEMPTED = "workers_preempted"
     RESTART = "restart"
     PREEMPTION_REQUESTED = "preemption_requested"
     PREEMPTION_SIGNAL_REPEATED = "preemption_signal_repeated"

@@ -6,7 +6,8 @@ works out the loss curve that survived (a step done again after a restart or a r
 the earlier one, which was work thrown away), the restarts with their cause and the time to the
 first step after them, rollbacks and skipped data, preemptions, checkpoints, and goodput:
 useful step time (the surviving steps' durations) divided by wall time (the union of the
-launcher sessions).
+launcher sessions), and divided by the elapsed time, which adds the waits between sessions (a
+requeued Slurm job waits in the queue; ``sacct`` shows only its last run).
 
 Pure functions over event dictionaries, except :func:`load_events` (reads files) and
 :func:`plot` (writes a PNG with matplotlib, the ``report`` extra).
@@ -136,8 +137,10 @@ def _rank0(e: dict[str, Any]) -> bool:
 
 @dataclass
 class Summary:
-    wall_s: float = 0.0
+    wall_s: float = 0.0  #: time some launcher of the run was up (the union of the sessions)
     sessions: int = 0
+    #: Gaps between sessions, when nothing of the job ran: {ts, seconds, after, scheduler_restart}.
+    waits: list[dict[str, Any]] = field(default_factory=list)
     useful_s: float = 0.0
     steps_final: int = 0
     steps_executed: int = 0
@@ -167,10 +170,25 @@ class Summary:
     def lost_s(self) -> float:
         return max(0.0, self.wall_s - self.useful_s)
 
+    @property
+    def waiting_s(self) -> float:
+        return sum(w["seconds"] for w in self.waits)
+
+    @property
+    def elapsed_s(self) -> float:
+        """First launch to last event: what the user waited for, queue time included."""
+        return self.wall_s + self.waiting_s
+
+    @property
+    def goodput_elapsed(self) -> float | None:
+        return self.useful_s / self.elapsed_s if self.elapsed_s > 0 and self.steps_final else None
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "wall_s": round(self.wall_s, 3), "useful_s": round(self.useful_s, 3), "lost_s": round(self.lost_s, 3),
             "goodput": None if self.goodput is None else round(self.goodput, 4), "sessions": self.sessions,
+            "waits": self.waits, "waiting_s": round(self.waiting_s, 3), "elapsed_s": round(self.elapsed_s, 3),
+            "goodput_elapsed": None if self.goodput_elapsed is None else round(self.goodput_elapsed, 4),
             "steps_final": self.steps_final, "steps_executed": self.steps_executed, "last_step": self.last_step,
             "restarts": self.restarts, "rollbacks": self.rollbacks, "preemptions": self.preemptions,
             "checkpoints": {"committed": self.saves, "bytes": self.save_bytes,
@@ -184,13 +202,22 @@ class Summary:
         def row(key: str, value: str) -> None:
             lines.append(f"  {key:<18} {value}")
 
-        row("wall time", f"{self.wall_s:.1f} s")
+        row("wall time", f"{self.wall_s:.1f} s" + (" with a launcher up" if self.waits else ""))
+        if self.waits:
+            row("between sessions", f"{self.waiting_s:.1f} s in {len(self.waits)} wait(s) with nothing running "
+                                    "(queued after a requeue, rescheduled, resubmitted)")
+            for w in self.waits:
+                again = (f", back as scheduler restart {w['scheduler_restart']}"
+                         if w.get("scheduler_restart") not in (None, 0) else "")
+                row("", f"{w['seconds']:.1f} s from {w['ts']}, after the job {w['after']}{again}")
+            row("elapsed", f"{self.elapsed_s:.1f} s from the first launch to the end")
         if self.malformed:
             row("skipped lines", f"{self.malformed} event line(s) without the fields' types (not written by elastic-resume?)")
         if self.steps_final:
             row("steps", f"{self.steps_final} kept (up to step {self.last_step}), {self.steps_executed} executed")
             row("goodput", f"{100 * (self.goodput or 0):.1f}% ({self.useful_s:.1f} s of useful step time, "
-                           f"{self.lost_s:.1f} s lost)")
+                           f"{self.lost_s:.1f} s lost)" + (
+                               f"; {100 * (self.goodput_elapsed or 0):.1f}% of the elapsed time" if self.waits else ""))
         else:
             row("steps", "no step lines in these logs (SpikeGuard on rank 0 records them, in rank 0's node log)")
         row("restarts", str(len(self.restarts)) if self.restarts else "none")
@@ -220,34 +247,70 @@ _PROBLEMS = (Event.CORRUPTION_FOUND, Event.RESTORE_FALLBACK, Event.RESUME_CRASH_
              Event.LAUNCH_ERROR, Event.PREEMPTION_GRACE_EXPIRED, Event.REQUEUE_FAILED, Event.DRIFT_FOUND)
 
 
-def _wall(events: list[dict[str, Any]]) -> tuple[float, int]:
-    """Union of the launcher sessions' intervals (or first to last event without a launcher)."""
-    sessions: dict[tuple[Any, Any], list[float]] = {}
+@dataclass
+class _Session:
+    """One launcher process's stretch of the run: from its ``launch_started`` to the last event
+    before the next session (its workers' last lines come after the launcher's own)."""
+
+    start: float
+    end: float
+    exit_code: Any = None  #: from its ``launch_finished``; None when it never wrote one (killed)
+    scheduler_restarts: Any = None
+
+
+def _why_ended(codes: list[Any]) -> str:
+    from .contract import ExitCode
+
+    names = {0: "finished", ExitCode.PREEMPTED: "preempted", ExitCode.GAVE_UP: "gave up",
+             ExitCode.PERMANENT: "a permanent error"}
+    if ExitCode.PREEMPTED in codes:  # one node's 75 with another's 143: the job was preempted
+        return "preempted"
+    known = [c for c in codes if c is not None]
+    if not known:
+        return "ended without a launch_finished line (the node or launcher was killed)"
+    return ", ".join(dict.fromkeys(names.get(c, f"exit {c}") for c in known))
+
+
+def _sessions(events: list[dict[str, Any]]) -> list[_Session]:
+    by_launcher: dict[tuple[Any, Any], _Session] = {}
     for e in events:
+        where = (e.get("node"), e.get("pid"))
         if e.get("event") == Event.LAUNCH_STARTED:
-            sessions[(e.get("node"), e.get("pid"))] = [e["ts"], e["ts"]]
-        elif (e.get("node"), e.get("pid")) in sessions:
-            sessions[(e.get("node"), e.get("pid"))][1] = e["ts"]
-    if not sessions:
-        ts = [e["ts"] for e in events if "ts" in e]
-        return ((max(ts) - min(ts)) if ts else 0.0), 0
-    # The workers' last lines come after the launcher's: extend each session to the last event
-    # before the next session starts.
-    spans = sorted(sessions.values())
-    starts = [s for s, _ in spans] + [float("inf")]
+            by_launcher[where] = _Session(e["ts"], e["ts"], scheduler_restarts=e.get("scheduler_restarts"))
+        elif where in by_launcher:
+            by_launcher[where].end = e["ts"]
+            if e.get("event") == Event.LAUNCH_FINISHED:
+                by_launcher[where].exit_code = e.get("exit_code")
+    spans = sorted(by_launcher.values(), key=lambda x: (x.start, x.end))
+    starts = [x.start for x in spans] + [float("inf")]
     for i, span in enumerate(spans):
-        later = [e["ts"] for e in events if span[0] <= e["ts"] < starts[i + 1]]
-        span[1] = max(span[1], max(later, default=span[1]))
-    total = 0.0
-    cur_start, cur_end = spans[0]
-    for start, end in spans[1:]:
-        if start > cur_end:
+        later = [e["ts"] for e in events if span.start <= e["ts"] < starts[i + 1]]
+        span.end = max(span.end, max(later, default=span.end))
+    return spans
+
+
+def _wall(events: list[dict[str, Any]]) -> tuple[float, int, list[dict[str, Any]]]:
+    """(wall time, sessions, waits): the union of the launcher sessions' intervals (first to last
+    event without a launcher), and the gaps in that union. A gap is time the job was not running
+    at all: queued after a requeue, a pod being rescheduled, a resubmission."""
+    spans = _sessions(events)
+    if not spans:
+        ts = [e["ts"] for e in events if "ts" in e]
+        return ((max(ts) - min(ts)) if ts else 0.0), 0, []
+    total, waits = 0.0, []
+    cur_start, cur_end = spans[0].start, spans[0].end
+    ended: list[Any] = [spans[0].exit_code]
+    for span in spans[1:]:
+        if span.start > cur_end:
             total += cur_end - cur_start
-            cur_start, cur_end = start, end
+            waits.append({"ts": cur_end, "seconds": round(span.start - cur_end, 3), "after": _why_ended(ended),
+                          "scheduler_restart": span.scheduler_restarts})
+            cur_start, cur_end, ended = span.start, span.end, []
         else:
-            cur_end = max(cur_end, end)
+            cur_end = max(cur_end, span.end)
+        ended.append(span.exit_code)
     total += cur_end - cur_start
-    return total, len(spans)
+    return total, len(spans), waits
 
 
 def _cause(failures: list[dict[str, Any]] | None) -> str:
@@ -268,7 +331,7 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
     events = sorted((e for e in given if well_formed(e)), key=lambda e: e["ts"])
     s = Summary()
     s.malformed = len(given) - len(events)
-    s.wall_s, s.sessions = _wall(events)
+    s.wall_s, s.sessions, s.waits = _wall(events)
     timeline: dict[int, tuple[float, float | None]] = {}  # step -> (loss, seconds)
     order: list[int] = []  # the timeline's steps, increasing (a stack: redone steps pop the tail)
     abandoned: list[list[tuple[int, float]]] = []
@@ -351,6 +414,8 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
         r["ts"] = time.strftime("%H:%M:%S", time.localtime(r["ts"]))
     for p in s.preemptions:
         p["ts"] = time.strftime("%H:%M:%S", time.localtime(p["ts"]))
+    for w in s.waits:
+        w["ts"] = time.strftime("%H:%M:%S", time.localtime(w["ts"]))
     s.curve = sorted((k, v[0]) for k, v in timeline.items())
     s.judged_curve = sorted(judged.items())
     s.abandoned = abandoned
@@ -429,6 +494,9 @@ def plot(events: list[dict[str, Any]], summary: Summary, path: str) -> None:
         ax.plot([], [], " ", label=f"goodput {100 * summary.goodput:.0f}% = time in kept steps {summary.useful_s:.1f} s"
                 f" / wall {summary.wall_s:.1f} s")
         ax.plot([], [], " ", label="  (the rest: start-up, restarts, redone steps, saves)")
+        if summary.waits:
+            ax.plot([], [], " ", label=f"  {100 * (summary.goodput_elapsed or 0):.0f}% of the elapsed "
+                    f"{summary.elapsed_s:.1f} s: {summary.waiting_s:.1f} s queued between {summary.sessions} sessions")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5, frameon=False)  # beside: never over the curve
     fig.tight_layout()
     import uuid

@@ -135,3 +135,31 @@ def test_quick_restarts_of_one_launcher_are_each_counted_and_other_nodes_join_th
     events.append(ev(7.5, "restart", node="m", pid=2, failures=failures))  # the other node, same incident
     s = summarize(events)
     assert len(s.restarts) == 3
+
+
+def test_waits_between_sessions_are_reported_and_counted_in_the_elapsed_goodput():
+    """A requeued Slurm job: two nodes' launchers per run, a preemption, 120 s in the queue, then
+    the same run again; a third run whose launchers were killed (no launch_finished), then one
+    more wait. Wall time counts the launchers' time; the waits come on top of it."""
+    def run(t0, restart, exits):
+        out = []
+        for node in ("a", "b"):
+            out.append(ev(t0, "launch_started", node=node, pid=t0, scheduler_restarts=restart))
+        out += [ev(t0 + s, "step", rank=0, step=int(t0) + s, loss=1.0, seconds=1.0) for s in range(1, 9)]
+        for node, code in zip(("a", "b"), exits):
+            if code is not None:
+                out.append(ev(t0 + 10, "launch_finished", node=node, pid=t0, exit_code=code, reason="x"))
+        return out
+
+    events = run(0, 0, (75, 143)) + run(130, 1, (None, None)) + run(200, 2, (0, 0))
+    s = summarize(events)
+    assert s.sessions == 6 and s.wall_s == 28.0  # the killed run's last event is its step at 138
+    assert [(w["seconds"], w["after"], w["scheduler_restart"]) for w in s.waits] == [
+        (120.0, "preempted", 1),
+        (62.0, "ended without a launch_finished line (the node or launcher was killed)", 2)]
+    assert s.elapsed_s == 210.0 and abs(s.goodput_elapsed - 24 / 210) < 1e-9 and abs(s.goodput - 24 / 28) < 1e-9
+    text = s.text()
+    assert "between sessions   182.0 s in 2 wait(s)" in text and "after the job preempted, back as scheduler restart 1" in text
+    assert "elapsed            210.0 s" in text and "11.4% of the elapsed time" in text
+    single = summarize(run(0, 0, (0, 0)))
+    assert not single.waits and "between sessions" not in single.text() and single.elapsed_s == single.wall_s

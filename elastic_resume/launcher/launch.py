@@ -278,7 +278,7 @@ class Launch:
         self.preempt_at: float | None = None
         self.preempt_signal: str | None = None
         self.outcome: Outcome | None = None
-        self.cancelled = False  # Slurm: the job was cancelled, not preempted (see _requeue)
+        self.requeue_note = ""  # Slurm: what became of the job after a preemption save (see _requeue)
         self.last_failure: list[dict[str, Any]] | None = None
         self.generation = 0
         self.phase = "starting"  # starting -> running (workers started once) -> done
@@ -336,7 +336,9 @@ class Launch:
             self.last_failure = failures
             if self.outcome is not None:
                 _torch_compat.forbid_restarts(agent)  # never restart after these
-            self.emit(Event.WORKERS_FAILED, generation=self.generation, failures=failures,
+            # A preemption is the run working as designed: an INFO line, not a WARNING one.
+            self.emit(Event.WORKERS_PREEMPTED if self.outcome == Outcome.PREEMPTED else Event.WORKERS_FAILED,
+                      generation=self.generation, failures=failures,
                       restarts_left=_torch_compat.remaining_restarts(agent))
         elif result.state == WorkerState.HEALTHY and self.preempt_at is not None:
             if time.monotonic() - self.preempt_at > self.plan.grace_s:
@@ -365,9 +367,7 @@ class Launch:
             signal.signal(sig, self.on_signal)
         code, reason = self._run_agent()
         if code == ExitCode.PREEMPTED and self.plan.will_requeue:
-            self._requeue()
-            if self.cancelled:
-                reason = f"{reason}; the job was cancelled, so it is not requeued"
+            reason = f"{reason}; {self._requeue()}"
         self.emit(Event.LAUNCH_FINISHED, exit_code=code, reason=reason, seconds=round(time.time() - self.started, 3))
         if not self.plan.args.er_no_summary:
             from ..report import load_events, summarize
@@ -448,7 +448,9 @@ class Launch:
                                  log_line_prefix_template=config.log_line_prefix_template)
         return self.agent
 
-    def _requeue(self) -> None:
+    def _requeue(self) -> str:
+        """Requeue the job unless it was cancelled or already requeued; says which, for the
+        summary's exit line."""
         job = self.plan.detected.job_id
         # A preemption requeues; a user's cancel ends the job. Both reach the workers as a signal
         # (scancel sends TERM), but Slurm has already marked a cancelled job COMPLETING: only a
@@ -463,16 +465,18 @@ class Launch:
         if state is not None and (state != "RUNNING" or requeued):
             why = ("already requeued (an admin's scontrol requeue, or Slurm's own preemption)" if requeued else
                    "cancelled (scancel) or ended by the scheduler: the save stands, the job ends")
-            self.cancelled = not requeued
             self.emit(Event.REQUEUE_SKIPPED, job_id=job, job_state=state, reason=f"job {job} is {state}: {why}")
-            return
+            return (f"Slurm has requeued job {job} itself" if requeued else
+                    "the job was cancelled, so it is not requeued")
         try:
             r = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True, timeout=60)
             ok = r.returncode == 0
             self.emit(Event.REQUEUED if ok else Event.REQUEUE_FAILED, job_id=job,
                       **({} if ok else {"error": (r.stderr or r.stdout).strip()}))
         except (OSError, subprocess.TimeoutExpired) as e:
+            ok = False
             self.emit(Event.REQUEUE_FAILED, job_id=job, error=str(e))
+        return f"job {job} requeued" if ok else f"requeueing job {job} failed (see requeue_failed): resubmit it"
 
 
 def slurm_job_info(job: str) -> dict[str, str]:
@@ -485,7 +489,18 @@ def slurm_job_info(job: str) -> dict[str, str]:
     return dict(re.findall(r"(?:^|\s)(\w+)=(\S*)", r.stdout)) if r.returncode == 0 else {}
 
 
+class _PreemptionIsNotAFailure(logging.Filter):
+    """torch's agent logs every worker exit that is not 0 at ERROR (``failed (exitcode: 75)``).
+    Exit 75 is a worker that saved for a preemption, as asked: drop that line (our own
+    ``workers_preempted`` event and the summary say what happened); other codes pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (str(record.msg).startswith("failed (exitcode: ") and args[:1] == (ExitCode.PREEMPTED,))
+
+
 def main(argv: list[str]) -> int:
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_PreemptionIsNotAFailure())
     try:
         plan = plan_launch(argv)
     except ElasticResumeError as e:

@@ -170,7 +170,16 @@ def render_sbatch(o: SbatchOptions) -> str:
         "srun_pid=$!",
         'while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done',
         'wait "$srun_pid"; rc=$?',
-        'echo "$(date -Is) job $SLURM_JOB_ID step ended with exit code $rc"',
+        "# srun reports every exit but 0 as an error; say what this one means.",
+        'case $rc in',
+        '  0) what="finished" ;;',
+        f'  {ExitCode.PREEMPTED}) what="preempted after a committed save, not an error (the summary above says if the job '
+        'was requeued)" ;;',
+        f'  {ExitCode.GAVE_UP}) what="gave up: the loss-spike rollback budget is spent; do not resubmit as is" ;;',
+        f'  {ExitCode.PERMANENT}) what="an error no restart can heal (the line above names it); do not resubmit as is" ;;',
+        '  *) what="failed" ;;',
+        'esac',
+        'echo "$(date -Is) job $SLURM_JOB_ID step ended with exit code $rc: $what"',
         "exit $rc",
         "",
     ]

@@ -210,7 +210,10 @@ def test_sigusr1_twice_saves_once_exits_75_and_the_rerun_resumes(tmp_path):
     saved = [e["step"] for e in ev if e["event"] == "preemption_save" and e["rank"] == 0]
     assert len(saved) == 1 and saved[0] >= 5
     assert CheckpointManager(str(tmp_path / "ckpt"), read_only=True).latest() == saved[0]
-    assert "preempted by SIGUSR1 after a committed save" in (tmp_path / "launch.log").read_text()
+    log = (tmp_path / "launch.log").read_text()
+    assert "preempted by SIGUSR1 after a committed save" in log
+    assert "failed (exitcode: 75)" not in log and "workers_failed" not in log  # a preemption is no failure
+    assert names.count("workers_preempted") == 1
     r = run(cmd)
     assert r.returncode == 0, r.stderr[-3000:]
     assert restores(str(tmp_path / "restored.jsonl"))[-1]["restored"] == saved[0]

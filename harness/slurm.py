@@ -1,6 +1,6 @@
-"""A real one-node Slurm cluster on localhost for tests: munged (as user munge, its own socket,
-key and files), slurmctld and slurmd (as root), all under one private directory, all stopped by
-PID. Built from Debian's ``slurm-wlm`` and ``munge`` packages (``make test`` installs them)."""
+"""A real one-node Slurm cluster on localhost for the tests and the Slurm benchmark: munged (as
+user munge, its own socket, key and files), slurmctld and slurmd (as root), all under one private
+directory, all stopped by PID. Built from Debian's ``slurm-wlm`` and ``munge`` packages (``make test`` installs them)."""
 
 from __future__ import annotations
 
@@ -102,7 +102,9 @@ class SlurmCluster:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def start_cluster(cpus: int | None = None) -> SlurmCluster:
+def start_cluster(cpus: int | None = None, cred_expire_s: int | None = None) -> SlurmCluster:
+    """``cred_expire_s``: the job credential lifetime, which is also how long a requeued job waits
+    before it may start again (Slurm's default: 120 s)."""
     base = tempfile.mkdtemp(prefix="er-slurm-")
     os.chmod(base, 0o755)  # munged (user munge) must reach its own directory below
     munge = pwd.getpwnam("munge")
@@ -129,7 +131,7 @@ SlurmdPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={sock}
+AuthInfo=socket={sock}{f',cred_expire={cred_expire_s}' if cred_expire_s else ''}
 CredType=cred/munge
 StateSaveLocation={base}/state
 SlurmdSpoolDir={base}/spool
