@@ -17,7 +17,6 @@ B. Goodput under faults: a worker is SIGKILLed every ``--fault-every`` seconds f
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -33,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
+from elastic_resume.events import read_events
 from elastic_resume.report import summarize
 from harness.processes import children
 
@@ -40,16 +40,8 @@ WORKER = os.path.join(HERE, "recovery_worker.py")
 
 
 def read(log: str) -> list[dict]:
-    if not os.path.exists(log):
-        return []
-    out = []
-    with open(log) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
+    """The JSONL lines written so far (a line being written is skipped)."""
+    return read_events(log) if os.path.exists(log) else []
 
 
 def start(mode: str, work: str, save_every: int, width: int) -> tuple[subprocess.Popen, str]:

@@ -35,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
+from elastic_resume.events import read_events
 from elastic_resume.launcher.slurm import SbatchOptions, render_sbatch
 from harness.processes import child_env
 from harness.slurm import SlurmCluster, missing_reason, start_cluster
@@ -67,16 +68,8 @@ def er_script(work: str, args: argparse.Namespace) -> str:
 
 
 def timeline(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
+    """The JSONL lines written so far (a line being written is skipped)."""
+    return read_events(path) if os.path.exists(path) else []
 
 
 def one(cluster: SlurmCluster, name: str, script: str, work: str, args: argparse.Namespace) -> dict:
