@@ -136,6 +136,10 @@ class Event(StrEnum):
     #: Such a rollback left alone: the run resumed from a step older than its anchor.
     ROLLBACK_ABANDONED = "rollback_abandoned"
     DATA_SKIPPED = "data_skipped"
+    #: Steps trained again after a restart gave what they gave before, bit for bit (rank 0).
+    REPLAY_VERIFIED = "replay_verified"
+    #: A step trained again gave another loss or gradient norm than before (rank 0).
+    REPLAY_MISMATCH = "replay_mismatch"
     GAVE_UP = "gave_up"
     PREEMPTION_SAVE = "preemption_save"
     #: Under the launcher, a script saves but never checks the preemption flag (say so once).
@@ -164,5 +168,5 @@ class Event(StrEnum):
 WARNING_EVENTS = frozenset({
     Event.CORRUPTION_FOUND, Event.RESTORE_FALLBACK, Event.DRIFT_FOUND, Event.SAVE_FAILED, Event.PRUNE_FAILED,
     Event.RESUME_CRASH_LOOP, Event.WORKERS_FAILED, Event.PREEMPTION_GRACE_EXPIRED, Event.REQUEUE_FAILED,
-    Event.LAUNCH_ERROR,
+    Event.LAUNCH_ERROR, Event.REPLAY_MISMATCH,
 })

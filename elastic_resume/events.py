@@ -10,15 +10,19 @@ processes append to the same file, so each event is written with a single ``writ
 from __future__ import annotations
 
 import enum
+import glob
 import json
 import logging
 import math
 import os
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from .contract import WARNING_EVENTS, Env
+from .contract import WARNING_EVENTS, Env, Event
+from .errors import ConfigError
 
 logger = logging.getLogger("elastic_resume")
 
@@ -133,3 +137,71 @@ def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             if isinstance(event, dict):
                 events.append(event)
     return events
+
+
+#: Key added to each loaded event: the run id of the launch whose ``launch_started`` precedes it
+#: in its file (None before any). One file may hold several launches (an ``--er-event-log``
+#: reused), and a directory several runs.
+RUN = "_run"
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_event(e: dict[str, Any]) -> bool:
+    return isinstance(e.get("event"), str) and is_number(e.get("ts"))
+
+
+@dataclass
+class Logs:
+    """What :func:`load_events` found: the events, by time, and the files it passed over."""
+
+    events: list[dict[str, Any]]
+    not_event_logs: list[str]  #: ``*.jsonl`` files with no event line (loss logs, other data)
+
+    @property
+    def runs(self) -> dict[str, tuple[float, float]]:
+        """Run id -> (first, last) time of its events."""
+        out: dict[str, tuple[float, float]] = {}
+        for e in self.events:
+            run, ts = e.get(RUN), e.get("ts")
+            if isinstance(run, str) and isinstance(ts, (int, float)) and is_number(ts):
+                first, last = out.get(run, (float(ts), float(ts)))
+                out[run] = (min(first, ts), max(last, ts))
+        return out
+
+    def of_run(self, run_id: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get(RUN) == run_id]
+
+
+def load_events(paths: Sequence[str]) -> Logs:
+    """Every event from the given files and directories (``*.jsonl`` below them), by time, each
+    tagged with its run (:data:`RUN`). A file none of whose lines is an event (a loss log beside
+    the event logs) is passed over and named, never read as one."""
+    files: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += sorted(glob.glob(os.path.join(p, "**", "*.jsonl"), recursive=True))
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise ConfigError(f"event log {p!r} not found")
+    events: list[dict[str, Any]] = []
+    passed_over: list[str] = []
+    for f in files:
+        try:
+            lines = read_events(f)
+        except OSError as err:
+            raise ConfigError(f"event log {f!r} cannot be read: {err.strerror or err}") from None
+        if lines and not any(_is_event(line) for line in lines):
+            passed_over.append(f)
+            continue
+        run = None
+        for line in lines:
+            if line.get("event") == Event.LAUNCH_STARTED and isinstance(line.get("run_id"), str):
+                run = line["run_id"]
+            line[RUN] = run
+        events += lines
+    events.sort(key=lambda e: e["ts"] if is_number(e.get("ts")) else 0.0)
+    return Logs(events, passed_over)

@@ -15,86 +15,19 @@ Pure functions over event dictionaries, except :func:`load_events` (reads files)
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .contract import Event
 from .errors import ConfigError
-from .events import read_events
+from .events import RUN, Logs, load_events
 
-#: Key added to each loaded event: the run id of the launch whose ``launch_started`` precedes it
-#: in its file (None before any). One file may hold several launches (an ``--er-event-log``
-#: reused), and a directory several runs.
-RUN = "_run"
-
-
-@dataclass
-class Logs:
-    """What :func:`load_events` found: the events, by time, and the files it passed over."""
-
-    events: list[dict[str, Any]]
-    not_event_logs: list[str]  #: ``*.jsonl`` files with no event line (loss logs, other data)
-
-    @property
-    def runs(self) -> dict[str, tuple[float, float]]:
-        """Run id -> (first, last) time of its events."""
-        out: dict[str, tuple[float, float]] = {}
-        for e in self.events:
-            run, ts = e.get(RUN), e.get("ts")
-            if isinstance(run, str) and isinstance(ts, (int, float)) and _is_number(ts):
-                first, last = out.get(run, (float(ts), float(ts)))
-                out[run] = (min(first, ts), max(last, ts))
-        return out
-
-    def of_run(self, run_id: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get(RUN) == run_id]
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_event(e: dict[str, Any]) -> bool:
-    return isinstance(e.get("event"), str) and _is_number(e.get("ts"))
-
-
-def load_events(paths: Sequence[str]) -> Logs:
-    """Every event from the given files and directories (``*.jsonl`` below them), by time. A
-    file none of whose lines is an event (a loss log beside the event logs) is passed over and
-    named, never read as one."""
-    files: list[str] = []
-    for p in paths:
-        if os.path.isdir(p):
-            files += sorted(glob.glob(os.path.join(p, "**", "*.jsonl"), recursive=True))
-        elif os.path.isfile(p):
-            files.append(p)
-        else:
-            raise ConfigError(f"event log {p!r} not found")
-    events: list[dict[str, Any]] = []
-    passed_over: list[str] = []
-    for f in files:
-        try:
-            lines = read_events(f)
-        except OSError as err:
-            raise ConfigError(f"event log {f!r} cannot be read: {err.strerror or err}") from None
-        if lines and not any(_is_event(line) for line in lines):
-            passed_over.append(f)
-            continue
-        run = None
-        for line in lines:
-            if line.get("event") == Event.LAUNCH_STARTED and isinstance(line.get("run_id"), str):
-                run = line["run_id"]
-            line[RUN] = run
-        events += lines
-    events.sort(key=lambda e: e["ts"] if _is_number(e.get("ts")) else 0.0)
-    return Logs(events, passed_over)
-
+__all__ = ["RUN", "Logs", "load_events", "plot", "summarize", "well_formed"]
 
 _INT_FIELDS = ("step", "rank", "from_step", "to_step", "through_step", "bytes", "exit_code", "generation")
 _NUMBER_FIELDS = ("loss", "seconds", "lr_scale", "recover_s")
@@ -155,6 +88,9 @@ class Summary:
     restarts: list[dict[str, Any]] = field(default_factory=list)
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
     preemptions: list[dict[str, Any]] = field(default_factory=list)
+    #: After restarts, steps trained again against what they gave before: replay_verified and
+    #: replay_mismatch events' fields, with "event".
+    replays: list[dict[str, Any]] = field(default_factory=list)
     saves: int = 0
     save_bytes: int = 0
     save_seconds: list[float] = field(default_factory=list)
@@ -191,6 +127,7 @@ class Summary:
             "goodput_elapsed": None if self.goodput_elapsed is None else round(self.goodput_elapsed, 4),
             "steps_final": self.steps_final, "steps_executed": self.steps_executed, "last_step": self.last_step,
             "restarts": self.restarts, "rollbacks": self.rollbacks, "preemptions": self.preemptions,
+            "replays": self.replays,
             "checkpoints": {"committed": self.saves, "bytes": self.save_bytes,
                             "median_seconds": round(statistics.median(self.save_seconds), 4) if self.save_seconds else None},
             "problems": self.problems, "exits": self.exits, "malformed_lines": self.malformed,
@@ -225,6 +162,17 @@ class Summary:
             rec = f", first step {r['recover_s']:.1f} s after the failure" if r.get("recover_s") is not None else ""
             resumed = f" -> resumed from step {r['resumed_from']}" if r.get("resumed_from") is not None else ""
             row("", f"{r['cause']}{resumed}{rec}")
+        if self.replays:
+            bad = [r for r in self.replays if r["event"] == Event.REPLAY_MISMATCH]
+            row("replays", f"{len(self.replays) - len(bad)} verified, {len(bad)} mismatched (steps trained again "
+                           "after a restart, against what they gave before, bit for bit)")
+            for r in self.replays:
+                if r["event"] == Event.REPLAY_VERIFIED:
+                    row("", f"steps {r.get('from_step')}-{r.get('to_step')} after step {r.get('resumed_from')}: "
+                            f"{r.get('steps')} of {r.get('of')} matched ({r.get('compared')})")
+                else:
+                    row("", f"MISMATCH at step {r.get('step')} after step {r.get('resumed_from')}: {r.get('what')} "
+                            f"{r.get('recorded')} before, {r.get('replayed')} now ({r.get('matched_before')} matched first)")
         row("rollbacks", str(len(self.rollbacks)) if self.rollbacks else "none")
         for r in self.rollbacks:
             skipped = f", skipped samples {r['skipped'][0]}-{r['skipped'][1]}" if r.get("skipped") else ""
@@ -388,6 +336,8 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
             failed_at = None
         elif kind in (Event.RESTORED, Event.RESTORE_NONE) and _rank0(e) and pending_restarts:
             pending_restarts[-1]["resumed_from"] = e.get("step", 0) if kind == Event.RESTORED else 0
+        elif kind in (Event.REPLAY_VERIFIED, Event.REPLAY_MISMATCH) and _rank0(e):
+            s.replays.append({k: v for k, v in e.items() if k not in ("ts", "pid", "rank", "reason", RUN)})
         elif kind == Event.ROLLBACK and _rank0(e):
             s.rollbacks.append({k: e.get(k) for k in ("from_step", "to_step", "skipped", "steps_lost", "lr_scale")})
         elif kind == Event.PREEMPTION_REQUESTED:

@@ -104,6 +104,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--poison-samples", help="A:B: samples with index in [A, B) always produce a huge loss")
     g.add_argument("--poison-factor", type=float, default=1e3)
     g.add_argument("--no-shuffle", action="store_true")
+    g.add_argument("--nondeterministic-at-step", type=int,
+                   help="perturb rank 0's batch at this step by noise drawn from os.urandom: every run of the step "
+                        "differs (a replay after a restart then shows replay_mismatch)")
     g.add_argument("--die-in-rollback", action="store_true", help="SIGKILL --die-rank in the middle of its first rollback")
     return p.parse_args(argv)
 
@@ -195,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             if poison:  # a stretch of bad data: these samples always blow the loss up
                 bad = (idx >= poison[0]) & (idx < poison[1])
                 yb = torch.where(bad[:, None], yb * args.poison_factor, yb)
+            if args.nondeterministic_at_step == step + 1 and rank == 0:
+                noise = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+                xb = xb + 1e-3 * torch.randn(xb.shape, generator=noise)
             loss = torch.nn.functional.mse_loss(ddp(xb), yb)
             loss = inject(loss, step + 1, rank, args)
             lr = optimizer.param_groups[0]["lr"]

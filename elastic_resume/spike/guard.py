@@ -43,6 +43,7 @@ from ..training.sampler import ResumableDistributedSampler
 from .backend import CheckpointBackend
 from .detectors import Anchor, Detector, DetectorBank, Judge, Plateau, judged_where
 from .policy import Action, ActionKind, Recovery, RollbackDecision, RollbackPolicy, decide, lowest_loss
+from .replay import ReplayCheck, recorded_steps
 from .vote import Quorum, Vote, VoteResult
 
 RECOVERY_KEY = "spike_guard"
@@ -173,6 +174,7 @@ class SpikeGuard:
         self._epochs: dict[int, int | None] = {}  # step -> epoch, for Plateau(window="epoch")
         self._global_losses: deque[float] = deque(maxlen=max(1, self.health_window))  # recorded with checkpoints
         self._step_clock: float | None = None
+        self._replay: ReplayCheck | None = None  # rank 0, after a restart: the steps trained again
         # Votes read outside step() (settle(), right before a checkpoint taken by someone else,
         # e.g. Lightning's ModelCheckpoint): acted on at the next step().
         self._deferred: list[VoteResult] = []
@@ -206,7 +208,10 @@ class SpikeGuard:
             return None
         decision = RollbackDecision.from_json(self.checkpoints.recorded_decision())
         if decision is None or self.recovery.rollbacks > decision.recovery.get("rollbacks", 0):
-            return None  # none recorded, or its re-commit landed (the state restored carries it)
+            # None recorded, or its re-commit landed (the state restored carries it): the steps
+            # after the restored one are trained again as they were; check that they give the same.
+            self._watch_replay(restored)
+            return None
         if restored < decision.anchor:
             self.emit(Event.ROLLBACK_ABANDONED, step=restored, anchor=decision.anchor, onset=decision.onset,
                       reason=f"a rollback to step {decision.anchor} was decided before the last stop, but the run "
@@ -216,6 +221,22 @@ class SpikeGuard:
                   reason=f"the rollback from step {decision.onset} to step {decision.anchor} was decided before the "
                          "last stop and had not been committed: carrying it out now")
         return self._carry_out(decision).step
+
+    def _watch_replay(self, restored: int) -> None:
+        if self.checkpoints.rank != 0:
+            return
+        recorded = recorded_steps(self.checkpoints.events.path, restored)
+        self._replay = ReplayCheck(restored, recorded) if recorded else None
+
+    def _end_replay(self) -> None:
+        """A rollback cuts the replay short: say what matched so far."""
+        if self._replay is not None:
+            self._say(self._replay.finish())
+            self._replay = None
+
+    def _say(self, event: tuple[str, dict[str, Any]] | None) -> None:
+        if event is not None:
+            self.emit(event[0], **event[1])
 
     def _protect_anchor(self, step: int) -> None:
         """Keep out of retention's reach every checkpoint a spike at ``step`` or later could roll
@@ -294,10 +315,14 @@ class SpikeGuard:
         it contains is still being counted."""
         loss = float(loss)
         self._last_loss = loss
-        self._record_step(step, loss)
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        self._record_step(step, loss, grad_norm)
+        if self._replay is not None:
+            self._say(self._replay.observe(step, loss, grad_norm))
+            if self._replay.done:
+                self._replay = None
         if self.recovery.cooldown_left > 0:
             self.recovery.cooldown_left -= 1
-        grad_norm = None if grad_norm is None else float(grad_norm)
         nonfinite = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
         verdict, name = self.bank.update(step, loss, grad_norm, where=self._local)
         if verdict or nonfinite:
@@ -362,7 +387,7 @@ class SpikeGuard:
             self._last_trouble = max(self._last_trouble or 0, result.step)
         return result
 
-    def _record_step(self, step: int, loss: float) -> None:
+    def _record_step(self, step: int, loss: float, grad_norm: float | None) -> None:
         """One line per step in the event file (rank 0): the loss curve and the step times that
         ``elastic-resume report`` turns into a plot and a goodput figure."""
         now = time.monotonic()
@@ -370,7 +395,8 @@ class SpikeGuard:
         self._step_clock = now
         if self.checkpoints.rank == 0:
             self.checkpoints.events.record(Event.STEP, step=step, loss=loss,
-                                       seconds=None if seconds is None else round(seconds, 6))
+                                           seconds=None if seconds is None else round(seconds, 6),
+                                           **({} if grad_norm is None else {"grad_norm": grad_norm}))
 
     def _act(self, result: VoteResult, now: int) -> StepOutcome:
         action = decide(self.policy, result, None, self.recovery)
@@ -446,6 +472,7 @@ class SpikeGuard:
         now, skip_end = decision.at_step, decision.skip_end
         before = Recovery()
         before.load_state_dict(decision.recovery)
+        self._end_replay()  # what comes after the anchor is trained on other data, with other settings
         self.emit(Event.ROLLBACK_STARTED, from_step=action.onset, to_step=action.anchor, reason=action.reason)
         # Load the anchor before retiring anything: only a step every rank just loaded may make
         # the newer ones (the abandoned timeline) go, so a rollback never leaves less than it found.

@@ -83,6 +83,10 @@ def test_killed_worker_resumes_mid_epoch_with_identical_losses(tmp_path, referen
     assert len(events(tmp_path, "workers_started")) == 2
     assert last_losses(tmp_path / "loss.jsonl") == reference
     assert bundles(tmp_path) == sorted(f"epoch={(s - 1) // 16}-step={s}.ckpt" for s in range(5, STEPS + 1, 5))
+    # The steps after 10 that ran before the kill ran again with the same losses, and the run says so.
+    verified = events(tmp_path, "replay_verified")
+    assert len(verified) == 1 and verified[0]["from_step"] == 11 and verified[0]["steps"] >= 1, verified
+    assert not events(tmp_path, "replay_mismatch")
 
 
 @pytest.mark.slow
