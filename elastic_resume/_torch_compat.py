@@ -120,13 +120,18 @@ def hooked_agent_class(on_started: Callable[[Any, Any], None], on_monitor: Calla
 
 def worker_pids(agent: Any) -> list[int]:
     """PIDs of the agent's running workers (none while it starts or restarts them)."""
+    return list(local_worker_pids(agent).values())
+
+
+def local_worker_pids(agent: Any) -> dict[int, int]:
+    """Local rank -> PID of the agent's running workers."""
     pcontext = getattr(agent, "_pcontext", None)
     if pcontext is None:
-        return []
+        return {}
     try:
-        return [p for p in pcontext.pids().values() if p]
+        return {int(rank): int(pid) for rank, pid in pcontext.pids().items() if pid}
     except Exception:  # noqa: BLE001 - a context half torn down during a restart
-        return []
+        return {}
 
 
 def remaining_restarts(agent: Any) -> int:

@@ -50,6 +50,8 @@ class Env(StrEnum):
 
     #: JSONL file the events of this process are appended to (the launcher sets it per node).
     EVENT_LOG = "ER_EVENT_LOG"
+    #: Where each worker keeps its progress record for the launcher (elastic_resume.heartbeat).
+    HEARTBEAT_DIR = "ER_HEARTBEAT_DIR"
     #: PID of the launcher; a worker whose parent is no longer this process exits.
     LAUNCHER_PID = "ER_LAUNCHER_PID"
     #: The rendezvous id of the run (for logs and reports).
@@ -58,6 +60,7 @@ class Env(StrEnum):
     MAX_RESUMES_PER_STEP = "ER_MAX_RESUMES_PER_STEP"
     #: Seconds the workers get to save after a preemption signal (``--er-grace``).
     GRACE_SECONDS = "ER_GRACE_SECONDS"
+    HANG_TIMEOUT = "ER_HANG_TIMEOUT"
     #: ``auto``, ``always`` or ``never``: requeue the Slurm job after a preemption save.
     REQUEUE = "ER_REQUEUE"
     #: Number of nodes (pods) of a Kubernetes job; with ``MIN_NODES``, an elastic range.
@@ -162,11 +165,13 @@ class Event(StrEnum):
     #: requeued it (an admin's scontrol requeue, Slurm's own preemption).
     REQUEUE_SKIPPED = "requeue_skipped"
     RENDEZVOUS_CLOSE_FAILED = "rendezvous_close_failed"
+    #: A worker made no progress for longer than the hang timeout (the launcher restarts the group).
+    HANG_DETECTED = "hang_detected"
 
 
 #: Events that say something went wrong: logged at WARNING (the rest at INFO).
 WARNING_EVENTS = frozenset({
     Event.CORRUPTION_FOUND, Event.RESTORE_FALLBACK, Event.DRIFT_FOUND, Event.SAVE_FAILED, Event.PRUNE_FAILED,
     Event.RESUME_CRASH_LOOP, Event.WORKERS_FAILED, Event.PREEMPTION_GRACE_EXPIRED, Event.REQUEUE_FAILED,
-    Event.LAUNCH_ERROR, Event.REPLAY_MISMATCH,
+    Event.LAUNCH_ERROR, Event.REPLAY_MISMATCH, Event.HANG_DETECTED,
 })

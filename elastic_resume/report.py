@@ -91,6 +91,7 @@ class Summary:
     #: After restarts, steps trained again against what they gave before: replay_verified and
     #: replay_mismatch events' fields, with "event".
     replays: list[dict[str, Any]] = field(default_factory=list)
+    hangs: list[dict[str, Any]] = field(default_factory=list)  #: hang_detected: who, where, how long, stacks
     saves: int = 0
     save_bytes: int = 0
     save_seconds: list[float] = field(default_factory=list)
@@ -127,7 +128,7 @@ class Summary:
             "goodput_elapsed": None if self.goodput_elapsed is None else round(self.goodput_elapsed, 4),
             "steps_final": self.steps_final, "steps_executed": self.steps_executed, "last_step": self.last_step,
             "restarts": self.restarts, "rollbacks": self.rollbacks, "preemptions": self.preemptions,
-            "replays": self.replays,
+            "replays": self.replays, "hangs": self.hangs,
             "checkpoints": {"committed": self.saves, "bytes": self.save_bytes,
                             "median_seconds": round(statistics.median(self.save_seconds), 4) if self.save_seconds else None},
             "problems": self.problems, "exits": self.exits, "malformed_lines": self.malformed,
@@ -173,6 +174,11 @@ class Summary:
                 else:
                     row("", f"MISMATCH at step {r.get('step')} after step {r.get('resumed_from')}: {r.get('what')} "
                             f"{r.get('recorded')} before, {r.get('replayed')} now ({r.get('matched_before')} matched first)")
+        if self.hangs:
+            row("hangs", str(len(self.hangs)))
+            for h in self.hangs:
+                row("", f"rank {h.get('rank')} on {h.get('host')}: no progress for {h.get('seconds')} s in its "
+                        f"{h.get('section')} section after step {h.get('step')}; stacks in {h.get('stacks')}")
         row("rollbacks", str(len(self.rollbacks)) if self.rollbacks else "none")
         for r in self.rollbacks:
             skipped = f", skipped samples {r['skipped'][0]}-{r['skipped'][1]}" if r.get("skipped") else ""
@@ -268,7 +274,8 @@ def _cause(failures: list[dict[str, Any]] | None) -> str:
     root = [f for f in failures if f.get("signal") != "SIGTERM"] or failures
     parts = []
     for f in root:
-        how = f"killed by {f['signal']}" if f.get("signal") else f"exit {f['exitcode']}"
+        how = (f"hung in its {f['hang']} section" if f.get("hang") else
+               f"killed by {f['signal']}" if f.get("signal") else f"exit {f['exitcode']}")
         parts.append(f"rank {f['rank']} {how}")
     stopped = len(failures) - len(root)
     return ", ".join(parts) + (f" ({stopped} other worker{'s' * (stopped > 1)} stopped by the agent)" if stopped else "")
@@ -338,6 +345,9 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
             pending_restarts[-1]["resumed_from"] = e.get("step", 0) if kind == Event.RESTORED else 0
         elif kind in (Event.REPLAY_VERIFIED, Event.REPLAY_MISMATCH) and _rank0(e):
             s.replays.append({k: v for k, v in e.items() if k not in ("ts", "pid", "rank", "reason", RUN)})
+        elif kind == Event.HANG_DETECTED:
+            s.hangs.append({k: e.get(k) for k in ("rank", "host", "section", "step", "seconds", "process_state",
+                                                  "stacks")})
         elif kind == Event.ROLLBACK and _rank0(e):
             s.rollbacks.append({k: e.get(k) for k in ("from_step", "to_step", "skipped", "steps_lost", "lr_scale")})
         elif kind == Event.PREEMPTION_REQUESTED:

@@ -26,6 +26,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import torch
@@ -46,6 +47,7 @@ from elastic_resume import (
     RollbackPolicy,
     SpikeGuard,
     default_detectors,
+    heartbeat,
     settle_ddp_buckets,
 )
 
@@ -107,6 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--nondeterministic-at-step", type=int,
                    help="perturb rank 0's batch at this step by noise drawn from os.urandom: every run of the step "
                         "differs (a replay after a restart then shows replay_mismatch)")
+    g.add_argument("--hang-in-data-at-step", type=int,
+                   help="--die-rank blocks forever fetching the batch of this step (a deadlocked loader; once)")
     g.add_argument("--die-in-rollback", action="store_true", help="SIGKILL --die-rank in the middle of its first rollback")
     return p.parse_args(argv)
 
@@ -194,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     stream = batches()
     try:
         while step < args.steps:
-            idx, xb, yb = next(stream)
+            with heartbeat.section(heartbeat.Section.DATA):  # a loader that blocks is named as such
+                idx, xb, yb = next(stream)
+                if args.hang_in_data_at_step == step + 1 and rank == args.die_rank and once(args, f"hang-{step + 1}"):
+                    wait_for_a_batch_that_never_comes()
             if poison:  # a stretch of bad data: these samples always blow the loss up
                 bad = (idx >= poison[0]) & (idx < poison[1])
                 yb = torch.where(bad[:, None], yb * args.poison_factor, yb)
@@ -251,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0 and step >= args.steps:
         print(f"finished at step {step}, loss {loss.item():.6f}", flush=True)
     return 0
+
+
+def wait_for_a_batch_that_never_comes() -> None:
+    """A deadlocked data loader: blocked in C on a lock nobody releases."""
+    threading.Event().wait()
 
 
 def inject(loss: torch.Tensor, step: int, rank: int, args: argparse.Namespace) -> torch.Tensor:

@@ -26,7 +26,7 @@ from collections.abc import Collection, Iterable, Mapping, MutableMapping, Seque
 from dataclasses import dataclass
 from typing import Any
 
-from .. import preemption
+from .. import heartbeat, preemption
 from ..collectives import Group, default_group, on_rank0, process_group
 from ..contract import DEFAULT_MAX_RESUMES_PER_STEP, Env, Event
 from ..errors import BadRootError, CheckpointCorruptError, ConfigError, StateError, StorageError
@@ -222,10 +222,11 @@ class CheckpointManager:
             return fingerprint.compute(state, world_size=self.world_size, config=self.options.config,
                                        data_description=self.options.data_description)
 
-        return self._writer.save(self.store, step, state, metadata=metadata, health=health,
-                                 fingerprint=current_fingerprint, blocking=blocking,
-                                 replace=self._replaceable.get(step) if self.rank == 0 else None,
-                                 after_commit=self._after_commit)
+        with heartbeat.section(heartbeat.Section.SAVE):  # no hang however long: the launcher waits longer
+            return self._writer.save(self.store, step, state, metadata=metadata, health=health,
+                                     fingerprint=current_fingerprint, blocking=blocking,
+                                     replace=self._replaceable.get(step) if self.rank == 0 else None,
+                                     after_commit=self._after_commit)
 
     def save_if_preempted(self, step: int, state: Mapping[str, Any], *,
                           metadata: Mapping[str, Any] | None = None) -> bool:
@@ -236,6 +237,7 @@ class CheckpointManager:
 
         The ranks agree through one 8-byte ``all_reduce`` started here and read at the next
         call, so no step waits on it; a signal therefore leads to a save one step later."""
+        heartbeat.beat(step)
         if not self._preemption_registered:
             preemption.register_consumer()  # from now on SIGTERM is a request, not a death
             self._preemption_registered = True
@@ -336,6 +338,7 @@ class CheckpointManager:
 
     def close(self) -> None:
         self._writer.close()
+        heartbeat.finished()  # what the script does after training is not watched for hangs
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -349,6 +352,10 @@ class CheckpointManager:
         exactly ``step``). Returns the step, or None when no checkpoint was ever committed.
         Corrupt steps are reported and skipped; if committed steps exist but none loads, raises
         NoCheckpointError rather than silently starting over."""
+        with heartbeat.section(heartbeat.Section.RESTORE):
+            return self._restore(state, step)
+
+    def _restore(self, state: MutableMapping[str, Any], step: int | None) -> int | None:
         self.wait()
         started = time.perf_counter()
         current = fingerprint.compute(state, world_size=self.world_size, config=self.options.config,

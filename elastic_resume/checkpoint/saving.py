@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .. import heartbeat
 from .._torch_compat import dcp_exception
 from ..collectives import Group, process_group
 from ..contract import Event, ExitCode
@@ -174,7 +175,8 @@ class StepWriter:
         self.pending_step = None
         if pending is None:
             return None
-        return pending.result()
+        with heartbeat.section(heartbeat.Section.SAVE):  # waiting on a save is no hang
+            return pending.result()
 
     @property
     def save_in_progress(self) -> bool:

@@ -33,10 +33,12 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -49,6 +51,7 @@ from ..events import EventLog
 from ..storage import is_secret_name, redact, redact_argv
 from ..storage.secrets import MASK
 from . import detect as envmod
+from .hangs import HangWatch, Hung, dump_stacks
 from .worker import EXEC
 
 #: What each worker process runs first (see ``worker.py``).
@@ -138,6 +141,14 @@ def _number(kind: type, env: str, *, minimum: float, strict: bool = False):  # t
     return parse
 
 
+def _hang_timeout(text: str) -> float | None:
+    """``auto`` (None: learned) or seconds >= 0 (0: off)."""
+    if text.strip().lower() == "auto":
+        return None
+    value: float = _number(float, Env.HANG_TIMEOUT, minimum=0)(text)
+    return value
+
+
 def add_own_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("elastic-resume (also from ER_* variables)")
     g.add_argument("--er-event-log", default=os.environ.get(Env.EVENT_LOG),
@@ -152,6 +163,10 @@ def add_own_options(parser: argparse.ArgumentParser) -> None:
                    default=os.environ.get(Env.MAX_RESUMES_PER_STEP, str(DEFAULT_MAX_RESUMES_PER_STEP)),
                    help="resumes from the same step, with no newer commit in between, before restore falls back "
                         "to an older verified step (a crash loop); 0 disables (default 3)")
+    g.add_argument("--er-hang-timeout", type=_hang_timeout, default=os.environ.get(Env.HANG_TIMEOUT, "auto"),
+                   help="seconds a worker may make no progress before it is declared hung, its stack kept and the "
+                        "group restarted; auto (default): 20x the median step, at least 60 s (300 s before three "
+                        "steps), ten times that during a save, restore or rollback; 0 disables")
     g.add_argument("--er-no-fast-failure-detection", action="store_true",
                    help="keep torchrun's rendezvous timeouts instead of detecting a dead node in ~3 s")
     g.add_argument("--er-no-summary", action="store_true", help="do not print the run summary at the end")
@@ -283,6 +298,8 @@ class Launch:
         self.generation = 0
         self.phase = "starting"  # starting -> running (workers started once) -> done
         self.node = socket.gethostname()
+        self.ranks: dict[int, int] = {}  # local rank -> global rank, of the current generation
+        self.watch: HangWatch | None = None
 
     def emit(self, event: str, **fields: Any) -> None:
         self.events.emit(event, node=self.node, pid=os.getpid(), **fields)
@@ -314,6 +331,7 @@ class Launch:
     def on_started(self, agent: Any, worker_group: Any) -> None:
         self.generation += 1
         self.phase = "running"
+        self.ranks = {w.local_rank: w.global_rank for w in worker_group.workers}
         spec = worker_group.spec
         self.emit(Event.WORKERS_STARTED, generation=self.generation, group_rank=worker_group.group_rank,
                   group_world_size=worker_group.group_world_size, local_world_size=spec.local_world_size,
@@ -346,9 +364,39 @@ class Launch:
                 _torch_compat.forbid_restarts(agent)
                 self.emit(Event.PREEMPTION_GRACE_EXPIRED, grace_s=self.plan.grace_s)
                 return RunResult(state=WorkerState.FAILED)
+        elif result.state == WorkerState.HEALTHY and self.watch is not None:
+            workers = {lr: (self.ranks.get(lr, lr), pid) for lr, pid in _torch_compat.local_worker_pids(agent).items()}
+            hung = self.watch.check(workers)
+            if hung:
+                self._report_hang(hung, workers)
+                return RunResult(state=WorkerState.FAILED)  # the agent restarts the group (or gives up)
         return result
 
+    def _report_hang(self, hung: list[Hung], workers: dict[int, tuple[int, int]]) -> None:
+        assert self.watch is not None
+        out_dir = os.path.join(os.path.dirname(os.path.abspath(self.plan.event_log)),
+                               f"hang-{self.node}-{os.getpid()}-generation-{self.generation}")
+        how = dump_stacks(workers, self.watch.directory, out_dir)
+        for h in hung:  # stuck for good (a stopped one would not even take the agent's SIGTERM)
+            try:
+                os.kill(h.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        suspect = hung[0]
+        self.emit(Event.HANG_DETECTED, rank=suspect.rank, local_rank=suspect.local_rank, host=self.node,
+                  section=suspect.section, step=suspect.step, seconds=suspect.seconds, limit_s=suspect.limit_s,
+                  process_state=suspect.process_state, generation=self.generation,
+                  stalled=[{"rank": h.rank, "section": h.section, "step": h.step, "seconds": h.seconds,
+                            "process_state": h.process_state} for h in hung],
+                  stacks=out_dir, stacks_read={str(r): v for r, v in sorted(how.items())},
+                  reason=f"rank {suspect.rank} on {self.node} made no progress for {suspect.seconds:g} s in its "
+                         f"{suspect.section} section (limit {suspect.limit_s:g} s; process {suspect.process_state}); "
+                         f"{len(hung)} rank(s) of this node stalled; stacks in {out_dir}")
+        self.last_failure = [{"rank": h.rank, "exitcode": None, "signal": None, "hang": str(h.section)} for h in hung[:1]]
+
     def on_restart(self, agent: Any) -> None:
+        if self.watch is not None:
+            self.watch.reset()
         cause = {"failures": self.last_failure} if self.last_failure else {"cause": "membership change"}
         self.emit(Event.RESTART, generation=self.generation, **cause)
         self.last_failure = None
@@ -365,7 +413,16 @@ class Launch:
         print(f"elastic-resume: events of this run go to {self.plan.event_log}", file=sys.stderr, flush=True)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self.on_signal)
-        code, reason = self._run_agent()
+        if self.plan.args.er_hang_timeout != 0:
+            # The workers' progress records: in memory where the system offers a tmpfs.
+            directory = tempfile.mkdtemp(prefix="er-heartbeat-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+            os.environ[Env.HEARTBEAT_DIR] = directory
+            self.watch = HangWatch(directory, self.plan.args.er_hang_timeout)
+        try:
+            code, reason = self._run_agent()
+        finally:
+            if self.watch is not None:
+                shutil.rmtree(self.watch.directory, ignore_errors=True)
         if code == ExitCode.PREEMPTED and self.plan.will_requeue:
             reason = f"{reason}; {self._requeue()}"
         self.emit(Event.LAUNCH_FINISHED, exit_code=code, reason=reason, seconds=round(time.time() - self.started, 3))

@@ -32,6 +32,7 @@ import atexit
 import contextlib
 import ctypes
 import errno
+import faulthandler
 import logging
 import os
 import runpy
@@ -77,6 +78,7 @@ def main(argv: list[str]) -> None:
             sys.stderr.write(f"elastic-resume: cannot run {argv[1]!r}: {e.strerror or e}\n")
             os._exit(ExitCode.PERMANENT if e.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC) else ExitCode.FAILED)
     preemption.install()
+    _stacks_on_request()
     # Registered before the script runs, so they run after the script's own exit handlers (and
     # _leave_if_finished after every handler registered from here on).
     atexit.register(_leave_if_finished)
@@ -105,6 +107,25 @@ def main(argv: list[str]) -> None:
 
 #: The exit status the script decided (it returned: 0; or it called sys.exit(n)), once known.
 _decided: list[int] = []
+_kept_open: list[object] = []
+
+
+def _stacks_on_request() -> None:
+    """On SIGUSR2, write every thread's Python stack to the file the launcher reads when it finds
+    this worker hung. faulthandler's handler runs in C, so it answers even while the main thread
+    is blocked in a collective or a lock (not while the process is stopped: the launcher uses
+    py-spy there)."""
+    directory, local_rank = os.environ.get(Env.HEARTBEAT_DIR), os.environ.get("LOCAL_RANK", "")
+    if not directory or not local_rank.isdigit() or not os.path.isdir(directory):
+        return
+    from .hangs import stack_path
+
+    try:
+        f = open(stack_path(directory, int(local_rank)), "w")  # kept open for the life of the process
+        faulthandler.register(signal.SIGUSR2, file=f, all_threads=True)
+    except (OSError, ValueError, RuntimeError):
+        return
+    _kept_open.append(f)
 
 
 def _leave_if_finished() -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import heartbeat
 from ..checkpoint import drift as drift_report
 from ..checkpoint import fingerprint as fingerprints
 from ..checkpoint.state import RNGState
@@ -205,7 +206,8 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
         self._micro_losses.append(_compat.raw_loss(trainer, pl_module, self._loss(outputs)))
         step = trainer.global_step
         if step == self._last_step:
-            return  # accumulating gradients: no optimizer step yet
+            heartbeat.beat()  # accumulating gradients: progress, but no optimizer step yet
+            return
         self._last_step = step
         # The step's loss is the mean over its micro-batches (NaN if any of them was): a spike
         # in the first micro-batch of an accumulated step counts as much as one in the last.
@@ -217,6 +219,17 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
         elif outcome.preempted:
             self.exit_code = ExitCode.PREEMPTED
             trainer.should_stop = True
+
+    # Validation, test and predict batches are progress too: the launcher's hang watch must not
+    # take a long validation epoch between two training steps for a hang.
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        heartbeat.beat()
+
+    def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        heartbeat.beat()
+
+    def on_predict_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        heartbeat.beat()
 
     def _loss(self, outputs: Any) -> float:
         loss = outputs.get(self.loss_key) if isinstance(outputs, dict) else outputs

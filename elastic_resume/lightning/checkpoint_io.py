@@ -26,6 +26,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from .. import heartbeat
 from ..checkpoint.agreement import Candidate, agree
 from ..checkpoint.format import encodable
 from ..checkpoint.layout import manifest_path
@@ -245,6 +246,10 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """``storage_options`` (as in ``trainer.save_checkpoint(path, storage_options=...)``)
         apply to this save, over the plugin's own."""
+        with heartbeat.section(heartbeat.Section.SAVE):  # the launcher gives a save longer than a step
+            self._save_checkpoint(checkpoint, path, storage_options)
+
+    def _save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None) -> None:
         if storage_options is not None and not isinstance(storage_options, dict):
             raise ConfigError(f"storage_options for {path} must be a dict of fsspec/s3fs options, "
                               f"got {type(storage_options).__name__}")
@@ -281,6 +286,10 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
                           blocking=not self.async_save, replace=replace, after_commit=keep_newest)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        with heartbeat.section(heartbeat.Section.RESTORE):
+            return self._load_checkpoint(path)
+
+    def _load_checkpoint(self, path: Any) -> dict[str, Any]:
         path = normalize_path(path)
         self.wait()
         group = self.group()
@@ -432,3 +441,4 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         """End of ``fit``: the background save is finished and its thread released."""
         self._active_path = None
         self._writer.close()
+        heartbeat.finished()

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .. import _torch_compat, preemption
+from .. import _torch_compat, heartbeat, preemption
 from ..contract import Event, StrEnum
 from ..errors import ConfigError, GaveUpError
 from ..training.sampler import ResumableDistributedSampler
@@ -313,6 +313,7 @@ class SpikeGuard:
         ``save=True`` checkpoints this step, after reading this step's vote too (one extra wait
         on save steps only), so a checkpoint is never taken, nor marked healthy, while a spike
         it contains is still being counted."""
+        heartbeat.beat(step)
         loss = float(loss)
         self._last_loss = loss
         grad_norm = None if grad_norm is None else float(grad_norm)
@@ -466,6 +467,10 @@ class SpikeGuard:
         return self._carry_out(decision)
 
     def _carry_out(self, decision: RollbackDecision) -> StepOutcome:
+        with heartbeat.section(heartbeat.Section.ROLLBACK):
+            return self._carry_out_now(decision)
+
+    def _carry_out_now(self, decision: RollbackDecision) -> StepOutcome:
         action = Action(ActionKind.ROLLBACK, onset=decision.onset, anchor=decision.anchor,
                         skip_through_step=decision.skip_through_step, reason=decision.reason)
         assert action.anchor is not None and action.onset is not None

@@ -19,8 +19,11 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
+from .. import heartbeat
 from ..errors import ConfigError
 from .sampler import ResumableDistributedSampler
+
+_END = object()  # the underlying iterator is exhausted
 
 
 class ResumableDataLoader(DataLoader):
@@ -55,7 +58,12 @@ class ResumableDataLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler: ResumableDistributedSampler = self.sampler  # type: ignore[assignment]
         assert self.batch_size is not None
-        for batch in super().__iter__():
+        batches = super().__iter__()
+        while True:
+            with heartbeat.section(heartbeat.Section.DATA):  # a loader that blocks is named as such
+                batch = next(batches, _END)
+            if batch is _END:
+                return
             sampler.advance(self.batch_size)  # consumed once handed out: a checkpoint after this step includes it
             yield batch
 
