@@ -123,3 +123,35 @@ def test_a_save_slower_than_the_hang_timeout_is_no_hang(tmp_path):
     slowest = max(e["seconds"] for e in ev if e["event"] == "save_committed")
     assert slowest > 0.5, f"the save took {slowest} s: too fast to show anything; raise --ballast-mib"
     assert not [e for e in ev if e["event"] == "hang_detected"]
+
+
+def test_without_py_spy_a_blocked_workers_own_faulthandler_gives_its_stack(tmp_path, monkeypatch):
+    """The worker wrapper registers faulthandler on SIGUSR2: a main thread blocked in C still
+    answers. (A stopped process cannot: that needs py-spy, as the SIGSTOP test shows.)"""
+    import subprocess
+    import sys
+
+    from elastic_resume.launcher import hangs
+    from harness.processes import child_env
+
+    beats = tmp_path / "beats"
+    beats.mkdir()
+    script = tmp_path / "blocked.py"
+    script.write_text("import threading\n\ndef wait_for_a_lock_nobody_releases():\n    threading.Event().wait()\n\n"
+                      "wait_for_a_lock_nobody_releases()\n")
+    worker = subprocess.Popen([sys.executable, "-m", "elastic_resume.launcher.worker", str(script)],
+                              env=child_env({"ER_HEARTBEAT_DIR": str(beats), "LOCAL_RANK": "0"}))
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(hangs.stack_path(str(beats), 0)):
+            assert time.monotonic() < deadline and worker.poll() is None
+            time.sleep(0.05)
+        time.sleep(1.0)  # into the wait
+        monkeypatch.setattr(hangs, "py_spy", lambda: None)
+        how = hangs.dump_stacks({0: (0, worker.pid)}, str(beats), str(tmp_path / "stacks"))
+        assert how == {0: "faulthandler"}
+        assert "wait_for_a_lock_nobody_releases" in (tmp_path / "stacks" / "rank-0.txt").read_text()
+        assert worker.poll() is None  # asked, not killed
+    finally:
+        worker.kill()
+        worker.wait()
