@@ -37,6 +37,7 @@ def one_line(r: subprocess.CompletedProcess[str]) -> str:
     (["doctor", "--er-grace", "nan", "x.py"], None, "'nan' is not a number > 0"),
     (["doctor", "x.py"], {"ER_GRACE_SECONDS": "inf"}, "'inf' is not a number > 0 (from the flag or ER_GRACE_SECONDS)"),
     (["doctor", "--er-max-resumes-per-step", "-1", "x.py"], None, "'-1' is not an integer >= 0"),
+    (["doctor", "x.py"], {"ER_HANG_TIMEOUT": "soon"}, "'soon' is not a number (from the flag or ER_HANG_TIMEOUT); or auto"),
     (["doctor", "--nnodes", "1:2:3", "x.py"], None, "--nnodes '1:2:3': expected a number of nodes N or a range MIN:MAX"),
     (["ls", "file://"], None, "a file:// URL needs an absolute path"),
 ])

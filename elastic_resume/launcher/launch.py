@@ -145,7 +145,10 @@ def _hang_timeout(text: str) -> float | None:
     """``auto`` (None: learned) or seconds >= 0 (0: off)."""
     if text.strip().lower() == "auto":
         return None
-    value: float = _number(float, Env.HANG_TIMEOUT, minimum=0)(text)
+    try:
+        value: float = _number(float, Env.HANG_TIMEOUT, minimum=0)(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; or auto") from None
     return value
 
 
