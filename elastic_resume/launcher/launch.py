@@ -109,6 +109,9 @@ class LaunchPlan:
             ("preemption", f"SIGUSR1/SIGTERM -> save at the next step, wait up to {self.grace_s:g} s, "
                            + ("requeue with scontrol, " if self.will_requeue else "")
                            + f"exit {ExitCode.PREEMPTED}"),
+            ("hang timeout", "off" if self.args.er_hang_timeout == 0 else
+             "learned from the step time (at least 60 s)" if self.args.er_hang_timeout is None else
+             f"{self.args.er_hang_timeout:g} s"),
             ("event log", self.event_log),
             ("worker command", " ".join(redact_argv([self.cmd, *self.cmd_args]))),
             *[(f"env {k}", MASK if is_secret_name(k) else redact(v)) for k, v in sorted(self.worker_env.items())],
@@ -296,7 +299,6 @@ class Launch:
         self.preempt_at: float | None = None
         self.preempt_signal: str | None = None
         self.outcome: Outcome | None = None
-        self.requeue_note = ""  # Slurm: what became of the job after a preemption save (see _requeue)
         self.last_failure: list[dict[str, Any]] | None = None
         self.generation = 0
         self.phase = "starting"  # starting -> running (workers started once) -> done
