@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from .contract import WARNING_EVENTS, Env, Event
 from .errors import ConfigError
@@ -145,8 +145,13 @@ def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 RUN = "_run"
 
 
-def is_number(v: Any) -> bool:
+def is_number(v: Any) -> TypeGuard[int | float]:
+    """A finite int or float from untrusted JSON (not a bool, NaN or infinity)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_int(v: Any) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_event(e: dict[str, Any]) -> bool:
@@ -166,7 +171,7 @@ class Logs:
         out: dict[str, tuple[float, float]] = {}
         for e in self.events:
             run, ts = e.get(RUN), e.get("ts")
-            if isinstance(run, str) and isinstance(ts, (int, float)) and is_number(ts):
+            if isinstance(run, str) and is_number(ts):
                 first, last = out.get(run, (float(ts), float(ts)))
                 out[run] = (min(first, ts), max(last, ts))
         return out

@@ -15,7 +15,6 @@ Pure functions over event dictionaries, except :func:`load_events` (reads files)
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import time
@@ -23,9 +22,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .contract import Event
+from .contract import Event, ExitCode
 from .errors import ConfigError
-from .events import RUN, Logs, load_events
+from .events import RUN, Logs, is_int, is_number, load_events
 
 __all__ = ["RUN", "Logs", "load_events", "plot", "summarize", "well_formed"]
 
@@ -34,20 +33,16 @@ _NUMBER_FIELDS = ("loss", "seconds", "lr_scale", "recover_s")
 _SCALAR_FIELDS = ("node", "pid", "attempt", "signal", "reason", "cause")  # compared and used as keys
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def well_formed(e: dict[str, Any]) -> bool:
     """Whether an event line has the types the report reads (valid JSON is not enough: a line
     from another writer, or a damaged one, may say ``"ts": "x"`` or ``"step": null``). A line
     that does not is skipped and counted, as torn lines are."""
     ts = e.get("ts")
-    if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts) or not isinstance(e.get("event"), str):
+    if not is_number(ts) or not isinstance(e.get("event"), str):
         return False
-    if e["event"] == Event.STEP and not _is_int(e.get("step")):
+    if e["event"] == Event.STEP and not is_int(e.get("step")):
         return False
-    if any(k in e and e[k] is not None and not _is_int(e[k]) for k in _INT_FIELDS):
+    if any(k in e and e[k] is not None and not is_int(e[k]) for k in _INT_FIELDS):
         return False
     if any(k in e and e[k] is not None and (not isinstance(e[k], (int, float)) or isinstance(e[k], bool))
            for k in _NUMBER_FIELDS):
@@ -56,12 +51,12 @@ def well_formed(e: dict[str, Any]) -> bool:
         return False
     failures = e.get("failures")
     if failures is not None and not (isinstance(failures, list) and all(
-            isinstance(f, dict) and _is_int(f.get("rank")) and (f.get("signal") is None or isinstance(f["signal"], str))
-            and (f.get("exitcode") is None or _is_int(f["exitcode"])) for f in failures)):
+            isinstance(f, dict) and is_int(f.get("rank")) and (f.get("signal") is None or isinstance(f["signal"], str))
+            and (f.get("exitcode") is None or is_int(f["exitcode"])) for f in failures)):
         return False
     skipped = e.get("skipped")
     return e["event"] != Event.ROLLBACK or skipped is None or (
-        isinstance(skipped, list) and len(skipped) == 2 and all(_is_int(v) for v in skipped))
+        isinstance(skipped, list) and len(skipped) == 2 and all(is_int(v) for v in skipped))
 
 
 def _rank0(e: dict[str, Any]) -> bool:
@@ -213,8 +208,6 @@ class _Session:
 
 
 def _why_ended(codes: list[Any]) -> str:
-    from .contract import ExitCode
-
     names = {0: "finished", ExitCode.PREEMPTED: "preempted", ExitCode.GAVE_UP: "gave up",
              ExitCode.PERMANENT: "a permanent error"}
     if ExitCode.PREEMPTED in codes:  # one node's 75 with another's 143: the job was preempted
@@ -324,7 +317,7 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
             loss, judged_step = e.get("loss"), e.get("step")
             if judged_step in timeline and isinstance(loss, (int, float)) and not isinstance(loss, bool):
                 judged[judged_step] = float(loss)
-                if _is_int(e.get("ranks")):
+                if is_int(e.get("ranks")):
                     s.ranks = e["ranks"]
         elif kind == Event.WORKERS_FAILED:
             failed_at = e["ts"] if failed_at is None else failed_at
@@ -433,7 +426,7 @@ def plot(events: list[dict[str, Any]], summary: Summary, path: str) -> None:
         ax.annotate("", xy=(rb["to_step"], 0.5), xytext=(rb["from_step"], 0.5), xycoords=("data", "axes fraction"),
                     arrowprops={"arrowstyle": "->", "color": "tab:orange"})
         through = sk.get("through_step")
-        if isinstance(through, int) and _is_int(through) and through > rb["to_step"]:
+        if is_int(through) and through > rb["to_step"]:
             # The samples skipped are those the old timeline trained at steps to+1..through;
             # the redone steps there train on the data that follows.
             ax.axvspan(rb["to_step"] + 0.5, through + 0.5, color="tab:orange", alpha=0.12,

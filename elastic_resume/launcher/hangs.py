@@ -112,10 +112,9 @@ class HangWatch:
             if idle > limit:
                 hung.append(Hung(local_rank, rank, pid, beat.step, beat.section, round(idle, 1), round(limit, 1),
                                  process_state(pid)))
-        stopped = [h for h in hung if h.process_state.startswith("stopped")]
         # At the same step, a rank in the plain step section is most likely blocked in a collective
         # waiting for the one that is somewhere specific (fetching data, saving).
-        return sorted(hung, key=lambda h: (h not in stopped, -1 if h.step is None else h.step,
+        return sorted(hung, key=lambda h: (not h.process_state.startswith("stopped"), -1 if h.step is None else h.step,
                                            h.section == Section.STEP, -h.seconds))
 
 

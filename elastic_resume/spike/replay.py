@@ -20,14 +20,13 @@ settings), is not checked.
 from __future__ import annotations
 
 import glob
-import math
 import os
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..contract import Env, Event
-from ..events import RUN, is_number, load_events
+from ..events import RUN, is_int, is_number, load_events
 
 
 def same_bits(a: float | None, b: float | None) -> bool:
@@ -68,20 +67,16 @@ def recorded_steps(event_log: str | None, after_step: int, run_id: str | None = 
     # Lines no launcher tagged (plain torchrun with ER_EVENT_LOG) count too: the anchor below
     # keeps another timeline's lines out.
     lines = [e for e in logs.events if e.get(RUN) in (run_id, None) and e.get("event") == Event.STEP
-             and e.get("rank") in (0, None) and _is_int(e.get("step"))]
+             and e.get("rank") in (0, None) and is_int(e.get("step"))]
     anchor = max((e["ts"] for e in lines if e["step"] == after_step), default=None)
     if anchor is None:
         return {}
     out: Recorded = {}
     for e in lines:  # by time: a later line of a step replaces an earlier one
         loss, grad = e.get("loss"), e.get("grad_norm")
-        if e["step"] > after_step and e["ts"] > anchor and isinstance(loss, (int, float)) and is_number(loss):
-            out[e["step"]] = (float(loss), float(grad) if isinstance(grad, (int, float)) and is_number(grad) else None)
+        if e["step"] > after_step and e["ts"] > anchor and is_number(loss):
+            out[e["step"]] = (float(loss), float(grad) if is_number(grad) else None)
     return out
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass
@@ -94,13 +89,11 @@ class ReplayCheck:
     cause: str = "restart"
     matched: list[int] = field(default_factory=list)
     done: bool = False
+    last: int = field(init=False)  #: the last step of the window (observe runs every step: not a max() each time)
 
     def __post_init__(self) -> None:
         self.done = not self.expected
-
-    @property
-    def last(self) -> int:
-        return max(self.expected) if self.expected else self.resumed_from
+        self.last = max(self.expected, default=self.resumed_from)
 
     def observe(self, step: int, loss: float, grad_norm: float | None) -> tuple[str, dict[str, Any]] | None:
         if self.done or step not in self.expected:
@@ -141,4 +134,4 @@ class ReplayCheck:
 
 
 def _show(v: float | None) -> str:
-    return "none" if v is None else (repr(v) if math.isfinite(v) else str(v))
+    return "none" if v is None else repr(v)
