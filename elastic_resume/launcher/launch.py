@@ -428,8 +428,14 @@ class Launch:
         finally:
             if self.watch is not None:
                 shutil.rmtree(self.watch.directory, ignore_errors=True)
-        if code == ExitCode.PREEMPTED and self.plan.will_requeue:
-            reason = f"{reason}; {self._requeue()}"
+        if code == ExitCode.PREEMPTED:
+            # The save is done: a later signal has nothing to add. Our own requeue makes Slurm
+            # TERM the step at once, and Python puts SIGTERM back to its default while it shuts
+            # down: ignored (SIG_IGN outlives that), so the step ends with 75, not 143.
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_IGN)
+            if self.plan.will_requeue:
+                reason = f"{reason}; {self._requeue()}"
         self.emit(Event.LAUNCH_FINISHED, exit_code=code, reason=reason, seconds=round(time.time() - self.started, 3))
         if not self.plan.args.er_no_summary:
             from ..report import load_events, summarize
