@@ -143,6 +143,8 @@ class Event(StrEnum):
     REPLAY_VERIFIED = "replay_verified"
     #: A step trained again gave another loss or gradient norm than before (rank 0).
     REPLAY_MISMATCH = "replay_mismatch"
+    #: Ranks that must hold bitwise-identical parameters (DDP replicas) do not; names the odd ranks.
+    REPLICA_DIVERGENCE = "replica_divergence"
     GAVE_UP = "gave_up"
     PREEMPTION_SAVE = "preemption_save"
     #: Under the launcher, a script saves but never checks the preemption flag (say so once).
@@ -173,5 +175,5 @@ class Event(StrEnum):
 WARNING_EVENTS = frozenset({
     Event.CORRUPTION_FOUND, Event.RESTORE_FALLBACK, Event.DRIFT_FOUND, Event.SAVE_FAILED, Event.PRUNE_FAILED,
     Event.RESUME_CRASH_LOOP, Event.WORKERS_FAILED, Event.PREEMPTION_GRACE_EXPIRED, Event.REQUEUE_FAILED,
-    Event.LAUNCH_ERROR, Event.REPLAY_MISMATCH, Event.HANG_DETECTED,
+    Event.LAUNCH_ERROR, Event.REPLAY_MISMATCH, Event.HANG_DETECTED, Event.REPLICA_DIVERGENCE,
 })

@@ -9,6 +9,8 @@ escaping is a bug in this library. All of them pickle (they travel between ranks
 
 from __future__ import annotations
 
+from typing import Any
+
 from .contract import ExitCode
 
 
@@ -96,6 +98,18 @@ class UnsafeCheckpointError(CheckpointCorruptError):
 class CheckpointSaveError(ElasticResumeError):
     """A collective save failed on at least one rank; nothing was committed. The message names
     every failing rank and file, and is the same on every rank."""
+
+
+class ReplicaDivergenceError(CheckpointSaveError):
+    """Ranks that must hold identical copies of the parameters (DDP replicas) do not: the step
+    is not committed, since no rank's copy can be told good. The guard rolls back to the newest
+    committed checkpoint (every one of them agreed when it was saved); without it, a restart
+    resumes from there."""
+
+    def __init__(self, message: str, *, step: int, disagreement: Any) -> None:
+        super().__init__(message)
+        self.step = step
+        self.disagreement = disagreement  #: ``replicas.Disagreement``: the odd ranks and parameters
 
 
 class CommitConflictError(ElasticResumeError):

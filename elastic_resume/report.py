@@ -87,6 +87,7 @@ class Summary:
     #: replay_mismatch events' fields, with "event".
     replays: list[dict[str, Any]] = field(default_factory=list)
     hangs: list[dict[str, Any]] = field(default_factory=list)  #: hang_detected: who, where, how long, stacks
+    divergences: list[dict[str, Any]] = field(default_factory=list)  #: replica_divergence: step, odd ranks, parameters
     saves: int = 0
     save_bytes: int = 0
     save_seconds: list[float] = field(default_factory=list)
@@ -123,7 +124,7 @@ class Summary:
             "goodput_elapsed": None if self.goodput_elapsed is None else round(self.goodput_elapsed, 4),
             "steps_final": self.steps_final, "steps_executed": self.steps_executed, "last_step": self.last_step,
             "restarts": self.restarts, "rollbacks": self.rollbacks, "preemptions": self.preemptions,
-            "replays": self.replays, "hangs": self.hangs,
+            "replays": self.replays, "hangs": self.hangs, "divergences": self.divergences,
             "checkpoints": {"committed": self.saves, "bytes": self.save_bytes,
                             "median_seconds": round(statistics.median(self.save_seconds), 4) if self.save_seconds else None},
             "problems": self.problems, "exits": self.exits, "malformed_lines": self.malformed,
@@ -174,10 +175,18 @@ class Summary:
             for h in self.hangs:
                 row("", f"rank {h.get('rank')} on {h.get('host')}: no progress for {h.get('seconds')} s in its "
                         f"{h.get('section')} section after step {h.get('step')}; stacks in {h.get('stacks')}")
+        if self.divergences:
+            row("replicas", f"{len(self.divergences)} divergence{'s' if len(self.divergences) > 1 else ''} "
+                            "(ranks whose copies of the DDP parameters differ)")
+            for d in self.divergences:
+                ranks = ", ".join(map(str, d.get("ranks") or []))
+                row("", f"step {d.get('step')}, found by the {d.get('found_by')}: rank {ranks}, in "
+                        f"{', '.join(d.get('parameters') or []) or 'the combined digest'}")
         row("rollbacks", str(len(self.rollbacks)) if self.rollbacks else "none")
         for r in self.rollbacks:
             skipped = f", skipped samples {r['skipped'][0]}-{r['skipped'][1]}" if r.get("skipped") else ""
-            row("", f"spike at step {r['from_step']} -> back to step {r['to_step']}{skipped}")
+            why = "replica divergence" if r.get("cause") == "replica_divergence" else "spike"
+            row("", f"{why} at step {r['from_step']} -> back to step {r['to_step']}{skipped}")
         row("preemptions", str(len(self.preemptions)) if self.preemptions else "none")
         for p in self.preemptions:
             row("", f"{p['signal']} -> " + (f"saved step {p['saved_step']}" if p.get("saved_step") is not None
@@ -341,8 +350,11 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
         elif kind == Event.HANG_DETECTED:
             s.hangs.append({k: e.get(k) for k in ("rank", "host", "section", "step", "seconds", "process_state",
                                                   "stacks")})
+        elif kind == Event.REPLICA_DIVERGENCE and _rank0(e):
+            s.divergences.append({k: e.get(k) for k in ("step", "ranks", "parameters", "differing", "found_by")})
         elif kind == Event.ROLLBACK and _rank0(e):
-            s.rollbacks.append({k: e.get(k) for k in ("from_step", "to_step", "skipped", "steps_lost", "lr_scale")})
+            s.rollbacks.append({k: e.get(k) for k in ("from_step", "to_step", "skipped", "steps_lost", "lr_scale",
+                                                      "cause")})
         elif kind == Event.PREEMPTION_REQUESTED:
             if not s.preemptions or e["ts"] - s.preemptions[-1]["ts"] > 30.0:
                 s.preemptions.append({"ts": e["ts"], "signal": e.get("signal"), "saved_step": None})

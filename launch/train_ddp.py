@@ -16,7 +16,8 @@ that gives up exits 76.
 Fault injection for tests and demos (each fires once; markers in ``--fault-dir`` remember):
 ``--die-at-steps 7,19`` SIGKILLs ``--die-rank`` at those steps; ``--spike-at-step``/``--nan-at-step``
 corrupt one rank's loss; ``--poison-samples A:B`` makes those samples always blow the loss up;
-``--die-in-rollback`` kills a rank in the middle of a rollback.
+``--die-in-rollback`` kills a rank in the middle of a rollback; ``--nudge-param-at-step`` changes one
+element of one rank's parameters (silent replica divergence).
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "differs (a replay after a restart then shows replay_mismatch)")
     g.add_argument("--hang-in-data-at-step", type=int,
                    help="--die-rank blocks forever fetching the batch of this step (a deadlocked loader; once)")
+    g.add_argument("--nudge-param-at-step", type=int,
+                   help="after this step's optimizer step, --nudge-rank adds 1e-3 to one element of its copy of the "
+                        "first layer's weight (silent replica divergence; once)")
+    g.add_argument("--nudge-rank", type=int, default=1)
     g.add_argument("--die-in-rollback", action="store_true", help="SIGKILL --die-rank in the middle of its first rollback")
     return p.parse_args(argv)
 
@@ -219,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             optimizer.step()
             scheduler.step()
             step += 1
+            if args.nudge_param_at_step == step and rank == args.nudge_rank and once(args, f"nudge-{step}"):
+                with torch.no_grad():  # a bad chip's wrong number: this rank's replica alone changes
+                    model[0].weight.view(-1)[0] += 1e-3
             if log:
                 log.write(json.dumps({"rank": rank, "world": world, "step": step, "epoch": sampler.epoch,
                                       "loss": loss.item(), "samples": idx.tolist(), "lr": lr,

@@ -35,11 +35,11 @@ from typing import Any
 
 import torch
 
-from .. import heartbeat
+from .. import heartbeat, replicas
 from .._torch_compat import dcp_exception
 from ..collectives import Group, process_group
 from ..contract import Event, ExitCode
-from ..errors import CheckpointSaveError, CommitConflictError, ElasticResumeError, StateError
+from ..errors import CheckpointSaveError, CommitConflictError, ElasticResumeError, ReplicaDivergenceError, StateError
 from ..events import EventLog
 from ..storage import digest_bytes
 from .format import as_cpu_contiguous, encode, flatten
@@ -86,6 +86,9 @@ class SaveJob:
     sharded: dict[str, torch.Tensor] = field(default_factory=dict)  # DTensor leaves, by path
     fingerprint: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Digests of the parameters every rank holds a copy of (DDP replicas), taken with the
+    #: snapshot: a step whose ranks disagree on them is never committed.
+    replicas: replicas.Digests | None = None
     error: BaseException | None = None  # a failure before writing (e.g. an unsupported value)
 
 
@@ -93,6 +96,8 @@ def prepare(job: SaveJob, state: Mapping[str, Any], *, rank: int, world_size: in
     """The foreground of a save: snapshot ``state``, keep what this rank writes, and (``stager``
     given: a background save) copy it into the staging buffers. No collective."""
     replicated, per_rank = snapshot_state(state)
+    if world_size > 1:
+        job.replicas = replicas.state_digests(state)
     sharded: dict[str, torch.Tensor] | None = {} if world_size > 1 else None
     skeleton, tensors = flatten(replicated, name="state", sharded=sharded)
     pr_skeleton, pr_tensors = flatten(per_rank, name="state")
@@ -242,11 +247,13 @@ class StepWriter:
             more, error = self._write_sharded(store, job, ready=local_error is None)
             entries += more
             local_error = local_error or error
+        digests = job.replicas.values if job.replicas is not None else None
         if local_error is None:
-            outcome: tuple[str, Any, str] = ("ok", [e.to_json() for e in entries], shape_sig)
+            outcome: tuple[str, Any, str, Any] = ("ok", [e.to_json() for e in entries], shape_sig, digests)
         else:
             where = store.storage.display(f"{step_dir(step)}/{attempt}/")
-            outcome = ("error", f"rank {self.rank} failed writing under {where}: {first_line(local_error)}", shape_sig)
+            outcome = ("error", f"rank {self.rank} failed writing under {where}: {first_line(local_error)}",
+                       shape_sig, digests)
         outcomes = self.group.all_gather_object(outcome)
         errors = [o[1] for o in outcomes if o[0] == "error"]
         if not errors and len({o[2] for o in outcomes}) > 1:
@@ -257,6 +264,7 @@ class StepWriter:
         if errors:
             self.events.emit(Event.SAVE_FAILED, step=step, attempt=attempt, errors=errors)
             raise CheckpointSaveError(f"checkpoint step {step} was not committed: " + "; ".join(errors)) from local_error
+        self._refuse_diverged_replicas(job, [o[3] for o in outcomes])
         files = [FileEntry(**payload) for o in outcomes for payload in o[1]]
         manifest = Manifest(
             step=step, attempt=attempt, world_size=self.world_size, files=files,
@@ -271,6 +279,23 @@ class StepWriter:
         if after_commit is not None:
             after_commit(manifest)
         return manifest
+
+    def _refuse_diverged_replicas(self, job: SaveJob, per_rank: list[Any]) -> None:
+        """Every rank holds the same outcomes, so every rank raises the same, or none does."""
+        if job.replicas is None or any(d is None for d in per_rank):
+            return
+        found = replicas.disagreement(per_rank, job.replicas.names)
+        if found is None:
+            return
+        said = found.describe(self.world_size)
+        self.events.emit(Event.REPLICA_DIVERGENCE, step=job.step, ranks=found.ranks, parameters=found.parameters,
+                         differing=found.differing, found_by="save",
+                         reason=f"the replicated parameters differ between ranks at the save of step {job.step}: "
+                                f"{said}")
+        message = (f"checkpoint step {job.step} was not committed: the ranks' copies of the replicated parameters "
+                   f"differ ({said}); no copy can be told good")
+        self.events.emit(Event.SAVE_FAILED, step=job.step, attempt=job.attempt, errors=[message])
+        raise ReplicaDivergenceError(message, step=job.step, disagreement=found)
 
     def _commit(self, store: CheckpointStore, manifest: Manifest, replace: str | None) -> None:
         """Rank 0 writes the manifest; every rank learns the outcome and raises the same error."""

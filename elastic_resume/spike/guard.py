@@ -36,15 +36,15 @@ from typing import Any
 
 import torch
 
-from .. import _torch_compat, heartbeat, preemption
+from .. import _torch_compat, heartbeat, preemption, replicas
 from ..contract import Event, StrEnum
-from ..errors import ConfigError, GaveUpError
+from ..errors import ConfigError, GaveUpError, ReplicaDivergenceError
 from ..training.sampler import ResumableDistributedSampler
 from .backend import CheckpointBackend
 from .detectors import Anchor, Detector, DetectorBank, Judge, Plateau, judged_where
 from .policy import Action, ActionKind, Recovery, RollbackDecision, RollbackPolicy, decide, lowest_loss
 from .replay import ReplayCheck, recorded_steps
-from .vote import Quorum, Vote, VoteResult
+from .vote import REPLICA_DIGEST_MAX, REPLICA_DIGEST_MIN, Quorum, Vote, VoteResult
 
 RECOVERY_KEY = "spike_guard"
 DETECTORS_KEY = "spike_detectors"
@@ -71,6 +71,12 @@ class GuardOptions:
     """Checkpoints taken within this many steps after any trouble are unhealthy: never an anchor."""
     judge: str = Judge.GLOBAL.value  # a plain string as default: configuration files (YAML) can write it
     """``global``: judge the loss averaged over all ranks; ``rank``: each rank's own, with ``quorum``."""
+    replica_check_every: int = 10
+    """Every this many steps a digest of a slice of the replicated (DDP) parameters rides on the
+    vote, and replicas that differ are rolled back (silent divergence; 0: off)."""
+    replica_slices: int = 4
+    """The replicated parameters are digested a slice at a time, each one every this many checks:
+    a divergence is found within ``replica_check_every * replica_slices`` steps at most."""
 
     def __post_init__(self) -> None:
         if self.vote_every < 1:
@@ -81,6 +87,10 @@ class GuardOptions:
         self.judge = Judge(self.judge)
         if self.health_window < 0:
             raise ConfigError(f"SpikeGuard(health_window=...) must be >= 0 (got {self.health_window})")
+        if self.replica_check_every < 0:
+            raise ConfigError(f"SpikeGuard(replica_check_every=...) must be >= 0 (0: off; got {self.replica_check_every})")
+        if self.replica_slices < 1:
+            raise ConfigError(f"SpikeGuard(replica_slices=...) must be >= 1 (got {self.replica_slices})")
         Quorum(self.quorum)  # validates
 
 
@@ -175,6 +185,12 @@ class SpikeGuard:
         self._global_losses: deque[float] = deque(maxlen=max(1, self.health_window))  # recorded with checkpoints
         self._step_clock: float | None = None
         self._replay: ReplayCheck | None = None  # rank 0, after a restart: the steps trained again
+        #: Where the replicated parameters are found (Lightning points it at the LightningModule).
+        self.replica_state: MutableMapping[str, Any] | dict[str, Any] = state
+        self._rotation: replicas.Rotation | None = None
+        self._steps_since_digest = 0
+        self._samples: dict[int, replicas.Sample] = {}  # vote step -> the digest it carried, until read
+        self._diverged: dict[int, replicas.Disagreement] = {}  # vote step -> what the vote found
         # Votes read outside step() (settle(), right before a checkpoint taken by someone else,
         # e.g. Lightning's ModelCheckpoint): acted on at the next step().
         self._deferred: list[VoteResult] = []
@@ -340,9 +356,11 @@ class SpikeGuard:
             self._positions.pop(step - 4 * (self.policy.skip_after + self.policy.margin + 8), None)
         results: list[VoteResult | None] = list(self._deferred)
         self._deferred.clear()
+        self._steps_since_digest += 1
         if step % self.vote_every == 0 or save:
             preempt = self._preempt or preemption.requested() is not None
-            results.append(self._receive(self.vote.submit(step, values=self._values, preempt=preempt, **self._flags)))
+            results.append(self._receive(self.vote.submit(step, values=self._values, preempt=preempt,
+                                                          checks=self._replica_checks(step), **self._flags)))
             self._values = []
             self._flags = {"spike": False, "nonfinite": False, "stop": False}
             self._preempt = False
@@ -354,8 +372,68 @@ class SpikeGuard:
                 if outcome is not CONTINUE:
                     return outcome
         if save:
-            self.save(step, metadata=metadata, blocking=blocking)
+            try:
+                self.save(step, metadata=metadata, blocking=blocking)
+            except ReplicaDivergenceError as e:  # this save's agreement (or the one in flight) found it
+                return self._recover_replicas(e.step, e.disagreement, now=step)
         return CONTINUE
+
+    # -- silent replica divergence ----------------------------------------------------------------
+    def _replica_checks(self, step: int) -> dict[Any, Any] | None:
+        """The rotating digest this check carries, every ``replica_check_every`` steps (the same
+        steps on every rank: each rank counts the same calls)."""
+        every = self.options.replica_check_every
+        if not every or self.vote.world_size < 2 or self._steps_since_digest < every:
+            return None
+        self._steps_since_digest = 0
+        if self._rotation is None:
+            self._rotation = replicas.Rotation(replicas.replicated_parameters(self.replica_state),
+                                               self.options.replica_slices)
+        sample = self._samples[step] = self._rotation.next()
+        return {REPLICA_DIGEST_MIN: sample.value, REPLICA_DIGEST_MAX: sample.value}
+
+    def _name_divergence(self, result: VoteResult) -> None:
+        """Collective, on every rank alike (they all read the same MIN != MAX): gather the
+        sample's per-parameter digests to name the odd ranks and the parameters."""
+        sample = self._samples.pop(result.step, None)
+        assert sample is not None and self._rotation is not None
+        rows = [t.tolist() for t in self.vote.gather(sample.per_tensor)]
+        found = replicas.disagreement(rows, self._rotation.names(sample.indices))
+        if found is None:  # the parameters agree now but did not then: the combined digests said so
+            found = replicas.Disagreement(list(range(result.world_size)), [], 0)
+        self._diverged[result.step] = found
+        self.emit(Event.REPLICA_DIVERGENCE, step=result.step, ranks=found.ranks, parameters=found.parameters,
+                  differing=found.differing, found_by="vote",
+                  reason=f"the replicated parameters differ between ranks after step {result.step}: "
+                         f"{found.describe(result.world_size)}")
+
+    def _recover_replicas(self, onset: int, found: replicas.Disagreement, now: int) -> StepOutcome:
+        """Replicas that differ: roll back to the newest committed checkpoint. Every committed
+        one agreed when it was saved (a save whose ranks disagree is refused), and the steps
+        after it are trained again as they were: same data, same LR."""
+        self.vote.discard()
+        self._samples.clear()
+        self._diverged.clear()
+        try:
+            self.checkpoints.wait()
+        except ReplicaDivergenceError:
+            pass  # the save in flight holds the diverged replicas: refused, as it must be
+        committed = [s for s, _, _ in self.checkpoints.checkpoint_health() if s <= now]
+        reason = f"replicas differ after step {onset} ({found.describe(self.vote.world_size)})"
+        if not committed:
+            raise ReplicaDivergenceError(f"{reason}, and no checkpoint is committed to roll back to: the launcher "
+                                         "restarts the job from the start", step=onset, disagreement=found)
+        if self.recovery.rollbacks >= self.policy.budget:
+            reason = (f"{reason}, but the rollback budget of {self.policy.budget} is spent; a node whose replica keeps "
+                      "diverging has a fault no rollback cures")
+            self.emit(Event.GAVE_UP, step=onset, reason=reason, rollbacks=self.recovery.rollbacks,
+                      budget=self.policy.budget)
+            raise GaveUpError(reason)
+        decision = RollbackDecision(onset=onset, anchor=max(committed), skip_through_step=None, skip_end=None,
+                                    reason=reason, at_step=now, recovery=self.recovery.state_dict(),
+                                    cause="replica_divergence")
+        self.checkpoints.record_decision(decision.to_json())
+        return self._carry_out(decision)
 
     def _local(self, detector: Detector) -> bool:
         return judged_where(detector, self.judge) == Judge.RANK
@@ -368,6 +446,10 @@ class SpikeGuard:
         verdict, on every rank) and mark trouble for the health of the next checkpoint."""
         if result is None:
             return None
+        if result.replicas_disagree:
+            self._name_divergence(result)
+        else:
+            self._samples.pop(result.step, None)
         found = None
         for values in result.values:
             epoch = self._epochs.pop(values.step, None)
@@ -400,6 +482,9 @@ class SpikeGuard:
                                            **({} if grad_norm is None else {"grad_norm": grad_norm}))
 
     def _act(self, result: VoteResult, now: int) -> StepOutcome:
+        diverged = self._diverged.pop(result.step, None)
+        if diverged is not None:
+            return self._recover_replicas(result.step, diverged, now)
         action = decide(self.policy, result, None, self.recovery)
         if action.kind == ActionKind.NEEDS_CHECKPOINTS:
             action = decide(self.policy, result, self.checkpoints.checkpoint_health(), self.recovery)
@@ -486,6 +571,8 @@ class SpikeGuard:
         # state (a plateau's after_steps) restart from the anchor instead of replaying.
         self.bank.on_rollback(action.anchor)
         self._values, self._epochs = [], {}
+        self._samples.clear()
+        self._steps_since_digest = 0
         self._global_losses.clear()
         # The anchor is re-committed below with the recovery state: replace what was restored.
         self.checkpoints.allow_replace(action.anchor)
@@ -495,9 +582,10 @@ class SpikeGuard:
         start = self.sampler.position if self.sampler is not None else None
         after = before
         after.rollbacks += 1
-        after.lr_scale *= self.policy.lr_scale
-        after.clip_scale *= self.policy.clip_scale
-        after.cooldown_left = self.policy.cooldown
+        if decision.cause == "spike":  # replicas that diverged are trained again as they were
+            after.lr_scale *= self.policy.lr_scale
+            after.clip_scale *= self.policy.clip_scale
+            after.cooldown_left = self.policy.cooldown
         window = [start, skip_end] if start is not None and skip_end is not None and skip_end > start else None
         if window:
             after.windows.append(window)
@@ -518,6 +606,6 @@ class SpikeGuard:
         self.save(action.anchor, blocking=False)
         self.emit(Event.ROLLBACK, from_step=action.onset, to_step=action.anchor, skipped=window,
                   lr_scale=after.lr_scale, rollbacks=after.rollbacks, budget=self.policy.budget,
-                  steps_lost=now - action.anchor)
+                  steps_lost=now - action.anchor, cause=decision.cause)
         self._step_clock = time.monotonic()
         return StepOutcome(Outcome.ROLLBACK, action.anchor)

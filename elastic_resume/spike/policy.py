@@ -75,6 +75,10 @@ class Recovery:
         self.history = list(state["history"])
 
 
+#: Why a rollback happens: a spike, or replicas that stopped agreeing (``replicas``).
+CAUSES = ("spike", "replica_divergence")
+
+
 @dataclass(frozen=True)
 class RollbackDecision:
     """A rollback as decided, written to storage before it is carried out: everything needed to
@@ -89,13 +93,16 @@ class RollbackDecision:
     reason: str
     at_step: int  #: the step training had reached when it was decided
     recovery: dict[str, Any]  #: ``Recovery.state_dict()`` at the decision
+    cause: str = "spike"
+    """``spike`` (the policy's LR and clipping scales and cooldown apply) or
+    ``replica_divergence`` (the same steps are trained again, on the same data and settings)."""
 
     FORMAT = "elastic-resume-rollback-decision"
 
     def to_json(self) -> dict[str, Any]:
         return {"format": self.FORMAT, "onset": self.onset, "anchor": self.anchor,
                 "skip_through_step": self.skip_through_step, "skip_end": self.skip_end, "reason": self.reason,
-                "at_step": self.at_step, "recovery": self.recovery}
+                "at_step": self.at_step, "recovery": self.recovery, "cause": self.cause}
 
     @classmethod
     def from_json(cls, doc: Any) -> RollbackDecision | None:
@@ -112,12 +119,15 @@ class RollbackDecision:
             return None
         if not isinstance(doc.get("reason"), str) or not isinstance(doc.get("recovery"), dict):
             return None
+        if doc.get("cause", "spike") not in CAUSES:
+            return None
         try:
             Recovery().load_state_dict(doc["recovery"])  # the shape a Recovery loads, or none
         except (KeyError, TypeError, ValueError, OverflowError):
             return None
         return cls(onset=doc["onset"], anchor=doc["anchor"], skip_through_step=doc["skip_through_step"],
-                   skip_end=doc["skip_end"], reason=doc["reason"][:2000], at_step=doc["at_step"], recovery=doc["recovery"])
+                   skip_end=doc["skip_end"], reason=doc["reason"][:2000], at_step=doc["at_step"], recovery=doc["recovery"],
+                   cause=doc.get("cause", "spike"))
 
 
 class ActionKind(StrEnum):

@@ -3,11 +3,16 @@
 Each rank puts its local verdicts and, for every step since the last check, its loss and
 gradient norm into one small tensor::
 
-    [spike, nonfinite, preempt, stop,  (loss, grad_norm, grad_norm_present, nonfinite) per step]
+    [spike, nonfinite, preempt, stop,  (loss, grad_norm, grad_norm_present, nonfinite) per step,
+     SUM check fields]
 
-and one ``all_reduce(SUM)`` combines them; every rank then derives the same decision from the
-same reduced numbers: the global (mean over ranks) loss of every step, which the guard's global
-detectors judge identically on every rank, and the ranks' own flags. With ``lag=1`` (default)
+and one ``all_reduce(SUM)`` combines them. The vote is a declared schema: a detector that needs
+more than sums declares a :class:`Field` with its reduction (MAX, or MIN, sent as the MAX of the
+negation) and passes it to ``submit`` on the checks that carry it; those travel in a second small
+tensor with one ``all_reduce(MAX)``, on those checks only. Detection adds fields, not
+positions. Every rank then derives the same decision from the same reduced numbers: the global
+(mean over ranks) loss of every step, which the guard's global detectors judge identically on
+every rank, and the ranks' own flags. With ``lag=1`` (default)
 the reduction is launched asynchronously and read at the next check, so its latency hides behind
 a training step instead of stalling it. The steps per check are the same on every rank (every
 rank calls the guard with the same steps), so the tensors have the same length.
@@ -21,16 +26,39 @@ queue in front of the next step's gradient all-reduce and add its round trip to 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..contract import StrEnum
 from ..errors import ConfigError
 from .detectors import Verdict
 
 FLAGS = ("spike", "nonfinite", "preempt", "stop")
 PER_STEP = ("loss", "grad_norm", "grad_norm_present", "nonfinite")
+
+
+class Reduce(StrEnum):
+    SUM = "sum"
+    MAX = "max"
+    MIN = "min"
+
+
+@dataclass(frozen=True)
+class Field:
+    """A named value a check may carry, and how the ranks' values combine."""
+
+    name: str
+    reduce: Reduce
+
+
+#: The replicated parameters' rotating digest (``replicas``): equal MIN and MAX, equal replicas.
+REPLICA_DIGEST_MIN = Field("replica_digest_min", Reduce.MIN)
+REPLICA_DIGEST_MAX = Field("replica_digest_max", Reduce.MAX)
+
+Checks = Mapping[Field, "float | torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +105,8 @@ class VoteResult:
     values: tuple[StepValues, ...] = ()
     verdict: Verdict | None = None
     """What the global detectors found in ``values`` (the same on every rank), set by the guard."""
+    checks: Mapping[str, float] = field(default_factory=dict)
+    """The reduced value of every :class:`Field` this check carried, by name."""
 
     @property
     def spike(self) -> bool:
@@ -90,6 +120,12 @@ class VoteResult:
         """The rollback is for a plateau alone (its own anchor and data rules apply)."""
         return (self.verdict is not None and self.verdict.plateau and self.nonfinite == 0
                 and self.spikes < self.quorum)
+
+    @property
+    def replicas_disagree(self) -> bool:
+        """The replicated parameters' digests differed between ranks (MIN != MAX)."""
+        low, high = self.checks.get(REPLICA_DIGEST_MIN.name), self.checks.get(REPLICA_DIGEST_MAX.name)
+        return low is not None and high is not None and low != high
 
     @property
     def trouble(self) -> bool:
@@ -120,43 +156,67 @@ class Vote:
         self.device = torch.device("cpu")
         if self._dist and self._dist.get_backend(group) == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self._pending: tuple[int, tuple[int, ...], torch.Tensor, Any] | None = None
+        self._pending: _InFlight | None = None
 
     def submit(self, step: int, *, values: list[tuple[int, float, float | None]], spike: bool, nonfinite: bool,
-               preempt: bool, stop: bool) -> VoteResult | None:
+               preempt: bool, stop: bool, checks: Checks | None = None) -> VoteResult | None:
         """``values``: ``(step, loss, grad_norm or None)`` of this rank for every step since the
-        last check (the same steps on every rank)."""
+        last check (the same steps on every rank). ``checks``: declared fields this check carries
+        (the same fields on every rank; a value may be a 0-dim tensor on any device)."""
         row = [float(spike), float(nonfinite), float(preempt), float(stop)]
         for _, loss, grad_norm in values:
             bad = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
             row += [0.0 if bad else loss, 0.0 if bad or grad_norm is None else grad_norm,
                     0.0 if bad or grad_norm is None else 1.0, float(bad)]
+        fields = sorted(checks or {}, key=lambda f: f.name)
+        summed = [f for f in fields if f.reduce == Reduce.SUM]
+        maxed = [f for f in fields if f.reduce != Reduce.SUM]
+        row += [float(checks[f]) for f in summed]  # type: ignore[index]
         t = torch.tensor(row, dtype=torch.float64, device=self.device)
-        steps = tuple(s for s, _, _ in values)
-        work = None
+        m = None
+        if maxed:
+            assert checks is not None
+            m = torch.stack([_as_float64(checks[f], self.device) * (-1 if f.reduce == Reduce.MIN else 1)
+                             for f in maxed])
+        flight = _InFlight(step, tuple(s for s, _, _ in values), t, summed, m, maxed)
         if self._dist and self.world_size > 1:
-            work = self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, group=self.group, async_op=self.lag > 0)
+            async_op = self.lag > 0
+            flight.works.append(self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, group=self.group,
+                                                      async_op=async_op))
+            if m is not None:
+                flight.works.append(self._dist.all_reduce(m, op=self._dist.ReduceOp.MAX, group=self.group,
+                                                          async_op=async_op))
         if self.lag == 0:
-            return self._finish(step, steps, t, None)
-        previous, self._pending = self._pending, (step, steps, t, work)
-        return self._finish(*previous) if previous else None
+            return self._finish(flight)
+        previous, self._pending = self._pending, flight
+        return self._finish(previous) if previous else None
 
     def flush(self) -> VoteResult | None:
         """The result of the check still in flight, if any (before a save, rollback or exit)."""
         previous, self._pending = self._pending, None
-        return self._finish(*previous) if previous else None
+        return self._finish(previous) if previous else None
 
     def discard(self) -> None:
         """Drop the check in flight (its step lies on a timeline that was just rolled back);
-        the collective is still completed so every rank stays in step."""
-        if self._pending is not None and self._pending[3] is not None:
-            self._pending[3].wait()
+        the collectives are still completed so every rank stays in step."""
+        if self._pending is not None:
+            self._pending.wait()
         self._pending = None
 
-    def _finish(self, step: int, steps: tuple[int, ...], t: torch.Tensor, work: Any) -> VoteResult:
-        if work is not None:
-            work.wait()
-        numbers = t.tolist()
+    def gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``t`` (same shape on every rank), over the vote's group: for the rare
+        follow-up that names which rank a reduced field singled out."""
+        t = t.to(self.device)
+        if not self._dist or self.world_size < 2:
+            return [t]
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        self._dist.all_gather(out, t, group=self.group)
+        return out
+
+    def _finish(self, flight: _InFlight) -> VoteResult:
+        flight.wait()
+        step, steps = flight.step, flight.steps
+        numbers = flight.sums.tolist()
         spike, nonfinite, preempt, stop = numbers[:len(FLAGS)]
         values = []
         for i, s in enumerate(steps):
@@ -167,5 +227,41 @@ class Vote:
         return VoteResult(
             step=step, world_size=self.world_size, mean_loss=values[-1].loss if values else float("nan"),
             spikes=round(spike), nonfinite=round(nonfinite), preempt=round(preempt), stop=round(stop),
-            quorum=self.quorum.needed(self.world_size), values=tuple(values),
+            quorum=self.quorum.needed(self.world_size), values=tuple(values), checks=flight.reduced(),
         )
+
+
+def _as_float64(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A field's value as float64 on the vote's device (a device tensor is not read back)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float64)
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
+@dataclass
+class _InFlight:
+    """One check's tensors and the collectives reducing them."""
+
+    step: int
+    steps: tuple[int, ...]
+    sums: torch.Tensor
+    summed: list[Field]
+    maxes: torch.Tensor | None
+    maxed: list[Field]
+    works: list[Any] = field(default_factory=list)
+
+    def wait(self) -> None:
+        for work in self.works:
+            if work is not None:
+                work.wait()
+        self.works = []
+
+    def reduced(self) -> dict[str, float]:
+        out = {}
+        tail = self.sums.tolist()[len(self.sums) - len(self.summed):] if self.summed else []
+        for f, v in zip(self.summed, tail):
+            out[f.name] = v
+        if self.maxes is not None:
+            for f, v in zip(self.maxed, self.maxes.tolist()):
+                out[f.name] = -v if f.reduce == Reduce.MIN else v
+        return out

@@ -79,13 +79,17 @@ class ResumableDistributedSampler(Sampler[int]):
         return list(range(self.dataset_len))
 
     def _remaining(self, start: int) -> list[int]:
-        rest = self.epoch_order()[start:]
+        order = self.epoch_order()
+        rest = order[start:]
         w = self.num_replicas
         if self.drop_last:
             rest = rest[: len(rest) - len(rest) % w]
         elif rest and len(rest) % w:
-            pad = w - len(rest) % w  # as DistributedSampler: wrap around to even out the ranks
-            rest = rest + (rest * math.ceil(pad / len(rest)))[:pad]
+            # As DistributedSampler: wrap around to the head of the epoch's order to even out the
+            # ranks. The head, not the resumed pass's first sample: a resumed pass pads with what
+            # the uninterrupted one did.
+            pad = w - len(rest) % w
+            rest = rest + (order * math.ceil(pad / len(order)))[:pad]
         return rest
 
     def _pass_size(self, start: int) -> int:

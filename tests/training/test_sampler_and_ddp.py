@@ -41,6 +41,16 @@ def test_sampler_partitions_the_epoch_and_resumes_at_any_world_size():
     assert sorted(taken + rest) == list(range(n))
 
 
+def test_a_resumed_pass_pads_the_epoch_as_the_uninterrupted_one_and_as_distributed_sampler():
+    n, world = 512, 3  # 512 is no multiple of 3: the last batch is padded
+    reference = torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=2, seed=3)
+    whole = ResumableDistributedSampler(range(n), num_replicas=world, rank=2, seed=3)
+    assert list(whole) == list(reference)
+    resumed = ResumableDistributedSampler(range(n), num_replicas=world, rank=2, seed=3)
+    resumed.load_state_dict({**whole.state_dict(), "epoch": 0, "consumed": 30 * world})
+    assert list(resumed) == list(reference)[30:]  # the pad at the end too, not the resumed pass's head
+
+
 def test_sampler_refuses_a_different_dataset_or_seed():
     s = ResumableDistributedSampler(range(10), num_replicas=1, rank=0, seed=1)
     with pytest.raises(StateError, match="dataset of 12 samples but the dataset now has 10"):
