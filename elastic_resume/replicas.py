@@ -5,8 +5,8 @@ averaged, so the same update lands everywhere). A chip that computes a wrong num
 memory, or a write by one rank alone breaks that, and nothing in the loss shows it: the averaged
 gradient keeps the other parameters identical, and the bad element simply stays wrong.
 
-A digest here is the wrapping int64 sum of each tensor's bits read as integers, mixed over the
-tensors by position, kept to 52 bits so that it travels exactly in a float64 vote field. Any change
+A digest here is the wrapping int64 sum of each tensor's bytes read as 64-bit words, mixed over
+the tensors by position, kept to 52 bits so that it travels exactly in a float64 vote field. Any change
 of one element changes it; it costs one read of the tensors and no copy, and on CUDA it stays on the
 device (the vote carries the device tensor; nothing waits for it). It is a detector, not a
 cryptographic hash: two errors that cancel exactly, or two elements swapped, go unseen.
@@ -64,12 +64,24 @@ def tensor_digests(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """One wrapping int64 digest per tensor (a 1-D int64 tensor on the first tensor's device)."""
     if not tensors:
         return torch.zeros(0, dtype=torch.int64)
-    sums = []
-    for t in tensors:
-        t = torch.view_as_real(t) if t.is_complex() else t
-        # Bits as integers, summed in int64: bitwise-equal tensors give equal sums on every rank.
-        sums.append(t.contiguous().view(_AS_INT[t.element_size()]).sum(dtype=torch.int64))
-    return torch.stack([s.to(tensors[0].device) for s in sums])
+    return torch.stack([_bits_sum(t).to(tensors[0].device) for t in tensors])
+
+
+def _bits_sum(t: torch.Tensor) -> torch.Tensor:
+    """The wrapping int64 sum of ``t``'s bytes read as 64-bit words (the few elements past the
+    last whole word added as integers of their own width): bitwise-equal tensors give equal
+    sums on every rank, and any one changed bit changes it. Words, not elements: an int64 sum
+    of 64-bit words runs at memory speed, where widening each 32-bit element costs 20 times that."""
+    flat = (torch.view_as_real(t) if t.is_complex() else t).reshape(-1)
+    size = flat.element_size()
+    whole = flat.numel() - flat.numel() % (8 // size)
+    try:
+        total = flat[:whole].view(torch.int64).sum() if whole else torch.zeros((), dtype=torch.int64)
+    except RuntimeError:  # a view that does not start on a word boundary: a copy does
+        total = flat[:whole].clone().view(torch.int64).sum()
+    if whole < flat.numel():
+        total = total + flat[whole:].view(_AS_INT[size]).sum(dtype=torch.int64)
+    return total
 
 
 def combine(digests: torch.Tensor) -> torch.Tensor:

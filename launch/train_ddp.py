@@ -116,6 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="after this step's optimizer step, --nudge-rank adds 1e-3 to one element of its copy of the "
                         "first layer's weight (silent replica divergence; once)")
     g.add_argument("--nudge-rank", type=int, default=1)
+    g.add_argument("--replica-check-every", type=int, default=10,
+                   help="digest a slice of the replicated parameters into the vote every this many steps (0: off)")
     g.add_argument("--die-in-rollback", action="store_true", help="SIGKILL --die-rank in the middle of its first rollback")
     return p.parse_args(argv)
 
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                                      window=args.plateau_window,
                                      rollback_to="lowest_loss" if args.plateau_lowest else "newest"))
         guard = SpikeGuard(mgr, state, sampler=sampler, detectors=detectors, policy=policy, judge=args.judge,
+                           replica_check_every=args.replica_check_every,
                            on_event=lambda e: fault_in_rollback(e, rank, args))
         restored = guard.start() or None
     else:

@@ -94,6 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--die-in-rollback", action="store_true", help="SIGKILL --die-rank in the middle of its first "
                    "rollback (after the anchor was loaded, before its re-commit)")
     g.add_argument("--spike-rank", type=int, default=1)
+    g.add_argument("--nudge-param-at-step", type=int, help="after this optimizer step, --spike-rank adds 1e-3 to one "
+                   "element of its copy of the first layer's weight (silent replica divergence; once)")
     g.add_argument("--spike-factor", type=float, default=1e4)
     g.add_argument("--accumulate", type=int, default=1, help="Trainer(accumulate_grad_batches=...); a spike "
                    "injected at a step lands in its first micro-batch")
@@ -148,6 +150,9 @@ class Regression(pl.LightningModule):
                                     "t": time.monotonic()}) + "\n")
         if a.step_seconds:
             time.sleep(a.step_seconds)
+        if a.nudge_param_at_step == step and self.global_rank == a.spike_rank and once(a, f"nudge-{step}"):
+            with torch.no_grad():  # a bad chip's wrong number: this rank's replica alone changes
+                next(self.net.parameters()).view(-1)[0] += 1e-3
         if self.global_rank == a.die_rank and str(step) in a.die_at_steps.split(",") and once(a, f"killed-at-{step}"):
             os.kill(os.getpid(), signal.SIGKILL)
 

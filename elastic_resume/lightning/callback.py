@@ -187,6 +187,9 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
             self._state[f"optimizer{i}"] = optimizer
         for i, config in enumerate(trainer.lr_scheduler_configs):
             self._state[f"scheduler{i}"] = config.scheduler
+        # Under DDP the module's parameters are replicas: their digest rides on the vote.
+        self.guard.replica_state = {"model": pl_module} if isinstance(trainer.strategy.model,
+                                                                      DistributedDataParallel) else {}
         self.guard.sampler = find_sampler(trainer)
         if self.guard.sampler is None and self.guard.policy.skip_data:
             log.warning("ElasticResume: the training dataloader has no ResumableDistributedSampler, so a rollback "
@@ -252,6 +255,7 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
         if self.guard is None or self.checkpoints is None or self.checkpoints.dirpath is None:
             return
         self.guard.settle()  # every rank: Lightning dumps checkpoints on all of them
+        self.guard.check_replicas(trainer.global_step)  # rank 0 writes its copy: every copy must agree
         metadata, health = self.guard.record_checkpoint(trainer.global_step)
         checkpoint[CHECKPOINT_KEY] = {
             "metadata": metadata, "health": health, "world_size": trainer.world_size,

@@ -389,8 +389,32 @@ class SpikeGuard:
         if self._rotation is None:
             self._rotation = replicas.Rotation(replicas.replicated_parameters(self.replica_state),
                                                self.options.replica_slices)
+        if not self._rotation.parameters:
+            return None  # nothing replicated (every module PerRank or sharded)
         sample = self._samples[step] = self._rotation.next()
         return {REPLICA_DIGEST_MIN: sample.value, REPLICA_DIGEST_MAX: sample.value}
+
+    def check_replicas(self, step: int) -> None:
+        """Collective, on every rank, right before a checkpoint that one rank writes alone (as
+        Lightning's): compare every replicated parameter's digest, so a checkpoint of replicas
+        that differ is never committed. Raises ReplicaDivergenceError (every rank alike): the
+        launcher restarts from the newest checkpoint, which agreed when it was taken."""
+        if not self.options.replica_check_every or self.vote.world_size < 2:
+            return
+        params = replicas.replicated_parameters(self.replica_state)
+        if not params:
+            return
+        rows = [t.tolist() for t in self.vote.gather(replicas.tensor_digests([p for _, p in params]))]
+        found = replicas.disagreement(rows, [n for n, _ in params])
+        if found is None:
+            return
+        said = found.describe(self.vote.world_size)
+        self.emit(Event.REPLICA_DIVERGENCE, step=step, ranks=found.ranks, parameters=found.parameters,
+                  differing=found.differing, found_by="save",
+                  reason=f"the replicated parameters differ between ranks at the save of step {step}: {said}")
+        raise ReplicaDivergenceError(f"checkpoint step {step} was not taken: the ranks' copies of the replicated "
+                                     f"parameters differ ({said}); no copy can be told good", step=step,
+                                     disagreement=found)
 
     def _name_divergence(self, result: VoteResult) -> None:
         """Collective, on every rank alike (they all read the same MIN != MAX): gather the

@@ -153,6 +153,20 @@ def test_spike_on_one_rank_rolls_back_both_in_process(tmp_path, reference, ns_en
 
 
 @pytest.mark.slow
+def test_replicas_that_diverge_are_never_checkpointed_and_the_run_ends_on_the_uninterrupted_losses(
+        tmp_path, reference, ns_env):
+    r = run(launch(tmp_path, "--steps", str(STEPS), "--nudge-param-at-step", "12", "--spike-rank", "1"), env=ns_env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    found = events(tmp_path, "replica_divergence")
+    # Lightning writes rank 0's copy alone: every rank compares digests before the save of step 15.
+    assert {(e["rank"], e["step"], e["found_by"]) for e in found} == {(0, 15, "save"), (1, 15, "save")}
+    assert all(e["ranks"] == [0, 1] and e["parameters"] == ["model.net.0.weight"] for e in found)  # two: both named
+    assert "epoch=0-step=15.ckpt" not in [e.get("path", "").rsplit("/", 1)[-1] for e in events(tmp_path, "restored")]
+    assert sorted(e["step"] for e in events(tmp_path, "restored")) == [10, 10]  # the newest agreeing step
+    assert last_losses(tmp_path / "loss.jsonl") == reference
+
+
+@pytest.mark.slow
 def test_sigusr1_saves_exits_75_and_the_requeued_run_continues(tmp_path, reference, ns_env):
     # Async saves: the preemption save must still be committed before the workers exit.
     cmd = launch(tmp_path, "--steps", str(STEPS), "--step-seconds", "0.15", "--async-save")
