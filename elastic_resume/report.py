@@ -390,6 +390,26 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
     return s
 
 
+def _mark_unseen_faults(ax: Any, summary: Summary) -> None:
+    """What the loss does not show, where it happened: hangs, replicas that differed, and the
+    replays after a restart (verified: a green band; a mismatch: a red mark at its step)."""
+    for i, h in enumerate(h for h in summary.hangs if is_int(h.get("step"))):
+        ax.axvline(h["step"], color="tab:purple", ls=":", lw=1.2,
+                   label="hang (no progress; restarted)" if i == 0 else None)
+    for i, d in enumerate(d for d in summary.divergences if is_int(d.get("step"))):
+        ax.axvline(d["step"], color="tab:purple", ls="-", lw=0.8, alpha=0.6,
+                   label=f"replicas differ (rank {', '.join(map(str, d.get('ranks') or []))})" if i == 0 else None)
+    verified = [r for r in summary.replays if r.get("event") == Event.REPLAY_VERIFIED
+                and is_int(r.get("from_step")) and is_int(r.get("to_step"))]
+    for i, r in enumerate(verified):
+        ax.axvspan(r["from_step"] - 0.5, r["to_step"] + 0.5, color="tab:green", alpha=0.10,
+                   label="steps trained again, bit-exact" if i == 0 else None)
+    for i, r in enumerate(r for r in summary.replays if r.get("event") == Event.REPLAY_MISMATCH
+                          and is_int(r.get("step"))):
+        ax.axvline(r["step"], color="tab:red", ls=":", lw=1.5,
+                   label="replay mismatch (not deterministic)" if i == 0 else None)
+
+
 def plot(events: list[dict[str, Any]], summary: Summary, path: str) -> None:
     """Loss curve (kept steps), thrown-away steps in grey, restarts, rollbacks, skipped data.
     ``path`` is a new PNG file, or a regular file it replaces (never a directory or a device)."""
@@ -430,7 +450,10 @@ def plot(events: list[dict[str, Any]], summary: Summary, path: str) -> None:
         spike = thrown.get(rb["from_step"])
         if spike is None:
             spike = next((v for st, v in reversed([p for seg in summary.abandoned for p in seg]) if st == rb["from_step"]), None)
-        if spike is not None:
+        if rb.get("cause") == "replica_divergence":
+            ax.annotate(f"replicas differ at step {rb['from_step']}", (rb["from_step"], 0.55), fontsize=8,
+                        xycoords=("data", "axes fraction"), color="tab:purple")
+        elif spike is not None:
             ax.plot([rb["from_step"]], [spike], marker="X", ms=9, color="tab:orange", ls="none",
                     label="spike (rolled back)" if i == 0 else None)
             ax.annotate(f"spike at step {rb['from_step']}: {spike:.3g}", (rb["from_step"], spike), fontsize=8,
@@ -443,6 +466,7 @@ def plot(events: list[dict[str, Any]], summary: Summary, path: str) -> None:
             # the redone steps there train on the data that follows.
             ax.axvspan(rb["to_step"] + 0.5, through + 0.5, color="tab:orange", alpha=0.12,
                        label=f"data of steps {rb['to_step'] + 1}-{through} skipped" if i == 0 else None)
+    _mark_unseen_faults(ax, summary)
     for i, p in enumerate(summary.preemptions):
         if p.get("saved_step") is not None:
             ax.axvline(p["saved_step"], color="tab:green", ls="-.", lw=1, label="preemption save" if i == 0 else None)
@@ -452,8 +476,11 @@ def plot(events: list[dict[str, Any]], summary: Summary, path: str) -> None:
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    unseen = "".join(f", {len(found)} {what}" for found, what in ((summary.hangs, "hang(s)"),
+                                                                   (summary.divergences, "replica divergence(s)"))
+                     if found)
     ax.set_title(f"{len(summary.restarts)} restart(s), {len(summary.rollbacks)} rollback(s), "
-                 f"{len(summary.preemptions)} preemption(s)")
+                 f"{len(summary.preemptions)} preemption(s){unseen}")
     if summary.goodput is not None:
         # An unexplained percentage misleads: say what it divides.
         ax.plot([], [], " ", label=f"goodput {100 * summary.goodput:.0f}% = time in kept steps {summary.useful_s:.1f} s"

@@ -49,6 +49,19 @@ def test_report_plot_is_a_png(tmp_path):
     out = tmp_path / "loss.png"
     plot(events, summarize(events), str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # What the loss does not show goes on the same timeline: a hang, replicas that differed and the
+    # rollback they caused, a verified replay and a mismatched one.
+    events += [ev(20, "hang_detected", rank=1, host="h", section="data", step=12, seconds=60.0),
+               ev(21, "replica_divergence", rank=0, step=14, ranks=[1], parameters=["model.w"], found_by="vote"),
+               ev(21.5, "rollback", rank=0, from_step=14, to_step=10, skipped=None, cause="replica_divergence"),
+               ev(22, "replay_verified", rank=0, from_step=11, to_step=13, steps=3, of=3, resumed_from=10),
+               ev(23, "replay_mismatch", rank=0, step=16, resumed_from=15, what="loss", recorded=1.0, replayed=2.0)]
+    summary = summarize(events)
+    assert len(summary.hangs) == 1 and len(summary.divergences) == 1 and len(summary.replays) == 2
+    assert "replica divergence at step 14 -> back to step 10" in summary.text()
+    out.unlink()
+    plot(events, summary, str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_report_follows_the_judged_loss_and_keeps_a_rolled_back_spike_where_it_happened():
