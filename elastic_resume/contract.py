@@ -145,6 +145,8 @@ class Event(StrEnum):
     REPLAY_MISMATCH = "replay_mismatch"
     #: Ranks that must hold bitwise-identical parameters (DDP replicas) do not; names the odd ranks.
     REPLICA_DIVERGENCE = "replica_divergence"
+    #: A rank persistently slower than the others' mean (its busy time per step; rank, host, ratio).
+    STRAGGLER_DETECTED = "straggler_detected"
     GAVE_UP = "gave_up"
     PREEMPTION_SAVE = "preemption_save"
     #: Under the launcher, a script saves but never checks the preemption flag (say so once).
@@ -169,6 +171,9 @@ class Event(StrEnum):
     RENDEZVOUS_CLOSE_FAILED = "rendezvous_close_failed"
     #: A worker made no progress for longer than the hang timeout (the launcher restarts the group).
     HANG_DETECTED = "hang_detected"
+    #: This node leaves the job (its rank was a persistent straggler and exclusion is on); the
+    #: other nodes' launchers restart without it.
+    NODE_EXCLUDED = "node_excluded"
 
 
 #: Events that say something went wrong: logged at WARNING (the rest at INFO).
@@ -176,4 +181,5 @@ WARNING_EVENTS = frozenset({
     Event.CORRUPTION_FOUND, Event.RESTORE_FALLBACK, Event.DRIFT_FOUND, Event.SAVE_FAILED, Event.PRUNE_FAILED,
     Event.RESUME_CRASH_LOOP, Event.WORKERS_FAILED, Event.PREEMPTION_GRACE_EXPIRED, Event.REQUEUE_FAILED,
     Event.LAUNCH_ERROR, Event.REPLAY_MISMATCH, Event.HANG_DETECTED, Event.REPLICA_DIVERGENCE,
+    Event.STRAGGLER_DETECTED, Event.NODE_EXCLUDED,
 })

@@ -112,6 +112,12 @@ class ReplicaDivergenceError(CheckpointSaveError):
         self.disagreement = disagreement  #: ``replicas.Disagreement``: the odd ranks and parameters
 
 
+class RegroupError(ElasticResumeError):
+    """The job re-forms without a node (a persistent straggler, with exclusion on): every rank
+    has saved the current step and exits; the launcher of the excluded node leaves the job and
+    the others restart from that step without it. Raised on every rank alike."""
+
+
 class CommitConflictError(ElasticResumeError):
     """A step that is already committed was committed again; the first commit stays intact."""
 

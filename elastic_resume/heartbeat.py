@@ -37,6 +37,9 @@ class Section(StrEnum):
     #: Training is over (the manager or the Lightning plugin was closed): what the script does
     #: after it (an evaluation, writing results) is not watched.
     FINISHED = "finished"
+    #: This worker's node is to leave the job (a straggler excluded): its launcher must not
+    #: restart it, and must not close the rendezvous the other nodes go on with.
+    LEAVING = "leaving"
 
 
 #: Sections that may take much longer than a step without being a hang.
@@ -128,6 +131,24 @@ def finished() -> None:
         return
     w.section, w.since = Section.FINISHED, time.monotonic()
     w.write()
+
+
+def leave() -> None:
+    """Ask this worker's launcher to take its node out of the job once the workers exit."""
+    w = _get()
+    if w is None:
+        return
+    w.section, w.since = Section.LEAVING, time.monotonic()
+    w.write()
+
+
+def read(directory: str, local_rank: int) -> Beat | None:
+    """A worker's last record (None: none yet, or torn)."""
+    try:
+        with open(record_path(directory, local_rank), "rb") as f:
+            return decode(f.read(RECORD.size + 1))
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager

@@ -88,6 +88,8 @@ class Summary:
     replays: list[dict[str, Any]] = field(default_factory=list)
     hangs: list[dict[str, Any]] = field(default_factory=list)  #: hang_detected: who, where, how long, stacks
     divergences: list[dict[str, Any]] = field(default_factory=list)  #: replica_divergence: step, odd ranks, parameters
+    stragglers: list[dict[str, Any]] = field(default_factory=list)  #: straggler_detected: rank, host, ratio
+    excluded: list[dict[str, Any]] = field(default_factory=list)  #: node_excluded: the node that left the job
     saves: int = 0
     save_bytes: int = 0
     save_seconds: list[float] = field(default_factory=list)
@@ -125,6 +127,7 @@ class Summary:
             "steps_final": self.steps_final, "steps_executed": self.steps_executed, "last_step": self.last_step,
             "restarts": self.restarts, "rollbacks": self.rollbacks, "preemptions": self.preemptions,
             "replays": self.replays, "hangs": self.hangs, "divergences": self.divergences,
+            "stragglers": self.stragglers, "excluded": self.excluded,
             "checkpoints": {"committed": self.saves, "bytes": self.save_bytes,
                             "median_seconds": round(statistics.median(self.save_seconds), 4) if self.save_seconds else None},
             "problems": self.problems, "exits": self.exits, "malformed_lines": self.malformed,
@@ -182,6 +185,13 @@ class Summary:
                 ranks = ", ".join(map(str, d.get("ranks") or []))
                 row("", f"step {d.get('step')}, found by the {d.get('found_by')}: rank {ranks}, in "
                         f"{', '.join(d.get('parameters') or []) or 'the combined digest'}")
+        if self.stragglers:
+            row("stragglers", f"{len(self.stragglers)} (busy time per step against the other ranks' mean)")
+            for st in self.stragglers:
+                row("", f"rank {st.get('straggler')} on {st.get('host')}: {st.get('ratio')}x ({st.get('busy_s')} s "
+                        f"against {st.get('others_s')} s) at step {st.get('step')}")
+        for x in self.excluded:
+            row("excluded", f"node {x.get('node')} left the job (a persistent straggler)")
         row("rollbacks", str(len(self.rollbacks)) if self.rollbacks else "none")
         for r in self.rollbacks:
             skipped = f", skipped samples {r['skipped'][0]}-{r['skipped'][1]}" if r.get("skipped") else ""
@@ -350,6 +360,10 @@ def summarize(events: Iterable[dict[str, Any]]) -> Summary:
         elif kind == Event.HANG_DETECTED:
             s.hangs.append({k: e.get(k) for k in ("rank", "host", "section", "step", "seconds", "process_state",
                                                   "stacks")})
+        elif kind == Event.STRAGGLER_DETECTED:
+            s.stragglers.append({k: e.get(k) for k in ("step", "straggler", "host", "ratio", "busy_s", "others_s")})
+        elif kind == Event.NODE_EXCLUDED:
+            s.excluded.append({"node": e.get("node"), "ts": e.get("ts")})
         elif kind == Event.REPLICA_DIVERGENCE and _rank0(e):
             s.divergences.append({k: e.get(k) for k in ("step", "ranks", "parameters", "differing", "found_by")})
         elif kind == Event.ROLLBACK and _rank0(e):
@@ -399,6 +413,9 @@ def _mark_unseen_faults(ax: Any, summary: Summary) -> None:
     for i, d in enumerate(d for d in summary.divergences if is_int(d.get("step"))):
         ax.axvline(d["step"], color="tab:purple", ls="-", lw=0.8, alpha=0.6,
                    label=f"replicas differ (rank {', '.join(map(str, d.get('ranks') or []))})" if i == 0 else None)
+    for i, st in enumerate(st for st in summary.stragglers if is_int(st.get("step"))):
+        ax.axvline(st["step"], color="tab:brown", ls="--", lw=0.8,
+                   label=f"straggler (rank {st.get('straggler')}, {st.get('ratio')}x)" if i == 0 else None)
     verified = [r for r in summary.replays if r.get("event") == Event.REPLAY_VERIFIED
                 and is_int(r.get("from_step")) and is_int(r.get("to_step"))]
     for i, r in enumerate(verified):
@@ -477,7 +494,8 @@ def plot(events: list[dict[str, Any]], summary: Summary, path: str) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     unseen = "".join(f", {len(found)} {what}" for found, what in ((summary.hangs, "hang(s)"),
-                                                                   (summary.divergences, "replica divergence(s)"))
+                                                                   (summary.divergences, "replica divergence(s)"),
+                                                                   (summary.stragglers, "straggler(s)"))
                      if found)
     ax.set_title(f"{len(summary.restarts)} restart(s), {len(summary.rollbacks)} rollback(s), "
                  f"{len(summary.preemptions)} preemption(s){unseen}")

@@ -116,6 +116,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="after this step's optimizer step, --nudge-rank adds 1e-3 to one element of its copy of the "
                         "first layer's weight (silent replica divergence; once)")
     g.add_argument("--nudge-rank", type=int, default=1)
+    g.add_argument("--straggler-rank", type=int, help="this rank sleeps --straggler-seconds before every forward "
+                   "(a slow chip or loader: every other rank waits for it at the gradient all-reduce)")
+    g.add_argument("--straggler-seconds", type=float, default=0.1)
+    g.add_argument("--straggler-check-every", type=int, default=10)
+    g.add_argument("--straggler-patience", type=int, default=3)
+    g.add_argument("--exclude-stragglers", action="store_true",
+                   help="a persistent straggler's node leaves the job (needs --nnodes MIN:MAX with a node to spare)")
     g.add_argument("--replica-check-every", type=int, default=10,
                    help="digest a slice of the replicated parameters into the vote every this many steps (0: off)")
     g.add_argument("--die-in-rollback", action="store_true", help="SIGKILL --die-rank in the middle of its first rollback")
@@ -184,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                                      rollback_to="lowest_loss" if args.plateau_lowest else "newest"))
         guard = SpikeGuard(mgr, state, sampler=sampler, detectors=detectors, policy=policy, judge=args.judge,
                            replica_check_every=args.replica_check_every,
+                           straggler_check_every=args.straggler_check_every,
+                           straggler_patience=args.straggler_patience, exclude_stragglers=args.exclude_stragglers,
                            on_event=lambda e: fault_in_rollback(e, rank, args))
         restored = guard.start() or None
     else:
@@ -213,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             if poison:  # a stretch of bad data: these samples always blow the loss up
                 bad = (idx >= poison[0]) & (idx < poison[1])
                 yb = torch.where(bad[:, None], yb * args.poison_factor, yb)
+            if args.straggler_rank == rank:
+                time.sleep(args.straggler_seconds)
             if args.nondeterministic_at_step == step + 1 and rank == 0:
                 noise = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
                 xb = xb + 1e-3 * torch.randn(xb.shape, generator=noise)

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..heartbeat import SLOW_SECTIONS, Beat, Section, decode, record_path
+from ..heartbeat import SLOW_SECTIONS, Beat, Section, read
 
 FLOOR_S = 60.0
 STARTUP_S = 300.0
@@ -85,13 +85,8 @@ class HangWatch:
         return base * (SLOW_FACTOR if section in SLOW_SECTIONS or not started else 1.0)
 
     def _read(self, local_rank: int) -> Beat | None:
-        try:
-            with open(record_path(self.directory, local_rank), "rb") as f:
-                data = f.read(64)
-        except OSError:
-            return None
-        beat = decode(data)
-        if beat is None:  # torn while being rewritten: keep the last good one
+        beat = read(self.directory, local_rank)
+        if beat is None:  # none yet, or torn while being rewritten: keep the last good one
             return self._last.get(local_rank)
         before = self._last.get(local_rank)
         if before is not None and beat.step is not None and before.step is not None and beat.step > before.step:
@@ -106,7 +101,7 @@ class HangWatch:
         hung = []
         for local_rank, (rank, pid) in sorted(workers.items()):
             beat = self._read(local_rank)
-            if beat is None or beat.section == Section.FINISHED:
+            if beat is None or beat.section in (Section.FINISHED, Section.LEAVING):
                 continue
             idle, limit = now - beat.at, self.limit(beat.section, started=beat.step is not None)
             if idle > limit:

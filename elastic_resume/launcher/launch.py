@@ -44,7 +44,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import _torch_compat
+from .. import _torch_compat, heartbeat
 from ..contract import DEFAULT_GRACE_SECONDS, DEFAULT_MASTER_PORT, DEFAULT_MAX_RESUMES_PER_STEP, Env, Event, ExitCode, StrEnum
 from ..errors import ConfigError, ElasticResumeError
 from ..events import EventLog
@@ -77,6 +77,7 @@ class Outcome(StrEnum):
     PREEMPTED = "preempted"  #: a worker exited 75 after a committed save
     PREEMPT_TIMEOUT = "preempt_timeout"  #: the workers did not save within the grace period
     PREEMPT_FAILED = "preempt_failed"  #: the workers failed after a preemption signal, before saving
+    EXCLUDED = "excluded"  #: a worker asked for this node to leave the job (a persistent straggler)
 
 
 @dataclass
@@ -263,6 +264,9 @@ def plan_launch(argv: list[str], *, check_script: bool = True, script_optional: 
         Env.RUN_ID.value: str(config.run_id),
         Env.MAX_RESUMES_PER_STEP.value: str(args.er_max_resumes_per_step),
         Env.DISABLE_SHARE_RDZV_TCP_STORE.value: "1",
+        # The fewest nodes the job may go on with: a guard that would exclude a straggler's node
+        # does so only while that many remain.
+        Env.MIN_NODES.value: str(config.min_nodes),
     }
     return LaunchPlan(detected=detected, args=args, config=config, cmd=cmd, cmd_args=list(cmd_args),
                       event_log=os.path.abspath(event_log), grace_s=args.er_grace, requeue=Requeue(args.er_requeue),
@@ -305,6 +309,7 @@ class Launch:
         self.node = socket.gethostname()
         self.ranks: dict[int, int] = {}  # local rank -> global rank, of the current generation
         self.watch: HangWatch | None = None
+        self.heartbeat_dir: str | None = None  # the workers' progress records (hangs, a node leaving)
 
     def emit(self, event: str, **fields: Any) -> None:
         self.events.emit(event, node=self.node, pid=os.getpid(), **fields)
@@ -356,9 +361,16 @@ class Launch:
                 self.outcome = Outcome.PERMANENT
             elif self.preempt_at is not None or ExitCode.PREEMPTED in codes:
                 self.outcome = Outcome.PREEMPTED if ExitCode.PREEMPTED in codes else Outcome.PREEMPT_FAILED
+            elif self._leaving():
+                self.outcome = Outcome.EXCLUDED
             self.last_failure = failures
             if self.outcome is not None:
                 _torch_compat.forbid_restarts(agent)  # never restart after these
+            if self.outcome == Outcome.EXCLUDED:
+                self.emit(Event.NODE_EXCLUDED, generation=self.generation, failures=failures,
+                          reason=f"a worker of {self.node} asked for this node to leave the job (a persistent "
+                                 "straggler): it is not restarted, and the other nodes go on without it")
+                return result
             # A preemption is the run working as designed: an INFO line, not a WARNING one.
             self.emit(Event.WORKERS_PREEMPTED if self.outcome == Outcome.PREEMPTED else Event.WORKERS_FAILED,
                       generation=self.generation, failures=failures,
@@ -376,6 +388,13 @@ class Launch:
                 self._report_hang(hung, workers)
                 return RunResult(state=WorkerState.FAILED)  # the agent restarts the group (or gives up)
         return result
+
+    def _leaving(self) -> bool:
+        """A worker of this generation asked for its node to leave (``heartbeat.leave``)."""
+        if self.heartbeat_dir is None:
+            return False
+        return any((b := heartbeat.read(self.heartbeat_dir, lr)) is not None and b.section == heartbeat.Section.LEAVING
+                   for lr in self.ranks)
 
     def _report_hang(self, hung: list[Hung], workers: dict[int, tuple[int, int]]) -> None:
         assert self.watch is not None
@@ -418,16 +437,15 @@ class Launch:
         print(f"elastic-resume: events of this run go to {self.plan.event_log}", file=sys.stderr, flush=True)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self.on_signal)
+        # The workers' progress records: in memory where the system offers a tmpfs.
+        self.heartbeat_dir = tempfile.mkdtemp(prefix="er-heartbeat-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        os.environ[Env.HEARTBEAT_DIR] = self.heartbeat_dir
         if self.plan.args.er_hang_timeout != 0:
-            # The workers' progress records: in memory where the system offers a tmpfs.
-            directory = tempfile.mkdtemp(prefix="er-heartbeat-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-            os.environ[Env.HEARTBEAT_DIR] = directory
-            self.watch = HangWatch(directory, self.plan.args.er_hang_timeout)
+            self.watch = HangWatch(self.heartbeat_dir, self.plan.args.er_hang_timeout)
         try:
             code, reason = self._run_agent()
         finally:
-            if self.watch is not None:
-                shutil.rmtree(self.watch.directory, ignore_errors=True)
+            shutil.rmtree(self.heartbeat_dir, ignore_errors=True)
         if code == ExitCode.PREEMPTED:
             # The save is done: a later signal has nothing to add. Our own requeue makes Slurm
             # TERM the step at once, and Python puts SIGTERM back to its default while it shuts
@@ -464,10 +482,14 @@ class Launch:
             return ExitCode.FAILED, f"{type(e).__name__}: {e}"
         finally:
             self.phase = "done"
-            if agent is not None and not signalled:
+            # An excluded node leaves the rendezvous open: the other nodes go on through it.
+            if agent is not None and not signalled and self.outcome != Outcome.EXCLUDED:
                 self._close_rendezvous(agent)
         if not result.is_failed():
             return 0, "finished"
+        if self.outcome == Outcome.EXCLUDED:
+            # Not a failure of the job: it goes on without this node (exit 0, like a node that is done).
+            return 0, "this node left the job (a persistent straggler); the other nodes go on without it"
         if self.outcome == Outcome.GAVE_UP:
             return ExitCode.GAVE_UP, f"gave up (exit {ExitCode.GAVE_UP} from a worker: not retried)"
         if self.outcome == Outcome.PERMANENT:

@@ -41,7 +41,7 @@ import sys
 
 from .. import preemption
 from ..contract import Env, ExitCode
-from ..errors import ElasticResumeError, GaveUpError
+from ..errors import ElasticResumeError, GaveUpError, RegroupError
 
 _PR_SET_PDEATHSIG = 1
 #: First argument for a program that is not a Python script (``launch --no-python``): set the
@@ -89,6 +89,11 @@ def main(argv: list[str]) -> None:
         sys.stderr.write(f"elastic-resume: gave up: {e}\n")
         _decided.append(int(ExitCode.GAVE_UP))
         raise SystemExit(int(ExitCode.GAVE_UP)) from None
+    except RegroupError as e:
+        # Every rank saved; the launchers re-form the job (without the excluded node): one line.
+        sys.stderr.write(f"elastic-resume: {e}\n")
+        _decided.append(int(ExitCode.FAILED))
+        raise SystemExit(int(ExitCode.FAILED)) from None
     except ElasticResumeError as e:
         if not e.permanent:
             raise

@@ -27,6 +27,8 @@ The guard reaches its checkpoints only through :class:`~elastic_resume.spike.bac
 from __future__ import annotations
 
 import math
+import os
+import socket
 import statistics
 import time
 from collections import deque
@@ -37,14 +39,15 @@ from typing import Any
 import torch
 
 from .. import _torch_compat, heartbeat, preemption, replicas
-from ..contract import Event, StrEnum
-from ..errors import ConfigError, GaveUpError, ReplicaDivergenceError
+from ..contract import Env, Event, StrEnum
+from ..errors import ConfigError, GaveUpError, RegroupError, ReplicaDivergenceError
 from ..training.sampler import ResumableDistributedSampler
 from .backend import CheckpointBackend
 from .detectors import Anchor, Detector, DetectorBank, Judge, Plateau, judged_where
 from .policy import Action, ActionKind, Recovery, RollbackDecision, RollbackPolicy, decide, lowest_loss
 from .replay import ReplayCheck, recorded_steps
-from .vote import REPLICA_DIGEST_MAX, REPLICA_DIGEST_MIN, Quorum, Vote, VoteResult
+from .stragglers import BusyClock, Straggler, StragglerWatch, pack
+from .vote import REPLICA_DIGEST_MAX, REPLICA_DIGEST_MIN, STEP_BUSY_MAX, STEP_BUSY_SUM, Quorum, Vote, VoteResult
 
 RECOVERY_KEY = "spike_guard"
 DETECTORS_KEY = "spike_detectors"
@@ -77,6 +80,17 @@ class GuardOptions:
     replica_slices: int = 4
     """The replicated parameters are digested a slice at a time, each one every this many checks:
     a divergence is found within ``replica_check_every * replica_slices`` steps at most."""
+    straggler_check_every: int = 10
+    """Every this many steps each rank's mean busy time per step rides on the vote (the MAX with
+    its rank, and the SUM), to find a persistent straggler (0: off)."""
+    straggler_factor: float = 1.5
+    """A rank whose busy time is this many times the other ranks' mean is slow at that check."""
+    straggler_patience: int = 3
+    """Checks in a row the same rank must be slow before ``straggler_detected``."""
+    exclude_stragglers: bool = False
+    """Treat a persistent straggler like a failed node: every rank saves the current step, the
+    straggler's node leaves the job and the others go on without it (needs ``--nnodes MIN:MAX``
+    with nodes to spare; without, the straggler is only reported)."""
 
     def __post_init__(self) -> None:
         if self.vote_every < 1:
@@ -91,6 +105,10 @@ class GuardOptions:
             raise ConfigError(f"SpikeGuard(replica_check_every=...) must be >= 0 (0: off; got {self.replica_check_every})")
         if self.replica_slices < 1:
             raise ConfigError(f"SpikeGuard(replica_slices=...) must be >= 1 (got {self.replica_slices})")
+        if self.straggler_check_every < 0:
+            raise ConfigError(f"SpikeGuard(straggler_check_every=...) must be >= 0 (0: off; got "
+                              f"{self.straggler_check_every})")
+        StragglerWatch(self.straggler_factor, self.straggler_patience)  # validates
         Quorum(self.quorum)  # validates
 
 
@@ -191,6 +209,11 @@ class SpikeGuard:
         self._steps_since_digest = 0
         self._samples: dict[int, replicas.Sample] = {}  # vote step -> the digest it carried, until read
         self._diverged: dict[int, replicas.Disagreement] = {}  # vote step -> what the vote found
+        self._busy_clock: BusyClock | None = None  # built at the first step (Lightning adds optimizers late)
+        self._busy: list[float] = []  # this rank's busy seconds per step since the last timing check
+        self._steps_since_timing = 0
+        self._stragglers = StragglerWatch(options.straggler_factor, options.straggler_patience)
+        self._slow: dict[int, Straggler] = {}  # vote step -> a persistent straggler to exclude
         # Votes read outside step() (settle(), right before a checkpoint taken by someone else,
         # e.g. Lightning's ModelCheckpoint): acted on at the next step().
         self._deferred: list[VoteResult] = []
@@ -357,10 +380,12 @@ class SpikeGuard:
         results: list[VoteResult | None] = list(self._deferred)
         self._deferred.clear()
         self._steps_since_digest += 1
+        self._steps_since_timing += 1
         if step % self.vote_every == 0 or save:
             preempt = self._preempt or preemption.requested() is not None
+            checks = {**(self._replica_checks(step) or {}), **(self._timing_checks() or {})}
             results.append(self._receive(self.vote.submit(step, values=self._values, preempt=preempt,
-                                                          checks=self._replica_checks(step), **self._flags)))
+                                                          checks=checks, **self._flags)))
             self._values = []
             self._flags = {"spike": False, "nonfinite": False, "stop": False}
             self._preempt = False
@@ -394,6 +419,56 @@ class SpikeGuard:
         sample = self._samples[step] = self._rotation.next()
         return {REPLICA_DIGEST_MIN: sample.value, REPLICA_DIGEST_MAX: sample.value}
 
+    # -- stragglers ---------------------------------------------------------------------------------
+    def _timing_checks(self) -> dict[Any, Any] | None:
+        """This rank's mean busy time per step since the last timing check, every
+        ``straggler_check_every`` steps (the same steps on every rank)."""
+        every = self.options.straggler_check_every
+        if not every or self.vote.world_size < 2 or self._steps_since_timing < every:
+            return None
+        self._steps_since_timing = 0
+        mean = statistics.fmean(self._busy) if self._busy else 0.0
+        self._busy = []
+        return {STEP_BUSY_MAX: pack(mean, self.checkpoints.rank), STEP_BUSY_SUM: mean}
+
+    def _judge_timing(self, result: VoteResult) -> None:
+        if STEP_BUSY_MAX.name not in result.checks:
+            return
+        found = self._stragglers.observe(result.step, result.checks[STEP_BUSY_MAX.name],
+                                         result.checks[STEP_BUSY_SUM.name], result.world_size)
+        if found is None:
+            return
+        if self.checkpoints.rank == found.rank:  # it knows its own host; every rank knows the rest
+            self.emit(Event.STRAGGLER_DETECTED, step=found.step, straggler=found.rank, host=socket.gethostname(),
+                      ratio=found.ratio, busy_s=found.busy_s, others_s=found.others_s, checks=found.checks,
+                      reason=f"rank {found.rank} spent {found.busy_s:g} s per step at work against the other ranks' "
+                             f"{found.others_s:g} s ({found.ratio:g}x, {found.checks} checks in a row): every rank "
+                             "waits for it at each gradient synchronization")
+        if self.options.exclude_stragglers:
+            self._slow[result.step] = found
+
+    def _exclude(self, found: Straggler, now: int) -> StepOutcome:
+        """Every rank alike: save this step, then the straggler's node leaves and the rest re-form
+        without it (through their launchers), from this step. Only while nodes are to spare."""
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1)
+        spare = nodes - int(os.environ.get(Env.MIN_NODES, str(nodes)) or nodes)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+        if spare < 1 or per_node < 1:
+            if self.checkpoints.rank == 0:
+                self.emit(Event.SPIKE_IGNORED, step=now, reason=f"rank {found.rank} is a persistent straggler but "
+                          f"its node cannot be excluded: {nodes} node(s), the job needs at least {nodes - spare} "
+                          "(launch with --nnodes MIN:MAX to leave room)")
+            return CONTINUE
+        self.vote.discard()
+        self.save(now)
+        leaving = self.checkpoints.rank // per_node == found.rank // per_node
+        if leaving:
+            heartbeat.leave()
+        raise RegroupError(f"rank {found.rank} is a persistent straggler ({found.ratio:g}x the other ranks' busy "
+                           f"time): its node (node {found.rank // per_node}) leaves the job and the other "
+                           f"{nodes - 1} go on without it from step {now}")
+
+    # -- silent replica divergence, before a save --------------------------------------------------
     def check_replicas(self, step: int) -> None:
         """Collective, on every rank, right before a checkpoint that one rank writes alone (as
         Lightning's): compare every replicated parameter's digest, so a checkpoint of replicas
@@ -474,6 +549,7 @@ class SpikeGuard:
             self._name_divergence(result)
         else:
             self._samples.pop(result.step, None)
+        self._judge_timing(result)
         found = None
         for values in result.values:
             epoch = self._epochs.pop(values.step, None)
@@ -500,6 +576,11 @@ class SpikeGuard:
         now = time.monotonic()
         seconds = None if self._step_clock is None else now - self._step_clock
         self._step_clock = now
+        if self.options.straggler_check_every and self.vote.world_size > 1:
+            if self._busy_clock is None:
+                self._busy_clock = BusyClock(self.state, self.replica_state)
+            elif seconds is not None:
+                self._busy.append(self._busy_clock.busy(seconds))
         if self.checkpoints.rank == 0:
             self.checkpoints.events.record(Event.STEP, step=step, loss=loss,
                                            seconds=None if seconds is None else round(seconds, 6),
@@ -509,6 +590,11 @@ class SpikeGuard:
         diverged = self._diverged.pop(result.step, None)
         if diverged is not None:
             return self._recover_replicas(result.step, diverged, now)
+        slow = self._slow.pop(result.step, None)
+        if slow is not None:
+            outcome = self._exclude(slow, now)
+            if outcome is not CONTINUE:
+                return outcome
         action = decide(self.policy, result, None, self.recovery)
         if action.kind == ActionKind.NEEDS_CHECKPOINTS:
             action = decide(self.policy, result, self.checkpoints.checkpoint_health(), self.recovery)
@@ -596,7 +682,8 @@ class SpikeGuard:
         self.bank.on_rollback(action.anchor)
         self._values, self._epochs = [], {}
         self._samples.clear()
-        self._steps_since_digest = 0
+        self._steps_since_digest = self._steps_since_timing = 0
+        self._busy = []
         self._global_losses.clear()
         # The anchor is re-committed below with the recovery state: replace what was restored.
         self.checkpoints.allow_replace(action.anchor)

@@ -57,6 +57,9 @@ class Field:
 #: The replicated parameters' rotating digest (``replicas``): equal MIN and MAX, equal replicas.
 REPLICA_DIGEST_MIN = Field("replica_digest_min", Reduce.MIN)
 REPLICA_DIGEST_MAX = Field("replica_digest_max", Reduce.MAX)
+#: Each rank's busy time per step (``stragglers``): the slowest, packed with its rank, and the sum.
+STEP_BUSY_MAX = Field("step_busy_max", Reduce.MAX)
+STEP_BUSY_SUM = Field("step_busy_sum", Reduce.SUM)
 
 Checks = Mapping[Field, "float | torch.Tensor"]
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
 from elastic_resume.events import read_events
-from harness.processes import REPO, alive, child_env, children
+from harness.processes import REPO, alive, child_env, children, free_port
 
 TRAIN = os.path.join(REPO, "launch", "train_ddp.py")
 LAUNCH = [sys.executable, "-m", "elastic_resume.cli", "launch"]
@@ -100,3 +101,32 @@ def losses(path: str) -> dict[tuple[int, int], list[float]]:
 def restores(path: str) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def wait_for_listener(port: int, proc, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"first agent exited with {proc.returncode}"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError("the first agent never opened the rendezvous port")
+
+
+def two_nodes(tmp_path, nnodes: str, train_args: tuple[str, ...], nproc: int = 2):
+    """Start two launcher agents on 127.0.0.1 (node a hosts the rendezvous store)."""
+    port = free_port()
+    procs = {}
+    for name in ("a", "b"):
+        cmd = launcher_cmd(f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+                           f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=test-{port}",
+                           f"--er-event-log={tmp_path / f'events-{name}.jsonl'}", args=train_args)
+        procs[name] = start(cmd, str(tmp_path / f"node-{name}.log"))
+        if name == "a":
+            wait_for_listener(port, procs["a"])
+    return procs
+
+
+def node_log(tmp_path, name: str) -> str:
+    return (tmp_path / f"node-{name}.log").read_text()[-4000:]

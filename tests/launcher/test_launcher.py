@@ -12,17 +12,19 @@ import pytest
 
 from elastic_resume import CheckpointManager
 from elastic_resume.events import read_events
-from harness.processes import REPO, free_port
+from harness.processes import REPO
 from tests.helpers.launcher import (
     children,
     kill_launcher_alone,
     kill_node,
     launcher_cmd,
     losses,
+    node_log,
     restores,
     run,
     start,
     stop,
+    two_nodes,
     wait_event,
 )
 
@@ -37,37 +39,6 @@ def start_guarded(tmp_path, steps: int, save_every: int):
     cmd = standalone(tmp_path, "--steps", str(steps), "--save-every", str(save_every), "--guard", "--step-seconds",
                      "0.05", "--restore-report", str(tmp_path / "restored.jsonl"), "--loss-log", str(tmp_path / "loss.jsonl"))
     return cmd, str(tmp_path / "events.jsonl"), start(cmd, str(tmp_path / "launch.log"))
-
-
-def wait_for_listener(port: int, proc, timeout: float = 60) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"first agent exited with {proc.returncode}"
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError("the first agent never opened the rendezvous port")
-
-
-def two_nodes(tmp_path, nnodes: str, train_args: tuple[str, ...]):
-    """Start two launcher agents on 127.0.0.1 (node a hosts the rendezvous store)."""
-    port = free_port()
-    procs = {}
-    for name in ("a", "b"):
-        cmd = launcher_cmd(f"--nnodes={nnodes}", "--nproc-per-node=2", "--rdzv-backend=c10d",
-                           f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=test-{port}",
-                           f"--er-event-log={tmp_path / f'events-{name}.jsonl'}", args=train_args)
-        procs[name] = start(cmd, str(tmp_path / f"node-{name}.log"))
-        if name == "a":
-            wait_for_listener(port, procs["a"])
-    return procs
-
-
-def node_log(tmp_path, name: str) -> str:
-    return (tmp_path / f"node-{name}.log").read_text()[-4000:]
 
 
 @pytest.mark.slow
