@@ -169,6 +169,9 @@ class Event(StrEnum):
     #: requeued it (an admin's scontrol requeue, Slurm's own preemption).
     REQUEUE_SKIPPED = "requeue_skipped"
     RENDEZVOUS_CLOSE_FAILED = "rendezvous_close_failed"
+    #: The agent's loop has been blocked on the rendezvous store longer than the hang timeout (its
+    #: host cut off): this node leaves the job, exit 1; the others go on if ``--nnodes`` allows.
+    RENDEZVOUS_LOST = "rendezvous_lost"
     #: A worker made no progress for longer than the hang timeout (the launcher restarts the group).
     HANG_DETECTED = "hang_detected"
     #: This node leaves the job (its rank was a persistent straggler and exclusion is on); the
@@ -181,5 +184,5 @@ WARNING_EVENTS = frozenset({
     Event.CORRUPTION_FOUND, Event.RESTORE_FALLBACK, Event.DRIFT_FOUND, Event.SAVE_FAILED, Event.PRUNE_FAILED,
     Event.RESUME_CRASH_LOOP, Event.WORKERS_FAILED, Event.PREEMPTION_GRACE_EXPIRED, Event.REQUEUE_FAILED,
     Event.LAUNCH_ERROR, Event.REPLAY_MISMATCH, Event.HANG_DETECTED, Event.REPLICA_DIVERGENCE,
-    Event.STRAGGLER_DETECTED, Event.NODE_EXCLUDED,
+    Event.STRAGGLER_DETECTED, Event.NODE_EXCLUDED, Event.RENDEZVOUS_LOST,
 })

@@ -26,8 +26,10 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..heartbeat import SLOW_SECTIONS, Beat, Section, read
@@ -194,3 +196,43 @@ def _complete(path: str) -> bool:
 def _write(out_dir: str, rank: int, text: str) -> None:
     with open(os.path.join(out_dir, f"rank-{rank}.txt"), "w") as f:
         f.write(text)
+
+
+class AgentWatch:
+    """The launcher's own agent loop, watched from a thread of its own.
+
+    torch's agent asks the rendezvous store, on every monitor pass, whether nodes wait to join.
+    When the store's host is cut off (a partition that sends no RST: the connection stays open
+    and packets vanish) that call blocks for minutes, and with it every check this launcher makes
+    of its workers: the hang watch above never runs. A thread sees the loop stop coming back:
+    once it has not for ``limit()`` seconds while the workers run, ``on_stuck(seconds)`` is called
+    (from this thread) to take the node out of the job."""
+
+    def __init__(self, limit: Callable[[], float], on_stuck: Callable[[float], None], interval_s: float = 0.5) -> None:
+        self.limit = limit
+        self.on_stuck = on_stuck
+        self.interval_s = interval_s
+        self._last: float | None = None  # None: not watched (rendezvous, restarts, the end)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="elastic-resume-agent-watch", daemon=True)
+        self._thread.start()
+
+    def tick(self) -> None:
+        """The loop came back (a monitor pass); watching starts with the first."""
+        with self._lock:
+            self._last = time.monotonic()
+
+    def pause(self) -> None:
+        """Not watched until the next tick: the agent re-forms the group (a rendezvous may wait
+        for nodes as long as its join timeout says) or is done."""
+        with self._lock:
+            self._last = None
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval_s)
+            with self._lock:
+                last = self._last
+            if last is not None and time.monotonic() - last > self.limit():
+                self.on_stuck(round(time.monotonic() - last, 1))
+                return

@@ -51,7 +51,7 @@ from ..events import EventLog
 from ..storage import is_secret_name, redact, redact_argv
 from ..storage.secrets import MASK
 from . import detect as envmod
-from .hangs import HangWatch, Hung, dump_stacks
+from .hangs import AgentWatch, HangWatch, Hung, dump_stacks
 from .worker import EXEC
 
 #: What each worker process runs first (see ``worker.py``).
@@ -310,6 +310,8 @@ class Launch:
         self.ranks: dict[int, int] = {}  # local rank -> global rank, of the current generation
         self.watch: HangWatch | None = None
         self.heartbeat_dir: str | None = None  # the workers' progress records (hangs, a node leaving)
+        self.agent_watch: AgentWatch | None = None  # the agent's own loop (blocked on a lost rendezvous)
+        self.pids: dict[int, int] = {}  # local rank -> PID of the running workers, as last seen
 
     def emit(self, event: str, **fields: Any) -> None:
         self.events.emit(event, node=self.node, pid=os.getpid(), **fields)
@@ -352,6 +354,12 @@ class Launch:
     def on_monitor(self, agent: Any, result: Any) -> Any:
         from torch.distributed.elastic.agent.server.api import RunResult, WorkerState
 
+        self.pids = _torch_compat.local_worker_pids(agent)
+        if self.agent_watch is not None:
+            if result.state == WorkerState.HEALTHY:
+                self.agent_watch.tick()
+            else:
+                self.agent_watch.pause()  # the agent stops, restarts or re-forms the group now
         if result.state == WorkerState.FAILED:
             failures = _describe_failures(result.failures)
             codes = {f["exitcode"] for f in failures}
@@ -382,9 +390,11 @@ class Launch:
                 self.emit(Event.PREEMPTION_GRACE_EXPIRED, grace_s=self.plan.grace_s)
                 return RunResult(state=WorkerState.FAILED)
         elif result.state == WorkerState.HEALTHY and self.watch is not None:
-            workers = {lr: (self.ranks.get(lr, lr), pid) for lr, pid in _torch_compat.local_worker_pids(agent).items()}
+            workers = {lr: (self.ranks.get(lr, lr), pid) for lr, pid in self.pids.items()}
             hung = self.watch.check(workers)
             if hung:
+                if self.agent_watch is not None:
+                    self.agent_watch.pause()
                 self._report_hang(hung, workers)
                 return RunResult(state=WorkerState.FAILED)  # the agent restarts the group (or gives up)
         return result
@@ -418,7 +428,30 @@ class Launch:
                          f"{len(hung)} rank(s) of this node stalled; stacks in {out_dir}")
         self.last_failure = [{"rank": h.rank, "exitcode": None, "signal": None, "hang": str(h.section)} for h in hung[:1]]
 
+    def _cut_off(self, seconds: float) -> None:
+        """From the agent watch's thread: the agent's loop has been blocked on the rendezvous
+        store for ``seconds`` (its host cut off). This node cannot rejoin the job: it leaves it
+        now, its workers killed by PID, with exit 1, instead of sitting until the store's
+        timeouts; the nodes that still reach the rendezvous go on (``--nnodes MIN:MAX``)."""
+        where = redact(self.plan.config.rdzv_endpoint or "") or "the rendezvous"
+        reason = (f"the agent has been blocked on the rendezvous store at {where} for {seconds:g} s (longer than "
+                  "the hang timeout): this node is cut off from the job (a network partition, or the store's host "
+                  "is gone); it leaves, and the nodes that reach the rendezvous go on without it")
+        self.emit(Event.RENDEZVOUS_LOST, seconds=seconds, endpoint=where, generation=self.generation, reason=reason)
+        for pid in self.pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        print(f"elastic-resume launch: {reason}", file=sys.stderr, flush=True)
+        self._finish(int(ExitCode.FAILED), "cut off from the rendezvous")
+        if self.heartbeat_dir is not None:
+            shutil.rmtree(self.heartbeat_dir, ignore_errors=True)
+        os._exit(int(ExitCode.FAILED))  # the main thread is blocked in torch's C++ store client
+
     def on_restart(self, agent: Any) -> None:
+        if self.agent_watch is not None:
+            self.agent_watch.pause()
         if self.watch is not None:
             self.watch.reset()
         cause = {"failures": self.last_failure} if self.last_failure else {"cause": "membership change"}
@@ -441,10 +474,14 @@ class Launch:
         self.heartbeat_dir = tempfile.mkdtemp(prefix="er-heartbeat-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         os.environ[Env.HEARTBEAT_DIR] = self.heartbeat_dir
         if self.plan.args.er_hang_timeout != 0:
-            self.watch = HangWatch(self.heartbeat_dir, self.plan.args.er_hang_timeout)
+            watch = self.watch = HangWatch(self.heartbeat_dir, self.plan.args.er_hang_timeout)
+            interval = self.plan.config.monitor_interval
+            self.agent_watch = AgentWatch(lambda: watch.limit(heartbeat.Section.STEP) + 2 * interval, self._cut_off)
         try:
             code, reason = self._run_agent()
         finally:
+            if self.agent_watch is not None:
+                self.agent_watch.pause()
             shutil.rmtree(self.heartbeat_dir, ignore_errors=True)
         if code == ExitCode.PREEMPTED:
             # The save is done: a later signal has nothing to add. Our own requeue makes Slurm
@@ -454,6 +491,10 @@ class Launch:
                 signal.signal(sig, signal.SIG_IGN)
             if self.plan.will_requeue:
                 reason = f"{reason}; {self._requeue()}"
+        self._finish(code, reason)
+        return code
+
+    def _finish(self, code: int, reason: str) -> None:
         self.emit(Event.LAUNCH_FINISHED, exit_code=code, reason=reason, seconds=round(time.time() - self.started, 3))
         if not self.plan.args.er_no_summary:
             from ..report import load_events, summarize
@@ -461,7 +502,6 @@ class Launch:
             # This run's events only: an --er-event-log reused by other runs holds theirs too.
             logs = load_events([self.plan.event_log])
             print(summarize(logs.of_run(str(self.plan.config.run_id))).text(), file=sys.stderr, flush=True)
-        return code
 
     def _run_agent(self) -> tuple[int, str]:
         from torch.distributed.elastic.multiprocessing.api import SignalException

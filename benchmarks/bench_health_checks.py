@@ -1,13 +1,16 @@
-"""Silent replica divergence: what the checks cost, against the same training without them.
+"""The guard's health checks (silent replica divergence, stragglers): what they cost, against the
+same training without them.
 
 A. In one process, a model of ``--hidden`` x ``--layers`` (AdamW, CPU): the median training step,
    the rotating digest one check takes (a quarter of the parameters at the default 4 slices),
    amortized over the default 10 steps, and the full digest a save's agreement takes, against
-   that save's own foreground stall (staging the state for a background save). Ratios are step
-   time with / without.
+   that save's own foreground stall (staging the state for a background save); and what the
+   straggler clock's hooks add to a step (two gradient hooks, one optimizer pre-hook).
+   Ratios are time with / without.
 B. End to end: ``train_ddp.py --guard`` under ``elastic-resume launch`` (2 ranks, gloo), with the
-   default checks and with ``--replica-check-every 0``, run alternately ``--rounds`` times; the
-   median step time of each (from the event log's step lines) and their ratio.
+   default checks and with ``--replica-check-every 0 --straggler-check-every 0``, run alternately
+   ``--rounds`` times; the median step time of each (from the event log's step lines) and their
+   ratio.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -31,6 +35,7 @@ from elastic_resume.checkpoint.saving import SaveJob, prepare
 from elastic_resume.checkpoint.staging import Stager
 from elastic_resume.events import read_events
 from elastic_resume.spike.guard import GuardOptions
+from elastic_resume.spike.stragglers import BusyClock
 from harness.processes import child_env
 
 TRAIN = os.path.join(REPO, "launch", "train_ddp.py")
@@ -75,15 +80,30 @@ def in_process(hidden: int, layers: int, batch: int) -> None:
     print(f"   save agreement: full digest {full_s * 1000:.1f} ms beside the save's own foreground stall "
           f"{stall_s * 1000:.1f} ms (staging for a background save): stall with / without = "
           f"{(stall_s + full_s) / stall_s:.3f}")
+    clock = BusyClock(state, state)
+    first = next(model.parameters())
+
+    def hooks_of_one_step() -> None:  # what the clock adds to a step: its three hook calls and busy()
+        clock._on_grad(first)
+        clock._on_grad(first)
+        clock._on_optimizer_step(optimizer, (), {})
+        clock.busy(1.0)
+    n = 20000
+    per_step = timeit.timeit(hooks_of_one_step, number=n) / n
+    clock.close()
+    print(f"   straggler clock: {per_step * 1e6:.1f} us per step (two gradient hooks, one optimizer pre-hook): "
+          f"step time with / without = {(step_s + per_step) / step_s:.5f}")
 
 
 def launched(tmp: str, name: str, hidden: int, steps: int, every: int) -> float:
+    """Median step time of one launch; ``every``: both checks' interval (0: off)."""
     d = os.path.join(tmp, name)
     os.makedirs(d)
     log = os.path.join(d, "events.jsonl")
     cmd = [sys.executable, "-m", "elastic_resume.cli", "launch", "--standalone", "--nproc-per-node=2",
            f"--er-event-log={log}", TRAIN, "--root", os.path.join(d, "ckpt"), "--steps", str(steps),
-           "--save-every", str(steps), "--guard", "--hidden", str(hidden), "--replica-check-every", str(every)]
+           "--save-every", str(steps), "--guard", "--hidden", str(hidden), "--replica-check-every", str(every),
+           "--straggler-check-every", str(every)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=child_env(None), timeout=900)
     if r.returncode:
         raise SystemExit(f"{name}: exit {r.returncode}: {r.stderr[-2000:]}")
