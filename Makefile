@@ -41,7 +41,8 @@ install: $(STAMP)
 demo: $(RUNTIME)
 	$(BIN)/python launch/demo.py
 
-# Slurm and munge for the real-Slurm test (Debian packages; the tests start the daemons).
+# Slurm and munge, iptables and etcd for the integration tests (Debian packages; the tests start
+# the daemons).
 services:
 	sh scripts/install-services.sh
 

@@ -252,7 +252,7 @@ def plan_launch(argv: list[str], *, check_script: bool = True, script_optional: 
         # PROGRAM ARGS  ->  python -m elastic_resume.worker --exec PROGRAM ARGS: the program
         # replaces that process, keeping the death signal (no orphans after a SIGKILLed launcher).
         cmd, cmd_args = sys.executable, ["-m", WORKER_MODULE, EXEC, cmd, *cmd_args]
-    if config.rdzv_backend == "c10d" and not args.er_no_fast_failure_detection:
+    if config.rdzv_backend in ("c10d", "etcd-v2") and not args.er_no_fast_failure_detection:
         for key, value in envmod.FAST_RDZV_CONF.items():
             config.rdzv_configs.setdefault(key, value)
     config.signals_to_handle = AGENT_SIGNALS
