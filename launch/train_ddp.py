@@ -123,6 +123,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--straggler-patience", type=int, default=3)
     g.add_argument("--exclude-stragglers", action="store_true",
                    help="a persistent straggler's node leaves the job (needs --nnodes MIN:MAX with a node to spare)")
+    g.add_argument("--exclude-diverged", action="store_true",
+                   help="a rank whose replica differs from the majority's: its node leaves the job (a node to spare)")
     g.add_argument("--replica-check-every", type=int, default=10,
                    help="digest a slice of the replicated parameters into the vote every this many steps (0: off)")
     g.add_argument("--die-in-rollback", action="store_true", help="SIGKILL --die-rank in the middle of its first rollback")
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                            replica_check_every=args.replica_check_every,
                            straggler_check_every=args.straggler_check_every,
                            straggler_patience=args.straggler_patience, exclude_stragglers=args.exclude_stragglers,
+                           exclude_diverged=args.exclude_diverged,
                            on_event=lambda e: fault_in_rollback(e, rank, args))
         restored = guard.start() or None
     else:

@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -87,6 +87,11 @@ class GuardOptions:
     """A rank whose busy time is this many times the other ranks' mean is slow at that check."""
     straggler_patience: int = 3
     """Checks in a row the same rank must be slow before ``straggler_detected``."""
+    exclude_diverged: bool = False
+    """A rank whose replica differs from the majority's (three ranks or more: with two, no rank can
+    be told apart) is treated like a failed node: its node leaves the job and the others restart
+    from the newest committed step, which agreed (needs a node to spare, as ``exclude_stragglers``);
+    off: the guard rolls back and keeps every node."""
     exclude_stragglers: bool = False
     """Treat a persistent straggler like a failed node: every rank saves the current step, the
     straggler's node leaves the job and the others go on without it (needs ``--nnodes MIN:MAX``
@@ -438,35 +443,47 @@ class SpikeGuard:
                                          result.checks[STEP_BUSY_SUM.name], result.world_size)
         if found is None:
             return
+        why_not = self._cannot_spare_a_node() if self.options.exclude_stragglers else "exclusion is off"
         if self.checkpoints.rank == found.rank:  # it knows its own host; every rank knows the rest
             self.emit(Event.STRAGGLER_DETECTED, step=found.step, straggler=found.rank, host=socket.gethostname(),
                       ratio=found.ratio, busy_s=found.busy_s, others_s=found.others_s, checks=found.checks,
+                      excluded=why_not is None,
                       reason=f"rank {found.rank} spent {found.busy_s:g} s per step at work against the other ranks' "
                              f"{found.others_s:g} s ({found.ratio:g}x, {found.checks} checks in a row): every rank "
-                             "waits for it at each gradient synchronization")
-        if self.options.exclude_stragglers:
+                             f"waits for it at each gradient synchronization"
+                             + ("; its node leaves the job" if why_not is None else f"; {why_not}"))
+        if why_not is None:
             self._slow[result.step] = found
 
-    def _exclude(self, found: Straggler, now: int) -> StepOutcome:
+    def _exclude(self, found: Straggler, now: int) -> NoReturn:
         """Every rank alike: save this step, then the straggler's node leaves and the rest re-form
-        without it (through their launchers), from this step. Only while nodes are to spare."""
-        nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1)
-        spare = nodes - int(os.environ.get(Env.MIN_NODES, str(nodes)) or nodes)
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
-        if spare < 1 or per_node < 1:
-            if self.checkpoints.rank == 0:
-                self.emit(Event.SPIKE_IGNORED, step=now, reason=f"rank {found.rank} is a persistent straggler but "
-                          f"its node cannot be excluded: {nodes} node(s), the job needs at least {nodes - spare} "
-                          "(launch with --nnodes MIN:MAX to leave room)")
-            return CONTINUE
+        without it from this step."""
         self.vote.discard()
         self.save(now)
-        leaving = self.checkpoints.rank // per_node == found.rank // per_node
-        if leaving:
+        self._leave_job(found.rank, f"rank {found.rank} is a persistent straggler ({found.ratio:g}x the other "
+                                    f"ranks' busy time)", now)
+
+    @staticmethod
+    def _cannot_spare_a_node() -> str | None:
+        """Why no node can leave the job now (None: one can). The launcher passes the fewest
+        nodes the job may go on with; torchrun gives the node count and ranks per node."""
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1)
+        least = int(os.environ.get(Env.MIN_NODES, str(nodes)) or nodes)
+        if not os.environ.get("LOCAL_WORLD_SIZE") or nodes - 1 < least:
+            return (f"its node cannot leave: {nodes} node(s) and the job needs at least {least} (launch with "
+                    "--nnodes MIN:MAX to leave room)")
+        return None
+
+    def _leave_job(self, rank: int, why: str, now: int) -> NoReturn:
+        """Every rank alike, after every rank holds a committed step to resume from: ``rank``'s
+        node asks its launcher to leave (it exits 0 and is not restarted), and every rank exits
+        through RegroupError so the other launchers re-form the job without that node."""
+        per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1)
+        if self.checkpoints.rank // per_node == rank // per_node:
             heartbeat.leave()
-        raise RegroupError(f"rank {found.rank} is a persistent straggler ({found.ratio:g}x the other ranks' busy "
-                           f"time): its node (node {found.rank // per_node}) leaves the job and the other "
-                           f"{nodes - 1} go on without it from step {now}")
+        raise RegroupError(f"{why}: its node (node {rank // per_node}) leaves the job and the other {nodes - 1} go on "
+                           f"without it from step {now}")
 
     # -- silent replica divergence, before a save --------------------------------------------------
     def check_replicas(self, step: int) -> None:
@@ -522,6 +539,9 @@ class SpikeGuard:
         if not committed:
             raise ReplicaDivergenceError(f"{reason}, and no checkpoint is committed to roll back to: the launcher "
                                          "restarts the job from the start", step=onset, disagreement=found)
+        if self.options.exclude_diverged and len(found.ranks) == 1 and self._cannot_spare_a_node() is None:
+            self._leave_job(found.ranks[0], f"rank {found.ranks[0]}'s replica differs from the others' ({reason})",
+                            max(committed))
         if self.recovery.rollbacks >= self.policy.budget:
             reason = (f"{reason}, but the rollback budget of {self.policy.budget} is spent; a node whose replica keeps "
                       "diverging has a fault no rollback cures")
@@ -592,9 +612,7 @@ class SpikeGuard:
             return self._recover_replicas(result.step, diverged, now)
         slow = self._slow.pop(result.step, None)
         if slow is not None:
-            outcome = self._exclude(slow, now)
-            if outcome is not CONTINUE:
-                return outcome
+            self._exclude(slow, now)
         action = decide(self.policy, result, None, self.recovery)
         if action.kind == ActionKind.NEEDS_CHECKPOINTS:
             action = decide(self.policy, result, self.checkpoints.checkpoint_health(), self.recovery)

@@ -16,7 +16,7 @@ from elastic_resume.report import summarize
 from elastic_resume.spike.guard import GuardOptions
 from elastic_resume.spike.policy import RollbackDecision
 from elastic_resume.spike.vote import REPLICA_DIGEST_MAX, REPLICA_DIGEST_MIN, Field, Reduce, Vote
-from tests.helpers.launcher import launcher_cmd, losses, run
+from tests.helpers.launcher import launcher_cmd, losses, node_log, run, stop, two_nodes
 
 WORLD = 3
 STEPS = 40
@@ -161,3 +161,24 @@ def test_without_the_guard_the_refused_save_restarts_the_job_from_the_last_agree
     restored = [e["step"] for e in events if e["event"] == "restored" and e["rank"] == 0]
     assert restored == [10]
     _ends_like(got, uninterrupted(*flags))
+
+
+@pytest.mark.slow
+def test_with_exclusion_the_odd_ranks_node_leaves_and_the_rest_resume_from_the_last_agreeing_step(tmp_path):
+    procs = two_nodes(tmp_path, "1:2", ("--root", str(tmp_path / "ckpt"), "--fault-dir", str(tmp_path), "--steps", "30",
+                                        "--save-every", "5", "--guard", "--exclude-diverged", "--loss-log",
+                                        str(tmp_path / "loss.jsonl"), "--nudge-param-at-step", "12", "--nudge-rank", "3"))
+    try:
+        assert procs["b"].wait(timeout=240) == 0, node_log(tmp_path, "b")  # ranks 2 and 3: it left on purpose
+        assert procs["a"].wait(timeout=240) == 0, node_log(tmp_path, "a")
+    finally:
+        for p in procs.values():
+            stop(p)
+    a, b = read_events(tmp_path / "events-a.jsonl"), read_events(tmp_path / "events-b.jsonl")
+    found = [e for e in a if e["event"] == "replica_divergence" and e["rank"] == 0]
+    assert [(e["step"], e["ranks"], e["found_by"]) for e in found] == [(15, [3], "save")]  # 3 of 4 agree: named
+    assert [e["event"] for e in b if e["event"] in ("node_excluded", "restart")] == ["node_excluded"]
+    assert [e["world_size"] for e in a if e["event"] == "workers_started"] == [4, 2]
+    assert [e["step"] for e in a if e["event"] == "restored" and e["rank"] == 0] == [10]  # the newest that agreed
+    lines = [line for line in (tmp_path / "loss.jsonl").read_text().splitlines() if '"step": 30,' in line]
+    assert lines and all('"world": 2' in line for line in lines)
