@@ -150,7 +150,7 @@ class Regression(pl.LightningModule):
                                     "t": time.monotonic()}) + "\n")
         if a.step_seconds:
             time.sleep(a.step_seconds)
-        if a.nudge_param_at_step == step and self.global_rank == a.spike_rank and once(a, f"nudge-{step}"):
+        if getattr(a, "nudge_param_at_step", None) == step and self.global_rank == a.spike_rank and once(a, f"nudge-{step}"):
             with torch.no_grad():  # a bad chip's wrong number: this rank's replica alone changes
                 next(self.net.parameters()).view(-1)[0] += 1e-3
         if self.global_rank == a.die_rank and str(step) in a.die_at_steps.split(",") and once(a, f"killed-at-{step}"):
