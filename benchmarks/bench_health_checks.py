@@ -4,8 +4,10 @@ same training without them.
 A. In one process, a model of ``--hidden`` x ``--layers`` (AdamW, CPU): the median training step,
    the rotating digest one check takes (a quarter of the parameters at the default 4 slices),
    amortized over the default 10 steps, and the full digest a save's agreement takes, against
-   that save's own foreground stall (staging the state for a background save); and what the
-   straggler clock's hooks add to a step (two gradient hooks, one optimizer pre-hook).
+   that save's own foreground stall (staging the state for a background save); what the
+   straggler clock's hooks add to a step (two gradient hooks, one optimizer pre-hook); and the
+   replay check after a restart: reading ``--log-steps`` step lines once (rank 0, at the
+   restart) and comparing one replayed step.
    Ratios are time with / without.
 B. End to end: ``train_ddp.py --guard`` under ``elastic-resume launch`` (2 ranks, gloo), with the
    default checks and with ``--replica-check-every 0 --straggler-check-every 0``, run alternately
@@ -16,6 +18,7 @@ B. End to end: ``train_ddp.py --guard`` under ``elastic-resume launch`` (2 ranks
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -35,6 +38,7 @@ from elastic_resume.checkpoint.saving import SaveJob, prepare
 from elastic_resume.checkpoint.staging import Stager
 from elastic_resume.events import read_events
 from elastic_resume.spike.guard import GuardOptions
+from elastic_resume.spike.replay import ReplayCheck, recorded_steps
 from elastic_resume.spike.stragglers import BusyClock
 from harness.processes import child_env
 
@@ -93,6 +97,30 @@ def in_process(hidden: int, layers: int, batch: int) -> None:
     clock.close()
     print(f"   straggler clock: {per_step * 1e6:.1f} us per step (two gradient hooks, one optimizer pre-hook): "
           f"step time with / without = {(step_s + per_step) / step_s:.5f}")
+    replay_cost(step_s)
+
+
+def replay_cost(step_s: float, log_steps: int = 100_000) -> None:
+    """The replay check: one read of the event log at the restart, then a comparison per step."""
+    with tempfile.TemporaryDirectory() as d:
+        log = os.path.join(d, "events.jsonl")
+        with open(log, "w") as f:
+            f.write(json.dumps({"ts": 0.0, "event": "launch_started", "run_id": "r"}) + "\n")
+            for s in range(1, log_steps + 1):
+                f.write(json.dumps({"ts": float(s), "event": "step", "rank": 0, "step": s, "loss": 1.0 / s,
+                                    "grad_norm": 2.0 / s, "seconds": 0.1, "run_id": "r"}) + "\n")
+        started = time.perf_counter()
+        recorded = recorded_steps(log, log_steps - 200, run_id="r")
+        read_s = time.perf_counter() - started
+    check = ReplayCheck(log_steps - 200, recorded)
+    steps = sorted(recorded)
+    n = len(steps)
+    started = time.perf_counter()
+    for s in steps:
+        check.observe(s, recorded[s][0], recorded[s][1])
+    per_step = (time.perf_counter() - started) / n
+    print(f"   replay check: the log read once at a restart ({log_steps} step lines) {read_s * 1000:.0f} ms; "
+          f"{per_step * 1e6:.1f} us per replayed step: step time with / without = {(step_s + per_step) / step_s:.5f}")
 
 
 def launched(tmp: str, name: str, hidden: int, steps: int, every: int) -> float:
