@@ -162,6 +162,32 @@ def cmd_latest(args: argparse.Namespace) -> int:
     return EXIT_NEGATIVE
 
 
+class _Progress:
+    """A byte progress bar on stderr, drawn by tqdm only on a terminal and never with ``--json``
+    (what is printed there is for a program to read)."""
+
+    def __init__(self, args: argparse.Namespace, what: str) -> None:
+        self.on = not getattr(args, "json", False) and sys.stderr.isatty()
+        self.what = what
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.on:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self.what,
+                            file=sys.stderr, leave=False)
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     stores = _stores(args)
     reports: list[tuple[str | None, StepReport]] = []
@@ -170,7 +196,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             if args.step in store.step_dirs():
                 reports.append((bundle, store.verify(args.step, full=not args.quick)))
         else:
-            reports += [(bundle, r) for r in store.verify_all(full=not args.quick) if r.status != StepStatus.INCOMPLETE]
+            progress = _Progress(args, f"verifying {bundle or store.storage.display()}")
+            try:
+                found = store.verify_all(full=not args.quick, progress=progress)
+            finally:
+                progress.close()
+            reports += [(bundle, r) for r in found if r.status != StepStatus.INCOMPLETE]
     if args.step is not None and not reports:
         print(f"step {args.step} does not exist under {stores[0][1].storage.display()}", file=sys.stderr)
         return EXIT_NEGATIVE

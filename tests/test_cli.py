@@ -152,3 +152,40 @@ def test_help_lists_every_kind_of_root():
     text = " ".join(r.stdout.split())
     for scheme in ("file://", "s3://", "gs://", "az://", "memory://"):
         assert scheme in text
+
+
+def _through_a_terminal(*args: str, env: dict[str, str] | None = None) -> str:
+    """Run the CLI with stdout and stderr on a pseudo-terminal; everything it drew."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 wide
+    proc = subprocess.Popen([CLI, *args], stdin=subprocess.DEVNULL, stdout=follower, stderr=follower,
+                            env=child_env(env))
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the terminal's other side closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+    assert proc.wait(timeout=60) == 0
+    return out.decode(errors="replace")
+
+
+def test_verify_draws_a_progress_bar_on_a_terminal_only_and_never_with_json(populated):
+    args = (populated.url, *populated.cli_options())
+    drawn = _through_a_terminal("verify", *args, env=populated.env)
+    assert "verifying" in drawn and "%|" in drawn  # tqdm's bar
+    assert "step 300: OK" in drawn
+    as_json = _through_a_terminal("verify", *args, "--json", env=populated.env)
+    assert "verifying" not in as_json and json.loads(as_json[as_json.index("["):])
+    piped = run_cli("verify", *args, env=populated.env)
+    assert piped.returncode == 0 and "verifying" not in piped.stderr + piped.stdout

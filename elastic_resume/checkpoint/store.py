@@ -12,7 +12,7 @@ definition, :meth:`CheckpointStore.check_loadable`, used by restore (through the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -508,10 +508,21 @@ class CheckpointStore:
         for rank in sorted({f.rank for f in manifest.files_of(FileKind.RANK) if f.rank is not None}):
             self.read_per_rank(manifest, rank, materialize=False)
 
-    def verify_all(self, *, full: bool) -> list[StepReport]:
-        """Reports for every step directory, newest first, from one scan."""
+    def verify_all(self, *, full: bool, progress: Callable[[int, int], None] | None = None) -> list[StepReport]:
+        """Reports for every step directory, newest first, from one scan. ``progress(done, total)``
+        (bytes, by whole steps) after the scan and after each step."""
         listing = self.scan()
-        return [self.verify(s, full=full, listing=listing[s]) for s in sorted(listing, reverse=True)]
+        steps = sorted(listing, reverse=True)
+        total, done = sum(listing[s].size for s in steps), 0
+        reports = []
+        if progress is not None:
+            progress(0, total)
+        for s in steps:
+            reports.append(self.verify(s, full=full, listing=listing[s]))
+            done += listing[s].size
+            if progress is not None:
+                progress(done, total)
+        return reports
 
     def report_corruption(self, step: int, file: str | None, reason: str, **fields: Any) -> None:
         self.events.emit(Event.CORRUPTION_FOUND, step=step, file=file, reason=reason, **fields)

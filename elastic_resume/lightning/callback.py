@@ -26,7 +26,8 @@ touches are all in ``_compat.py``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch.nn.parallel import DistributedDataParallel
@@ -45,6 +46,7 @@ from . import _compat
 from ._compat import CALLBACK_BASES
 from .backend import TrainerBackend
 from .checkpoint_io import CHECKPOINT_KEY, ElasticCheckpointIO, normalize_path
+from .metrics import RecoveryMetrics
 
 log = logging.getLogger("elastic_resume")
 
@@ -153,6 +155,7 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
         self.checkpoints: TrainerBackend | None = None
         self._state: dict[str, Any] = {}
         self._loaded: dict[str, Any] | None = None
+        self._metrics = RecoveryMetrics()  # what the trainer's loggers are told (rollbacks, restarts, ...)
         self._last_step: int | None = None
         self._run_fingerprint: dict[str, Any] | None = None
         self._pending_rng: tuple[dict[str, Any], bool] | None = None
@@ -173,6 +176,8 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
         # of the plugin, then the vote's.
         self.checkpoints = TrainerBackend(trainer, find_checkpoint_io(trainer))
         self.guard = SpikeGuard(self.checkpoints, self._state, self.options)
+        # What the guard does also reaches the loggers the user watches, as running counts.
+        self.guard.on_event = lambda record: self._to_loggers(trainer, self._metrics.update(record))
         if self._loaded is not None:
             self.load_state_dict(self._loaded)
 
@@ -199,6 +204,9 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
             # from its anchor, at the skipped-ahead data position.
             self._continue_from(trainer)
         self._last_step = trainer.global_step
+        self._to_loggers(trainer, self._metrics.at_start(
+            restarts=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+            resumed_from=trainer.global_step if trainer.ckpt_path else None))
         # What identifies the run does not change while it trains: computed once, not per save.
         self._run_fingerprint = self._fingerprint(trainer, pl_module)
         settle_ddp(trainer, pl_module)
@@ -251,6 +259,13 @@ class ElasticResume(*CALLBACK_BASES):  # type: ignore[misc]
         self._last_step = trainer.global_step  # ModelCheckpoint already knows: the anchor was re-committed
 
     # -- checkpoints -------------------------------------------------------------------------------
+    @staticmethod
+    def _to_loggers(trainer: Trainer, metrics: Mapping[str, float]) -> None:
+        """Every logger of the trainer (each logs from rank 0 only), at the current step."""
+        if metrics:
+            for logger in trainer.loggers:
+                logger.log_metrics(dict(metrics), step=trainer.global_step)
+
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.guard is None or self.checkpoints is None or self.checkpoints.dirpath is None:
             return

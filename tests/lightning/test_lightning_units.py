@@ -4,6 +4,7 @@ first. The distributed behaviour is in test_lightning.py."""
 
 from __future__ import annotations
 
+import csv
 import os
 import pathlib
 from argparse import Namespace
@@ -15,6 +16,7 @@ pytest.importorskip("pytorch_lightning", reason="the Lightning integration needs
 import pytorch_lightning as pl  # the spelling of the example script (launch/train_lightning.py)
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import AsyncCheckpointIO
 from torch.utils.data import TensorDataset
 
@@ -228,6 +230,41 @@ def test_spike_with_the_budget_spent_raises_gave_up_out_of_fit(tmp_path):
     with pytest.raises(GaveUpError, match="rollback budget of 0 is spent"):
         trainer(tmp_path, [ElasticCheckpointIO()], [guard]).fit(Regression(8, 0.05, args=faults),
                                                                   datamodule=SyntheticData(64, 4, 0))
+
+
+def test_recovery_metrics_count_what_the_guard_did():
+    from elastic_resume.lightning.metrics import RecoveryMetrics
+
+    m = RecoveryMetrics()
+    assert m.update({"event": "rollback", "lr_scale": 0.5, "steps_lost": 4}) == {
+        "elastic_resume/rollbacks": 1.0, "elastic_resume/lr_scale": 0.5, "elastic_resume/steps_lost": 4.0}
+    assert m.update({"event": "rollback", "lr_scale": "x", "cause": "replica_divergence"}) == {
+        "elastic_resume/rollbacks": 2.0, "elastic_resume/divergence_rollbacks": 1.0}  # a bad field is left out
+    assert m.update({"event": "data_skipped", "samples": 96})["elastic_resume/samples_skipped"] == 96.0
+    assert m.update({"event": "data_skipped", "samples": 32})["elastic_resume/samples_skipped"] == 128.0
+    assert m.update({"event": "straggler_detected", "ratio": 2.5}) == {"elastic_resume/stragglers": 1.0,
+                                                                         "elastic_resume/straggler_ratio": 2.5}
+    assert m.update({"event": "save_committed", "step": 4}) == {}
+    assert m.at_start(restarts=2, resumed_from=None) == {"elastic_resume/restarts": 2.0}
+
+
+def test_the_trainers_own_logger_receives_rollbacks_and_skipped_samples(tmp_path):
+    """A CSVLogger the user configured: its metrics file holds the recovery curve."""
+    faults = Namespace(spike_at_step=9, spike_rank=0, spike_factor=1e4, fault_dir=str(tmp_path), loss_log=None,
+                       step_seconds=0, die_rank=-1, die_at_steps="")
+    guard = ElasticResume(policy=RollbackPolicy(margin=2, skip_after=2, lr_scale=0.5),
+                          detectors=[RobustZScore(window=8, z=8.0)])
+    t = pl.Trainer(accelerator="cpu", devices=1, max_steps=12, use_distributed_sampler=False,
+                   plugins=[ElasticCheckpointIO()], logger=CSVLogger(tmp_path, name="csv"),
+                   callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1), guard],
+                   enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    t.fit(Regression(8, 0.05, args=faults), datamodule=SyntheticData(64, 4, 0))
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {k: float(v) for row in rows for k, v in row.items() if k.startswith("elastic_resume/") and v}
+    assert logged["elastic_resume/restarts"] == 0.0
+    assert logged["elastic_resume/rollbacks"] == 1.0 and logged["elastic_resume/lr_scale"] == 0.5
+    assert logged["elastic_resume/steps_lost"] >= 1 and logged["elastic_resume/samples_skipped"] > 0
 
 
 def test_a_crash_loop_on_the_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
