@@ -184,6 +184,19 @@ class Disagreement:
         more = f" and {self.differing - len(self.parameters)} more" if self.differing > len(self.parameters) else ""
         return f"{who}, in {', '.join(self.parameters)}{more}"
 
+    def event_fields(self, step: int, world_size: int, found_by: str) -> dict[str, Any]:
+        """The ``replica_divergence`` event's fields: the same whether the vote or a save found it."""
+        when = "at the save of" if found_by == "save" else "after"
+        return {"step": step, "ranks": self.ranks, "parameters": self.parameters, "differing": self.differing,
+                "found_by": found_by,
+                "reason": f"the replicated parameters differ between ranks {when} step {step}: "
+                          f"{self.describe(world_size)}"}
+
+    def refusal(self, step: int, world_size: int) -> str:
+        """Why a checkpoint of ``step`` is not committed."""
+        return (f"checkpoint step {step} was not committed: the ranks' copies of the replicated parameters "
+                f"differ ({self.describe(world_size)}); no copy can be told good")
+
 
 def disagreement(per_rank: Sequence[Sequence[int]], names: Sequence[str]) -> Disagreement | None:
     """Compare every rank's per-parameter digests (``per_rank[r]``, in ``names`` order); None

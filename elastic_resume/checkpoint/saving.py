@@ -287,13 +287,8 @@ class StepWriter:
         found = replicas.disagreement(per_rank, job.replicas.names)
         if found is None:
             return
-        said = found.describe(self.world_size)
-        self.events.emit(Event.REPLICA_DIVERGENCE, step=job.step, ranks=found.ranks, parameters=found.parameters,
-                         differing=found.differing, found_by="save",
-                         reason=f"the replicated parameters differ between ranks at the save of step {job.step}: "
-                                f"{said}")
-        message = (f"checkpoint step {job.step} was not committed: the ranks' copies of the replicated parameters "
-                   f"differ ({said}); no copy can be told good")
+        self.events.emit(Event.REPLICA_DIVERGENCE, **found.event_fields(job.step, self.world_size, "save"))
+        message = found.refusal(job.step, self.world_size)
         self.events.emit(Event.SAVE_FAILED, step=job.step, attempt=job.attempt, errors=[message])
         raise ReplicaDivergenceError(message, step=job.step, disagreement=found)
 

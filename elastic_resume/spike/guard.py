@@ -493,20 +493,15 @@ class SpikeGuard:
         launcher restarts from the newest checkpoint, which agreed when it was taken."""
         if not self.options.replica_check_every or self.vote.world_size < 2:
             return
-        params = replicas.replicated_parameters(self.replica_state)
-        if not params:
+        mine = replicas.state_digests(self.replica_state)
+        if not mine.names:
             return
-        rows = [t.tolist() for t in self.vote.gather(replicas.tensor_digests([p for _, p in params]))]
-        found = replicas.disagreement(rows, [n for n, _ in params])
+        rows = [t.tolist() for t in self.vote.gather(torch.tensor(mine.values, dtype=torch.int64))]
+        found = replicas.disagreement(rows, mine.names)
         if found is None:
             return
-        said = found.describe(self.vote.world_size)
-        self.emit(Event.REPLICA_DIVERGENCE, step=step, ranks=found.ranks, parameters=found.parameters,
-                  differing=found.differing, found_by="save",
-                  reason=f"the replicated parameters differ between ranks at the save of step {step}: {said}")
-        raise ReplicaDivergenceError(f"checkpoint step {step} was not taken: the ranks' copies of the replicated "
-                                     f"parameters differ ({said}); no copy can be told good", step=step,
-                                     disagreement=found)
+        self.emit(Event.REPLICA_DIVERGENCE, **found.event_fields(step, self.vote.world_size, "save"))
+        raise ReplicaDivergenceError(found.refusal(step, self.vote.world_size), step=step, disagreement=found)
 
     def _name_divergence(self, result: VoteResult) -> None:
         """Collective, on every rank alike (they all read the same MIN != MAX): gather the
@@ -518,10 +513,7 @@ class SpikeGuard:
         if found is None:  # the parameters agree now but did not then: the combined digests said so
             found = replicas.Disagreement(list(range(result.world_size)), [], 0)
         self._diverged[result.step] = found
-        self.emit(Event.REPLICA_DIVERGENCE, step=result.step, ranks=found.ranks, parameters=found.parameters,
-                  differing=found.differing, found_by="vote",
-                  reason=f"the replicated parameters differ between ranks after step {result.step}: "
-                         f"{found.describe(result.world_size)}")
+        self.emit(Event.REPLICA_DIVERGENCE, **found.event_fields(result.step, result.world_size, "vote"))
 
     def _recover_replicas(self, onset: int, found: replicas.Disagreement, now: int) -> StepOutcome:
         """Replicas that differ: roll back to the newest committed checkpoint. Every committed

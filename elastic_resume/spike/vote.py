@@ -230,7 +230,7 @@ class Vote:
         return VoteResult(
             step=step, world_size=self.world_size, mean_loss=values[-1].loss if values else float("nan"),
             spikes=round(spike), nonfinite=round(nonfinite), preempt=round(preempt), stop=round(stop),
-            quorum=self.quorum.needed(self.world_size), values=tuple(values), checks=flight.reduced(),
+            quorum=self.quorum.needed(self.world_size), values=tuple(values), checks=flight.reduced(numbers),
         )
 
 
@@ -259,11 +259,9 @@ class _InFlight:
                 work.wait()
         self.works = []
 
-    def reduced(self) -> dict[str, float]:
-        out = {}
-        tail = self.sums.tolist()[len(self.sums) - len(self.summed):] if self.summed else []
-        for f, v in zip(self.summed, tail):
-            out[f.name] = v
+    def reduced(self, sums: list[float]) -> dict[str, float]:
+        """Every declared field's reduced value by name; ``sums``: the SUM tensor, already read."""
+        out = dict(zip((f.name for f in self.summed), sums[len(sums) - len(self.summed):]))
         if self.maxes is not None:
             for f, v in zip(self.maxed, self.maxes.tolist()):
                 out[f.name] = -v if f.reduce == Reduce.MIN else v
