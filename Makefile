@@ -72,6 +72,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_launcher.py
 	$(BIN)/python benchmarks/bench_lightning.py
 	$(BIN)/python benchmarks/bench_hangs.py
+	$(BIN)/python benchmarks/bench_health_checks.py
 	$(BIN)/python benchmarks/bench_slurm_preemption.py  # root and Slurm (make services); says "skipped" otherwise
 
 clean:
