@@ -10,6 +10,12 @@ machine is shared and noisy, so absolute times are not comparable between runs):
   S3 (moto server on 127.0.0.1)
     save / one plain PUT of the same bytes    goal <= 1.1
     requests per save, split into data and commit/bookkeeping
+  the data-file framing, a model-like state of many tensors
+    save and restore in safetensors files / in the .ert files of 0.5   goal <= 1.0 each
+  restore at N ranks (gloo on 127.0.0.1)
+    restore at 2 ranks / torch.load of one file at 2 ranks (local disk)   goal <= 1.0 (0.5: 1.85)
+    restore at 8 ranks / at 1 rank, same replicated state, on moto         goal <= 1.0
+    requests per restore at 8 ranks (HEAD+GET of data files), parallel and every-rank-reads
 
 Usage: python benchmarks/bench_store.py [--sizes-mib 64 512] [--reps 5] [--s3-sizes-mib 64 512]
 """
@@ -30,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import WORK, drop_caches, timed
+from benchmarks.common import WORK, drop_caches, join_group, spawn_ranks, timed
 from elastic_resume import CheckpointManager
 from elastic_resume.storage import tensor_bytes
 
@@ -176,12 +182,171 @@ def bench_s3(size_mib: int, reps: int, endpoint: str, bucket: str) -> dict[str, 
     }
 
 
+def model_like_state(mib: int) -> dict:
+    """~``mib`` MiB over many tensors of a transformer's sizes (and their Adam moments), where the
+    framing of a file (its header, its alignment) weighs more than in one big tensor."""
+    torch.manual_seed(0)
+    width = 256
+    per_layer = 4 * width * width * 4 * 3  # 4 matrices, fp32, with two moments each
+    layers = max(1, mib * (1 << 20) // per_layer)
+    model = {f"layers.{i}.{n}": torch.randn(width, width) for i in range(layers) for n in ("q", "k", "v", "o")}
+    model.update({f"layers.{i}.norm": torch.ones(width) for i in range(layers)})
+    moments = {i: {"exp_avg": torch.zeros_like(t), "exp_avg_sq": torch.zeros_like(t), "step": torch.tensor(1.0)}
+               for i, t in enumerate(model.values())}
+    return {"model": model, "optimizer": {"state": moments, "param_groups": [{"lr": 1e-3, "params": list(moments)}]}}
+
+
+def bench_formats(mib: int, reps: int, cold: bool) -> dict[str, float]:
+    """Save and restore with today's safetensors framing and with 0.5's .ert framing, interleaved."""
+    from benchmarks import legacy_format
+    from elastic_resume.checkpoint import saving
+
+    state = model_like_state(mib)
+    root = os.path.join(WORK, f"formats-{mib}")
+    shutil.rmtree(root, ignore_errors=True)
+    mgrs = {"safetensors": CheckpointManager(os.path.join(root, "st"), keep_last=None),
+            "ert": CheckpointManager(os.path.join(root, "ert"), keep_last=None)}
+    encoders = {"safetensors": saving.encode, "ert": legacy_format.encode}
+    times: dict[str, list[float]] = {f"{k} {op}": [] for k in mgrs for op in ("save", "restore")}
+    try:
+        for rep in range(reps):
+            kinds = list(mgrs) if rep % 2 == 0 else list(mgrs)[::-1]
+            for kind in kinds:
+                saving.encode = encoders[kind]
+                times[f"{kind} save"].append(timed(lambda: mgrs[kind].save(rep, state)))
+            saving.encode = encoders["safetensors"]
+            for kind in kinds:
+                if cold:
+                    drop_caches()
+                target = {"model": None, "optimizer": None}
+                times[f"{kind} restore"].append(timed(lambda: mgrs[kind].restore(target, step=rep)))
+    finally:
+        saving.encode = encoders["safetensors"]
+        shutil.rmtree(root, ignore_errors=True)
+    return {"save": median_ratio(times["safetensors save"], times["ert save"]),
+            "restore": median_ratio(times["safetensors restore"], times["ert restore"]),
+            "tensors": float(sum(1 for _ in _tensors(state)))}
+
+
+def _tensors(tree):  # type: ignore[no-untyped-def]
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _tensors(v)
+
+
+def _rank_restore(rank: int, world: int, port: int, local: str, url: str | None, options: dict, save_world: int,
+                  mib: int, reps: int, parallel: bool | str, out) -> None:  # type: ignore[no-untyped-def]
+    """A rank of a restore benchmark: the median over ``reps`` of the slowest rank's restore
+    time, and (with ``url`` None) of ``torch.load`` of one file holding the same state."""
+    import torch.distributed as dist
+
+    join_group(rank, world, port)
+    root = url or local
+    state = model_like_state(mib)
+    mgr = CheckpointManager(root, storage_options=options, keep_last=None, parallel_restore=parallel)
+    times, loads = [], []
+    plain = os.path.join(local + "-plain", f"rank{rank}.pt")
+    if url is None:
+        os.makedirs(os.path.dirname(plain), exist_ok=True)
+        torch.save(state, plain)
+    for _ in range(reps):
+        target = {"model": None, "optimizer": None}
+        dist.barrier()
+        t = time.perf_counter()
+        mgr.restore(target, step=1)
+        took = torch.tensor([time.perf_counter() - t])
+        dist.all_reduce(took, op=dist.ReduceOp.MAX)
+        times.append(float(took))
+        if url is None:
+            dist.barrier()
+            t = time.perf_counter()
+            torch.load(plain, weights_only=True)
+            took = torch.tensor([time.perf_counter() - t])
+            dist.all_reduce(took, op=dist.ReduceOp.MAX)
+            loads.append(float(took))
+    if rank == 0:
+        out.put((statistics.median(times), statistics.median(loads) if loads else None))
+    dist.destroy_process_group()
+
+
+def _rank_save(rank: int, world: int, port: int, local: str, url: str | None, options: dict, mib: int,
+               out) -> None:  # type: ignore[no-untyped-def]
+    import torch.distributed as dist
+
+    join_group(rank, world, port)
+    CheckpointManager(url or local, storage_options=options, keep_last=None).save(1, model_like_state(mib))
+    if rank == 0:
+        out.put(None)
+    dist.destroy_process_group()
+
+
+def bench_restore_at_2(mib: int, reps: int) -> dict[str, float]:
+    """Local disk: restore at 2 ranks / ``torch.load`` of one file per rank (as a plain torchrun
+    script restores), with the default (every rank reads every file: the page cache serves the
+    second) and with the parallel read (each reads half, they exchange over gloo)."""
+    root = os.path.join(WORK, "restore-2")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    local = os.path.join(root, "ckpt")
+    _spawn(_rank_save, 2, local, None, {}, mib)
+    out = {}
+    for name, parallel in (("default", "auto"), ("parallel", True)):
+        restore_s, load_s = _spawn(_rank_restore, 2, local, None, {}, 2, mib, reps, parallel)
+        out[f"{name} restore_s"], out[f"{name} torch_load_s"] = restore_s, load_s
+        out[f"{name} restore/torch_load"] = restore_s / load_s
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def _spawn(target, world: int, local: str, url: str | None, options: dict, *args):  # type: ignore[no-untyped-def]
+    return spawn_ranks(target, world, local, url, options, *args, timeout=900)
+
+
+def bench_restore_scaling(mib: int, reps: int, world: int) -> dict[str, float]:
+    """On moto: a state saved at ``world`` ranks, restored at ``world`` ranks (parallel, and every
+    rank reading every file) and at 1 rank; requests per restore from the server's own log."""
+    from harness.processes import stop_process
+    from harness.s3 import S3_ENV, make_bucket, requests_in_log, start_moto
+
+    os.environ.update(S3_ENV)
+    root = os.path.join(WORK, "restore-scaling")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    log = os.path.join(root, "moto.log")
+    proc, endpoint = start_moto(request_log=log)
+    try:
+        url, options = f"s3://{make_bucket(endpoint)}/run", {"endpoint_url": endpoint}
+        _spawn(_rank_save, world, os.path.join(root, "x"), url, options, mib)
+
+        def requests() -> int:
+            return sum(requests_in_log(log, m, "/step-000000000001/") for m in ("GET", "HEAD"))
+
+        out: dict[str, float] = {}
+        for name, n, parallel in (("parallel", world, True), ("every rank reads", world, False), ("one rank", 1, True)):
+            before = requests()
+            out[f"{name} s"] = _spawn(_rank_restore, n, os.path.join(root, "x"), url, options, world, mib, reps,
+                                      parallel)[0]
+            out[f"{name} requests"] = (requests() - before) / reps
+        return out
+    finally:
+        stop_process(proc)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes-mib", type=int, nargs="+", default=[64, 512])
+    p.add_argument("--sizes-mib", type=int, nargs="*", default=[64, 512])
     p.add_argument("--s3-sizes-mib", type=int, nargs="*", default=[64, 512])
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--s3-reps", type=int, default=5)
+    p.add_argument("--format-mib", type=int, default=256, help="state size for the framing comparison (0: skip)")
+    p.add_argument("--restore-mib", type=int, default=128, help="state size for the restore at N ranks (0: skip)")
+    p.add_argument("--restore-world", type=int, default=8)
     args = p.parse_args()
     os.makedirs(WORK, exist_ok=True)
     torch.set_num_threads(1)
@@ -206,6 +371,26 @@ def main() -> int:
                 print(f"{size:>5}MiB  {r['save/put']:>9.3f}  {r['save_minus_complete/put']:>15.3f}  "
                       f"{r['save_s']:>7.3f}  {r['put_s']:>7.3f}  "
                       f"{r['requests_per_save']:>13.1f}  {r['small_requests_per_save']:>27.1f}   {r['calls']}", flush=True)
+    if args.format_mib:
+        r = bench_formats(args.format_mib, args.reps, cold)
+        print(f"\n# data-file framing, {args.format_mib} MiB over {int(r['tensors'])} tensors (medians)\n"
+              f"  save in safetensors files / in .ert files      {r['save']:.3f}   (goal <= 1.0)\n"
+              f"  restore from safetensors files / from .ert files {r['restore']:.3f}   (goal <= 1.0)", flush=True)
+    if args.restore_mib:
+        r = bench_restore_at_2(args.restore_mib, args.reps)
+        print(f"\n# restore at 2 ranks, {args.restore_mib} MiB, local disk (slowest rank, medians)")
+        for name in ("default", "parallel"):
+            print(f"  restore ({name}) / torch.load of one file per rank  {r[f'{name} restore/torch_load']:.3f}   "
+                  f"({r[f'{name} restore_s']:.3f} s / {r[f'{name} torch_load_s']:.3f} s; goal <= 1.0; 0.5: 1.85)",
+                  flush=True)
+        r = bench_restore_scaling(args.restore_mib, max(1, args.s3_reps // 2), args.restore_world)
+        w = args.restore_world
+        print(f"\n# restore on moto, {args.restore_mib} MiB saved at {w} ranks (slowest rank, medians)\n"
+              f"  at {w} ranks, parallel / at 1 rank             {r['parallel s'] / r['one rank s']:.3f}   (goal <= 1.0)\n"
+              f"  at {w} ranks, every rank reads / at 1 rank     {r['every rank reads s'] / r['one rank s']:.3f}\n"
+              f"  requests per restore at {w} ranks: parallel {r['parallel requests']:.0f}, every rank reads "
+              f"{r['every rank reads requests']:.0f}, at 1 rank {r['one rank requests']:.0f} "
+              f"(goal <= {w} x files per rank)", flush=True)
     shutil.rmtree(WORK, ignore_errors=True)
     return 0
 

@@ -45,25 +45,32 @@ def join_group(rank: int, world: int, port: int) -> None:
     torch.manual_seed(0)
 
 
-def run_ranks(target: Callable[..., None], world: int, work: str, *args: Any) -> Any:
-    """Start ``world`` spawned processes running ``target(rank, world, port, root, *args, queue)``
-    with a fresh checkpoint root; return what rank 0 puts on the queue."""
+def spawn_ranks(target: Callable[..., None], world: int, *args: Any, timeout: float = 600) -> Any:
+    """Start ``world`` spawned processes running ``target(rank, world, port, *args, queue)``;
+    return what rank 0 puts on the queue."""
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from harness.processes import free_port
 
-    root = tempfile.mkdtemp(dir=work)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, os.path.join(root, "ckpt"), *args, queue))
-             for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, queue)) for r in range(world)]
     for p in procs:
         p.start()
     try:
-        return queue.get(timeout=600)
+        return queue.get(timeout=timeout)
     finally:
         for p in procs:
             p.join(timeout=120)
+
+
+def run_ranks(target: Callable[..., None], world: int, work: str, *args: Any) -> Any:
+    """:func:`spawn_ranks` with a fresh checkpoint root: ``target(rank, world, port, root, *args,
+    queue)``."""
+    root = tempfile.mkdtemp(dir=work)
+    try:
+        return spawn_ranks(target, world, os.path.join(root, "ckpt"), *args)
+    finally:
         shutil.rmtree(root, ignore_errors=True)

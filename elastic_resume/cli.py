@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from .checkpoint.manifest import Manifest
 from .checkpoint.store import CheckpointStore, StepReport, StepStatus, list_bundles, written_order
 from .contract import ExitCode
 from .errors import CheckpointCorruptError, ConfigError, ElasticResumeError, NoCheckpointError
+from .progress import ProgressBar
 from .storage import open_storage, redact
 
 EXIT_OK = ExitCode.OK
@@ -162,30 +164,9 @@ def cmd_latest(args: argparse.Namespace) -> int:
     return EXIT_NEGATIVE
 
 
-class _Progress:
-    """A byte progress bar on stderr, drawn by tqdm only on a terminal and never with ``--json``
-    (what is printed there is for a program to read)."""
-
-    def __init__(self, args: argparse.Namespace, what: str) -> None:
-        self.on = not getattr(args, "json", False) and sys.stderr.isatty()
-        self.what = what
-        self.bar: Any = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.on:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self.what,
-                            file=sys.stderr, leave=False)
-        self.bar.total = total
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+def _bar(args: argparse.Namespace, what: str, unit: str = "B") -> ProgressBar:
+    """A bar on a terminal, never with ``--json``."""
+    return ProgressBar(what, unit=unit, enabled=False if getattr(args, "json", False) else None)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -196,7 +177,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             if args.step in store.step_dirs():
                 reports.append((bundle, store.verify(args.step, full=not args.quick)))
         else:
-            progress = _Progress(args, f"verifying {bundle or store.storage.display()}")
+            progress = _bar(args, f"verifying {bundle or store.storage.display()}")
             try:
                 found = store.verify_all(full=not args.quick, progress=progress)
             finally:
@@ -264,8 +245,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     store = _open(args)
-    plan = store.prune(keep_last=args.keep, keep_every=args.keep_every, dry_run=args.dry_run,
-                       lock_timeout=args.lock_timeout)
+    bars = {"verifying": _bar(args, f"verifying the newest {args.keep}"),
+            "deleting": _bar(args, "deleting", unit="step")}
+    try:
+        plan = store.prune(keep_last=args.keep, keep_every=args.keep_every, dry_run=args.dry_run,
+                           lock_timeout=args.lock_timeout, progress=lambda phase, done, total: bars[phase](done, total))
+    finally:
+        for bar in bars.values():
+            bar.close()
     verb = "would delete" if args.dry_run else "deleted"
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "deleted": plan.delete, "incomplete_deleted": plan.delete_incomplete,
@@ -280,41 +267,77 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    """A Lightning bundle (a ModelCheckpoint path written by ElasticCheckpointIO) as a standard
-    ``.ckpt`` file: verified first, written atomically, never over an existing file."""
-    import os
-    import uuid
-
-    try:
-        from .lightning.loading import check_weights_only, exportable, load_checkpoint, to_bytes
-    except ImportError as e:
-        raise ConfigError(f"--format lightning: {e}") from None
-    if args.output.endswith(("/", os.sep)) or os.path.isdir(args.output):
-        raise ConfigError(f"export: {args.output} is a directory; give the file to write "
-                          f"(e.g. {args.output.rstrip('/')}/model.ckpt)")
-    out = os.path.abspath(args.output)
+def _export_target(output: str) -> str:
+    if output.endswith(("/", os.sep)) or os.path.isdir(output):
+        raise ConfigError(f"export: {output} is a directory; give the file to write "
+                          f"(e.g. {output.rstrip('/')}/model.safetensors)")
+    out = os.path.abspath(output)
     if not os.path.isdir(os.path.dirname(out)):
         raise ConfigError(f"export: directory {os.path.dirname(out)} does not exist")
     if os.path.lexists(out):
         raise ConfigError(f"{out} already exists; export never replaces a file (remove it or pick another name)")
-    checkpoint = load_checkpoint(args.root, storage_options=parse_storage_options(args.storage_option))
-    data = to_bytes(exportable(checkpoint))
-    check_weights_only(data)
-    # Mode 0666 less the umask (the kernel applies it), as any file a tool writes: an export is
-    # for other tools and people (mkstemp's 0600 is not).
-    tmp = os.path.join(os.path.dirname(out), f".export-{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    return out
+
+
+def _export_step(store: CheckpointStore, step: int | None) -> Manifest:
+    """The manifest of the step to export: ``step`` when it verifies, else the newest that does."""
+    where = store.storage.display()
+    if step is None:
+        reports = [r for r in store.verify_all(full=True) if r.status != StepStatus.INCOMPLETE]
+        good = [r.step for r in reports if r.ok]
+        if not good:
+            why = "; ".join(f"step {r.step}: {f}: {reason}" for r in reports for f, reason in r.problems[:1])
+            raise NoCheckpointError(f"no loadable checkpoint under {where}" + (f" ({why})" if why else ""))
+        step = good[0]
+    else:
+        report = store.verify(step, full=True)
+        if report.status == StepStatus.INCOMPLETE and step not in store.step_dirs():
+            raise NoCheckpointError(f"step {step} does not exist under {where}")
+        if not report.ok:
+            file, why = report.problems[0] if report.problems else (where, "never committed")
+            raise CheckpointCorruptError(step, file, why)
+    return store.read_manifest(step)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """The model weights of a verified step as one file (safetensors, a torch state dict, or a
+    Lightning ``.ckpt``), consolidated from replicated and sharded state."""
+    from .checkpoint import export
+
+    out = _export_target(args.output)
+    fmt = export.format_for(args.output, args.format)
+    stores = _stores(args)
+    if stores[0][0] is not None:
+        raise ConfigError(f"export: {args.root} holds Lightning checkpoints ({', '.join(b or '' for b, _ in stores[:4])}); "
+                          "give the one to export")
+    store = stores[0][1]
+    manifest = _export_step(store, args.step)
+    state = export.consolidated_state(store, manifest)
+    weights = export.find_weights(state, manifest, args.key)
+    tensors = export.cast(weights.tensors, export.DTYPES[args.dtype] if args.dtype else None)
+    if fmt == "safetensors":
+        size, chunks = export.safetensors_chunks(tensors, {"elastic_resume_step": str(manifest.step)})
+        note = "safetensors"
+    else:
+        obj = export.lightning_checkpoint(weights, tensors, manifest) if fmt == "lightning" else tensors
+        data = export.weights_only_bytes(obj)
+        size, chunks = len(data), iter([memoryview(data)])
+        note = ("Lightning .ckpt" if fmt == "lightning" else "torch state dict") + ", loads with weights_only=True"
+    progress = _bar(args, f"writing {os.path.basename(out)}")
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(done, size)
+
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, out)  # create-only: a file that appeared meanwhile is not replaced
+        export.write_new_file(out, chunks, progress=advance)
     finally:
-        os.unlink(tmp)
-    print(f"exported step {checkpoint.get('global_step')} of {args.root} to {out} ({_size(len(data))}, "
-          "Lightning .ckpt, loads with weights_only=True)")
+        progress.close()
+    dtype = f", {args.dtype}" if args.dtype else ""
+    print(f"exported step {manifest.step} of {store.storage.display()} to {out} ({len(tensors)} tensors of "
+          f"{weights.key!r}, {_size(size)}, {note}{dtype})")
     return EXIT_OK
 
 
@@ -387,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help=help, description=help)
     p.add_argument("paths", metavar="PATH", nargs="+", help="event log files or directories of *.jsonl")
     p.add_argument("--plot", metavar="PNG", help="also draw the loss curve with restarts and rollbacks marked")
+    p.add_argument("--tensorboard", metavar="DIR", help="also write the loss and the recovery metrics (rollbacks, "
+                                                        "restarts, skipped samples, ...) as TensorBoard scalars in DIR")
     p.add_argument("--json", action="store_true", help="print JSON")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--run-id", help="report this run of the logs (default: the newest, saying so when there are more)")
@@ -425,10 +450,17 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(takes torchrun's flags; see 'elastic-resume launch --help')")
     sub.add_parser("doctor", help="show what 'launch' detects here (Slurm, Kubernetes) and what it would run")
 
-    p = add("export", "write a Lightning checkpoint bundle as a standard .ckpt file (verified first)")
-    p.add_argument("output", metavar="OUT", help="the .ckpt file to write (must not exist)")
-    p.add_argument("--format", choices=["lightning"], default="lightning",
-                   help="lightning: what LightningModule.load_from_checkpoint and torch.load(weights_only=True) read")
+    p = add("export", "write the model weights of a verified step as one file: safetensors, torch or Lightning "
+                      "(consolidated from replicated and sharded state)")
+    p.add_argument("output", metavar="OUT", help="the file to write (must not exist); its suffix picks the format: "
+                                                 ".safetensors, .pt/.pth/.bin (torch), .ckpt (lightning)")
+    p.add_argument("--format", choices=["safetensors", "torch", "lightning"],
+                   help="safetensors: for inference and Hugging Face; torch: a state dict for torch.load(weights_only=True); "
+                        "lightning: what LightningModule.load_from_checkpoint reads")
+    p.add_argument("--step", type=_nonneg_int("--step"), help="the step to export (default: the newest loadable)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating-point weights (default: as saved)")
+    p.add_argument("--key", help="the state entry holding the model (default: a Lightning bundle's state_dict, "
+                                 "else 'model', 'state_dict', 'module' or 'net')")
     p.set_defaults(func=cmd_export)
 
     p = add("prune", "delete old checkpoints, keeping the newest N (and milestones)")
@@ -443,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import load_events, plot, summarize, well_formed
+    from .report import load_events, plot, summarize, tensorboard, well_formed
 
     logs = load_events(args.paths)
     notes = [f"not an event log, skipped: {f}" for f in logs.not_event_logs]
@@ -474,12 +506,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         plot(events, summary, args.plot)
         if not args.json:
             print(f"  {'plot':<18} {args.plot}")
+    if args.tensorboard:
+        written = tensorboard(events, summary, args.tensorboard)
+        if not args.json:
+            print(f"  {'tensorboard':<18} {written}")
     return EXIT_OK
 
 
 def cmd_sbatch(args: argparse.Namespace) -> int:
-    import os
-
     from .launcher.slurm import SbatchOptions, cluster_gpus_per_node, render_sbatch
 
     if args.log.endswith((".sbatch", ".sh")):

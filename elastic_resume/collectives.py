@@ -31,6 +31,8 @@ class Group(Protocol):
     def broadcast_object(self, obj: Any, src: int = 0) -> Any: ...
     def all_gather_object(self, obj: Any) -> list[Any]: ...
     def all_reduce_min(self, values: list[int]) -> list[int]: ...
+    def broadcast_tensor(self, tensor: torch.Tensor, src: int) -> None:
+        """Overwrite ``tensor`` (a CPU tensor of the same shape everywhere) with ``src``'s."""
 
 
 class LocalGroup:
@@ -47,6 +49,9 @@ class LocalGroup:
 
     def all_reduce_min(self, values: list[int]) -> list[int]:
         return list(values)
+
+    def broadcast_tensor(self, tensor: torch.Tensor, src: int) -> None:
+        pass
 
 
 class TorchGroup:
@@ -76,6 +81,10 @@ class TorchGroup:
         t = torch.tensor(values, dtype=torch.int64)
         self._dist.all_reduce(t, op=self._dist.ReduceOp.MIN, group=self.group)
         return [int(v) for v in t.tolist()]
+
+    def broadcast_tensor(self, tensor: torch.Tensor, src: int) -> None:
+        # ``src`` is a global rank: the coordination group spans the whole job.
+        self._dist.broadcast(tensor, src=src, group=self.group)
 
 
 def default_group(timeout_s: float = 600.0) -> Group:

@@ -15,6 +15,7 @@ Pure functions over event dictionaries, except :func:`load_events` (reads files)
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -523,3 +524,35 @@ def plot(events: list[dict[str, Any]], summary: Summary, path: str) -> None:
         plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def tensorboard(events: list[dict[str, Any]], summary: Summary, logdir: str) -> str:
+    """Write the run as TensorBoard scalars under ``logdir``: the loss that survived, and the same
+    ``elastic_resume/*`` metrics the Lightning callback gives Lightning's loggers (rollbacks, LR
+    scale, skipped samples, preemptions, divergences, stragglers, replays), plus the restarts
+    and the goodput. Returns the event file's path."""
+    from .metrics import PREFIX, RecoveryMetrics
+    from .tfevents import EventFileWriter
+
+    writer = EventFileWriter(logdir)
+    try:
+        step_ts = {int(e["step"]): e["ts"] for e in events if e.get("event") == Event.STEP and _rank0(e)}
+        for step, loss in summary.curve:
+            if math.isfinite(loss):
+                writer.scalars(step, {f"{PREFIX}loss": loss}, wall_time=step_ts.get(step, 0.0))
+        metrics, step = RecoveryMetrics(), 0
+        for e in events:
+            if not _rank0(e):
+                continue
+            at = next((e[k] for k in ("step", "from_step") if is_int(e.get(k))), None)
+            step = at if at is not None else step
+            writer.scalars(step, metrics.update(e), wall_time=e["ts"])
+        for n, r in enumerate(summary.restarts, start=1):
+            at = r.get("resumed_from")
+            at = at if is_int(at) else step
+            writer.scalars(at, {f"{PREFIX}restarts": float(n)}, wall_time=step_ts.get(at, 0.0))
+        if summary.goodput is not None:
+            writer.scalars(step, {f"{PREFIX}goodput": summary.goodput}, wall_time=events[-1]["ts"] if events else 0.0)
+    finally:
+        writer.close()
+    return writer.path

@@ -4,6 +4,7 @@ credentials that never leave this machine."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -19,16 +20,30 @@ S3_ENV = {
 }
 
 
-def start_moto(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[Any], str]:
-    """A moto server on a free port: (its process, its endpoint URL). Stop it with stop_process."""
+def start_moto(extra_env: dict[str, str] | None = None, *, request_log: str | None = None,
+               ) -> tuple[subprocess.Popen[Any], str]:
+    """A moto server on a free port: (its process, its endpoint URL). Stop it with stop_process.
+    ``request_log``: a file for the server's own access log (a line per request)."""
     port = free_port()
     env = dict(os.environ, **(extra_env or {}))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )
+    log = open(request_log, "ab") if request_log else subprocess.DEVNULL  # the child keeps its own copy
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log, stderr=log, env=env,
+        )
+    finally:
+        if request_log:
+            log.close()  # type: ignore[union-attr]
     wait_for_port(port, proc)
     return proc, f"http://127.0.0.1:{port}"
+
+
+def requests_in_log(request_log: str, method: str, path_part: str) -> int:
+    """How many ``method`` requests moto logged for paths containing ``path_part``."""
+    with open(request_log, errors="replace") as f:
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in f]  # the log colours some lines
+    return sum(1 for line in lines if f'"{method} ' in line and path_part in line)
 
 
 def make_bucket(endpoint: str) -> str:

@@ -16,6 +16,7 @@ from elastic_resume.cli import parse_storage_options
 from elastic_resume.errors import ConfigError
 from harness.processes import child_env
 from tests.helpers import tamper
+from tests.helpers.terminal import through_a_terminal
 
 CLI = os.path.join(os.path.dirname(sys.executable), "elastic-resume")
 
@@ -156,28 +157,21 @@ def test_help_lists_every_kind_of_root():
 
 def _through_a_terminal(*args: str, env: dict[str, str] | None = None) -> str:
     """Run the CLI with stdout and stderr on a pseudo-terminal; everything it drew."""
-    import fcntl
-    import pty
-    import struct
-    import termios
+    return through_a_terminal(CLI, *args, env=env)
 
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 wide
-    proc = subprocess.Popen([CLI, *args], stdin=subprocess.DEVNULL, stdout=follower, stderr=follower,
-                            env=child_env(env))
-    os.close(follower)
-    out = b""
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # EIO: the terminal's other side closed
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.close(leader)
-    assert proc.wait(timeout=60) == 0
-    return out.decode(errors="replace")
+
+def test_prune_and_export_draw_progress_bars_on_a_terminal_only(local_root, tmp_path):
+    mgr = CheckpointManager(local_root.url, keep_last=None)
+    for s in (1, 2, 3, 4):
+        mgr.save(s, {"model": {"w": torch.full((1 << 16,), float(s))}, "step": s})
+    drawn = _through_a_terminal("export", local_root.url, str(tmp_path / "w.safetensors"))
+    assert "writing w.safetensors" in drawn and "%|" in drawn and "exported step 4" in drawn
+    piped = run_cli("export", local_root.url, str(tmp_path / "w.pt"))
+    assert piped.returncode == 0 and "writing" not in piped.stderr + piped.stdout
+    drawn = _through_a_terminal("prune", local_root.url, "--keep", "2")
+    assert "verifying the newest 2" in drawn and "deleting" in drawn and "deleted step 1" in drawn
+    as_json = _through_a_terminal("prune", local_root.url, "--keep", "1", "--json")
+    assert "verifying" not in as_json and json.loads(as_json[as_json.index("{"):])["deleted"] == [3]
 
 
 def test_verify_draws_a_progress_bar_on_a_terminal_only_and_never_with_json(populated):

@@ -176,3 +176,47 @@ def test_waits_between_sessions_are_reported_and_counted_in_the_elapsed_goodput(
     assert "elapsed            210.0 s" in text and "11.4% of the elapsed time" in text
     single = summarize(run(0, 0, (0, 0)))
     assert not single.waits and "between sessions" not in single.text() and single.elapsed_s == single.wall_s
+
+
+def test_report_writes_the_recovery_metrics_as_tensorboard_scalars(tmp_path):
+    """``report --tensorboard DIR``: what the Lightning callback gives Lightning's loggers, from the
+    event log of a plain loop, read back by TensorBoard's own reader."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from harness.processes import child_env
+
+    events = [
+        ev(0, "launch_started", node="n", pid=1),
+        *[ev(1 + s, "step", rank=0, step=s, loss=1.0 / s, seconds=1.0) for s in range(1, 7)],
+        ev(8, "restart", node="n", pid=1, failures=[{"rank": 1, "exitcode": -9, "signal": "SIGKILL"}]),
+        ev(10, "restored", rank=0, step=4),
+        *[ev(10 + s - 4, "step", rank=0, step=s, loss=1.0 / s, seconds=1.0) for s in range(5, 9)],
+        ev(14.5, "rollback", rank=0, from_step=8, to_step=6, skipped=[100, 140], lr_scale=0.5),
+        ev(14.5, "rollback", rank=1, from_step=8, to_step=6, skipped=[100, 140], lr_scale=0.5),  # the same, rank 1
+        ev(14.6, "data_skipped", rank=0, through_step=9, samples=40),
+        *[ev(15 + s - 7, "step", rank=0, step=s, loss=0.1, seconds=1.0) for s in range(7, 11)],
+        ev(20, "launch_finished", node="n", pid=1, exit_code=0, reason="finished"),
+    ]
+    log = tmp_path / "events.jsonl"
+    log.write_text("".join(json.dumps(e) + "\n" for e in events))
+    r = subprocess.run([sys.executable, "-m", "elastic_resume.cli", "report", str(log), "--tensorboard",
+                        str(tmp_path / "tb")], capture_output=True, text=True, env=child_env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "tensorboard" in r.stdout
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+
+    def series(tag):
+        return [(s.step, round(s.value, 4)) for s in acc.Scalars(f"elastic_resume/{tag}")]
+
+    assert series("loss") == [(1, 1.0), (2, 0.5), (3, 0.3333), (4, 0.25), (5, 0.2), (6, 0.1667),
+                              (7, 0.1), (8, 0.1), (9, 0.1), (10, 0.1)]  # the curve that survived
+    assert series("rollbacks") == [(8, 1.0)] and series("lr_scale") == [(8, 0.5)]
+    assert series("samples_skipped") == [(8, 40.0)]
+    assert series("restarts") == [(4, 1.0)]
+    assert series("goodput") == [(10, 0.5)]

@@ -1,23 +1,30 @@
-"""The checkpoint data-file format: a JSON header describing a tree, then raw tensor bytes.
+"""The checkpoint data-file format: a safetensors file whose metadata carries the state's tree.
 
 Why not ``torch.save``: a pickle can execute code when loaded, and ``torch.save`` writes through
 a zip writer that computes its own CRC and copies each tensor; both cost time we measure against.
-This format cannot run code by construction (the only parser is ``json.loads`` plus bounds-checked
-``torch.Tensor.view``), lets the storage layer stream tensor memory straight to the file with no
-intermediate copy, and loads as one read into a single buffer from which tensors are views.
+This format cannot run code by construction (the only parsers are ``json.loads`` and
+bounds-checked offsets), lets the storage layer stream tensor memory straight to the file with
+no intermediate copy, and reads each tensor straight into storage of its own.
 
-Layout of a file::
+Every data file is a valid `safetensors <https://github.com/huggingface/safetensors>`_ file, so
+``safetensors.safe_open`` and the Hugging Face tools open it without this library::
 
-    b"ERCKPT\\x00\\x01"            8-byte magic (format version 1)
-    u64 little-endian            length of the JSON header
-    JSON header                  {"version": 1, "tree": ..., "tensors": [{dtype, shape, offset, nbytes}]}
-    zero padding to 64 bytes
-    tensor bytes                 each tensor starts at a 64-byte aligned offset from the data start
+    u64 little-endian              length N of the JSON header
+    JSON header (N bytes)          {"__metadata__": {"format": "pt", "elastic_resume": "<tree JSON>"},
+                                    "<name>": {"dtype": "F32", "shape": [..], "data_offsets": [b, e]}, ...}
+                                   padded with spaces so the data starts 64-byte aligned
+    tensor bytes                   back to back, no holes, largest element size first (so every
+                                   tensor starts aligned to its own element size)
 
-The tree encodes dicts as key/value pairs (so int keys and key order survive, as optimizer state
-needs), tuples, bytes, dtypes and devices with small tags; tensors are references into the table.
-Ordinary Python values of configs (paths, enums, sets, dataclasses, datetimes, namespaces,
-OmegaConf containers) have tags of their own, defined in ``values.py``.
+The tree (metadata ``elastic_resume``: ``{"version": 2, "tree": ..., "tensors": [names], "complex":
+[indices]}``) encodes dicts as key/value pairs (so int keys and key order survive, as optimizer
+state needs), tuples, bytes, dtypes and devices with small tags; tensors are references
+``{"t": index}`` into the ``tensors`` list of names. Complex tensors are stored as their real
+view (safetensors has no complex128). Ordinary Python values of configs (paths, enums, sets,
+dataclasses, datetimes, namespaces, OmegaConf containers) have tags of their own (``values.py``).
+
+Files written before 0.6 (``.ert``: magic ``ERCKPT``, a JSON header, 64-byte aligned tensors)
+stay readable: both framings decode into the same tree.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeGuard
 
@@ -36,8 +44,14 @@ from ..errors import CheckpointCorruptError, StateError, UnsafeCheckpointError
 from ..storage import tensor_bytes
 from .values import DecodeRules, decode_value, encode_value
 
+#: Magic bytes of the format written before 0.6 (still read).
 MAGIC = b"ERCKPT\x00\x01"
 ALIGN = 64
+#: Suffix of the data files written now (``.ert``: the earlier framing).
+SUFFIX = ".safetensors"
+#: The ``__metadata__`` key holding the tree (JSON text: safetensors metadata values are strings).
+META_KEY = "elastic_resume"
+FORMAT_VERSION = 2
 _LEN = struct.Struct("<Q")
 _HEADER_LIMIT = 1 << 31  # a header larger than 2 GiB is certainly corrupt
 #: How deep a saved tree may nest. Saving refuses deeper states, so a deeper header on disk is
@@ -61,6 +75,15 @@ DTYPES: dict[str, torch.dtype] = {
         torch.float8_e4m3fn, torch.float8_e5m2,
     )
 }
+
+#: safetensors' names of the dtypes stored as they are (complex tensors go as their real view).
+ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+_FROM_ST = {name: dt for dt, name in ST_DTYPES.items()}
 
 _ITEMSIZE: dict[torch.dtype, int] = {dt: torch.empty((), dtype=dt).element_size() for dt in DTYPES.values()}
 
@@ -110,6 +133,8 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 class _Encoder:
     def __init__(self, *, to_cpu: bool = True, sharded: dict[str, torch.Tensor] | None = None) -> None:
         self.tensors: list[torch.Tensor] = []
+        self.paths: list[str] = []  # where each tensor sits in the tree (its name in the file)
+        self.ids: list[int] = []  # id() of each tensor as given (for names the caller chose)
         self.to_cpu = to_cpu
         self.sharded = sharded  # when given, DTensors are collected here instead of refused
 
@@ -123,10 +148,12 @@ class _Encoder:
             )
         if str(t.dtype).removeprefix("torch.") not in DTYPES:
             raise StateError(f"{path}: dtype {t.dtype} is not supported in checkpoints")
+        self.ids.append(id(t))
         t = t.detach()
         if self.to_cpu:
             t = as_cpu_contiguous(t)
         self.tensors.append(t)
+        self.paths.append(path)
         return len(self.tensors) - 1
 
     def encode(self, value: Any, path: str, depth: int = 0) -> Any:
@@ -190,14 +217,17 @@ def as_cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def flatten(
-    tree: Any, *, name: str = "state", sharded: dict[str, torch.Tensor] | None = None
+    tree: Any, *, name: str = "state", sharded: dict[str, torch.Tensor] | None = None, paths: list[str] | None = None,
 ) -> tuple[Any, list[torch.Tensor]]:
     """Split a tree into a JSON-able skeleton (tensors replaced by ``{"t": index}``) and the
     list of (detached, untouched) tensors. Unsupported values raise StateError naming the path.
     With ``sharded``, DTensors are collected there by path (``{"st": path}`` in the skeleton):
     they are saved through torch.distributed.checkpoint, which can reshard them."""
     enc = _Encoder(to_cpu=False, sharded=sharded)
-    return enc.encode(tree, name), enc.tensors
+    skeleton = enc.encode(tree, name)
+    if paths is not None:  # where each tensor sits, for names in the files
+        paths.extend(enc.paths)
+    return skeleton, enc.tensors
 
 
 def unflatten(
@@ -209,39 +239,61 @@ def unflatten(
     return _Decoder(tensors, where, sharded or {}, rules).decode(skeleton)
 
 
-def encode(tree: Any, *, name: str = "state") -> EncodedFile:
-    """Describe ``tree`` as a header plus tensor list. Tensors are not copied (except non-CPU or
-    non-contiguous ones, which must be made contiguous CPU memory to be written)."""
+_KEY_RE = re.compile(r"""\[(?:'((?:[^'\\]|\\.)*)'|"((?:[^"\\]|\\.)*)"|(-?\d+))\]""")
+
+
+def tensor_names(paths: list[str], root: str, chosen: list[str | None] | None = None) -> list[str]:
+    """Readable, unique safetensors names for tensors at these tree paths:
+    ``state['model']['fc.weight']`` becomes ``model.fc.weight`` (``chosen[i]``, when given, is
+    the name tensor ``i`` gets instead)."""
+    names, seen = [], {"__metadata__"}
+    for i, path in enumerate(paths):
+        rest = path[len(root):] if path.startswith(root) else path
+        name = (chosen[i] if chosen else None) or ".".join(a or b or c for a, b, c in _KEY_RE.findall(rest)) or rest or root
+        if name in seen:
+            name = f"{name}#{i}"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def encode(tree: Any, *, name: str = "state", labels: dict[int, str] | None = None) -> EncodedFile:
+    """Describe ``tree`` as a safetensors header plus tensor list. Tensors are not copied (except
+    non-CPU or non-contiguous ones, which must be made contiguous CPU memory to be written).
+    ``labels``: the names some tensors get in the file, by ``id()`` of the tensor in ``tree`` (a
+    data file holding pieces of a state names them by their place in that state)."""
     enc = _Encoder()
     encoded_tree = enc.encode(tree, name)
-    table = []
-    offset = 0
-    offsets = []
-    for t in enc.tensors:
+    chosen = [labels.get(i) for i in enc.ids] if labels else None
+    meta: dict[str, Any] = {"version": FORMAT_VERSION, "tree": encoded_tree,
+                            "tensors": tensor_names(enc.paths, name, chosen)}
+    complex_ = [i for i, t in enumerate(enc.tensors) if t.is_complex()]
+    if complex_:
+        meta["complex"] = complex_
+    return safetensors_file(list(zip(meta["tensors"], enc.tensors)),
+                            {"format": "pt", META_KEY: json.dumps(meta, separators=(",", ":"))})
+
+
+def safetensors_file(named: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> EncodedFile:
+    """Frame named contiguous CPU tensors (names unique) as a safetensors file; a complex tensor
+    goes as its real view."""
+    stored = [torch.view_as_real(t) if t.is_complex() else t for _, t in named]
+    # Largest element size first (a complex tensor's, not its real view's): each tensor then
+    # starts at a multiple of its own element size (the data start is 64-aligned), so a file in
+    # memory can be viewed without copies.
+    order = sorted(range(len(stored)), key=lambda i: -named[i][1].element_size())
+    entries: dict[str, Any] = {}
+    offsets, pos = [0] * len(stored), 0
+    for i in order:
+        t = stored[i]
         nbytes = t.numel() * t.element_size()
-        offset = _align(offset)
-        offsets.append(offset)
-        table.append(
-            {
-                "dtype": str(t.dtype).removeprefix("torch."),
-                "shape": list(t.shape),
-                "offset": offset,
-                "nbytes": nbytes,
-            }
-        )
-        offset += nbytes
-    header_json = json.dumps(
-        {"version": 1, "tree": encoded_tree, "tensors": table}, separators=(",", ":")
-    ).encode()
-    header = MAGIC + _LEN.pack(len(header_json)) + header_json
-    header += bytes(_align(len(header)) - len(header))
-    data_nbytes = _align(offset) if offset else 0
-    return EncodedFile(
-        header=header,
-        tensors=enc.tensors,
-        offsets=offsets,
-        size=len(header) + data_nbytes,
-    )
+        entries[named[i][0]] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + nbytes]}
+        offsets[i], pos = pos, pos + nbytes
+    header_json = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    pad = _align(_LEN.size + len(header_json)) - _LEN.size - len(header_json)
+    header = _LEN.pack(len(header_json) + pad) + header_json + b" " * pad
+    return EncodedFile(header=header, tensors=[stored[i] for i in order], offsets=[offsets[i] for i in order],
+                       size=len(header) + pos)
 
 
 def sniff_unsafe(prefix: bytes) -> str | None:
@@ -344,22 +396,127 @@ def _is_shape(v: Any) -> TypeGuard[list[int]]:
             and all(_is_int(s) and 0 <= s <= _MAX_DIM_SIZE for s in v))
 
 
+def _refuse_foreign(head: bytes, where: str) -> CheckpointCorruptError:
+    unsafe = sniff_unsafe(head)
+    if unsafe:
+        return UnsafeCheckpointError(
+            None, where, f"holds {unsafe}; elastic-resume never unpickles checkpoint data, "
+            "since loading a pickle can execute arbitrary code"
+        )
+    return CheckpointCorruptError(None, where, "not an elastic-resume data file (bad magic bytes)")
+
+
 def _check_header(head: bytes, size: int, where: str) -> int:
-    """Validate the first 16 bytes; return the JSON header's length."""
-    if not head.startswith(MAGIC):
-        unsafe = sniff_unsafe(head)
-        if unsafe:
-            raise UnsafeCheckpointError(
-                None, where, f"holds {unsafe}; elastic-resume never unpickles checkpoint data, "
-                "since loading a pickle can execute arbitrary code"
-            )
-        raise CheckpointCorruptError(None, where, "not an elastic-resume data file (bad magic bytes)")
+    """Validate the first 16 bytes of an ``.ert`` file; return the JSON header's length."""
     if size < 16:
         raise CheckpointCorruptError(None, where, "truncated header")
     (hlen,) = _LEN.unpack(head[8:16])
     if hlen > _HEADER_LIMIT or 16 + hlen > size:
         raise CheckpointCorruptError(None, where, f"header length {hlen} exceeds file size {size}")
     return hlen
+
+
+@dataclass
+class _Layout:
+    """Where a file's tensors are, checked against the file: (dtype, shape, absolute offset,
+    nbytes) in the tree's index order, which of them are complex (stored as their real view),
+    and the tree."""
+
+    tree: Any
+    table: list[tuple[torch.dtype, list[int], int, int]]
+    complex: frozenset[int] = frozenset()
+
+
+def _layout(head: bytes, read: Callable[[int], bytes], size: int, where: str) -> _Layout:
+    """Parse a file's header, either framing. ``head`` is its first ``min(16, size)`` bytes and
+    ``read(n)`` returns the next ``n``."""
+    if head.startswith(MAGIC):
+        hlen = _check_header(head, size, where)
+        header = _parse_header(read(hlen), where)
+        table = _tensor_table(header, size, _align(16 + hlen), where)
+        return _Layout(header["tree"], table)
+    if len(head) > _LEN.size and head[_LEN.size:_LEN.size + 1] == b"{":
+        if size < 16:
+            raise CheckpointCorruptError(None, where, "truncated header")
+        (hlen,) = _LEN.unpack(head[:8])
+        if hlen > _HEADER_LIMIT or 8 + hlen > size or hlen < 8:
+            raise CheckpointCorruptError(None, where, f"header length {hlen} does not fit the file size {size}")
+        header = _parse_header(head[8:] + read(hlen - (len(head) - 8)), where)
+        return _safetensors_layout(header, size, 8 + hlen, where)
+    raise _refuse_foreign(head, where)
+
+
+def _safetensors_layout(header: Any, size: int, data_start: int, where: str) -> _Layout:
+    """Every field type- and bounds-checked against the file (untrusted input: nothing here may
+    allocate by what the header claims). The tensors must cover the data exactly: back to back,
+    no holes, no overlap, nothing after the last (what safetensors itself requires)."""
+    def fail(reason: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(None, where, f"malformed data header: {reason}")
+
+    if not isinstance(header, dict):
+        raise fail("the header is not an object")
+    meta_text = header.get("__metadata__", {}).get(META_KEY) if isinstance(header.get("__metadata__"), dict) else None
+    if not isinstance(meta_text, str):
+        raise CheckpointCorruptError(None, where, "a safetensors file without elastic-resume metadata "
+                                     "(not a checkpoint data file)")
+    meta = _parse_header(meta_text.encode(), where)
+    if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
+        version = meta.get("version") if isinstance(meta, dict) else meta
+        raise CheckpointCorruptError(None, where, f"unknown data format version {str(version)[:40]!r}")
+    names, complex_ = meta.get("tensors"), meta.get("complex", [])
+    if "tree" not in meta:
+        raise fail("no tree")
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise fail("the tensor list is not a list of names")
+    if len(names) != len(entries) or set(names) != set(entries):
+        raise fail("the tensor list does not name exactly the file's tensors")
+    if not isinstance(complex_, list) or not all(_is_int(i) and 0 <= i < len(names) for i in complex_):
+        raise fail("the complex tensor list is invalid")
+    spans: list[tuple[int, int, str]] = []
+    by_name: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+    for name, entry in entries.items():
+        label = name[:80]
+        if not isinstance(entry, dict):
+            raise fail(f"tensor {label!r} is not an object")
+        dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype_name, str) or dtype_name not in _FROM_ST:
+            raise fail(f"tensor {label!r} has unknown dtype {str(dtype_name)[:40]!r}")
+        if not _is_shape(shape):
+            raise fail(f"tensor {label!r} has an invalid shape")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise fail(f"tensor {label!r} has invalid data offsets")
+        dtype = _FROM_ST[dtype_name]
+        begin, end = offsets
+        if _numel(shape, size) * _ITEMSIZE[dtype] != end - begin:
+            raise fail(f"tensor {label!r} has a size that does not match its shape")
+        if (data_start + begin) % _ITEMSIZE[dtype]:
+            raise fail(f"tensor {label!r} is not aligned to its element size")
+        spans.append((begin, end, name))
+        by_name[name] = (dtype, shape, data_start + begin, end - begin)
+    pos = 0
+    for begin, end, name in sorted(spans, key=lambda s: (s[0], s[1])):
+        if begin != pos:
+            raise fail(f"tensor {name[:80]!r} {'overlaps another' if begin < pos else 'leaves a hole before it'}")
+        pos = end
+    if data_start + pos != size:
+        raise fail(f"the tensors cover {pos} of the file's {size - data_start} data bytes")
+    for i in complex_:
+        dtype, shape, offset, _ = by_name[names[i]]
+        if (dtype not in (torch.float32, torch.float64) or not shape or shape[-1] != 2
+                or offset % (2 * _ITEMSIZE[dtype])):
+            raise fail(f"complex tensor {names[i][:80]!r} is not stored as a real view")
+    return _Layout(meta["tree"], [by_name[n] for n in names], frozenset(complex_))
+
+
+def _numel(shape: list[int], size: int) -> int:
+    numel = 1
+    for s in shape:
+        numel *= s
+        if numel > size:  # more elements than the file has bytes: stop before the product grows
+            break
+    return numel
 
 
 def _tensor_table(header: Any, size: int, data_start: int, where: str) -> list[tuple[torch.dtype, list[int], int, int]]:
@@ -388,13 +545,7 @@ def _tensor_table(header: Any, size: int, data_start: int, where: str) -> list[t
         if not _is_int(offset) or not _is_int(nbytes) or offset < 0 or nbytes < 0:
             raise fail(f"tensor entry {i} has an invalid offset or size")
         dtype = DTYPES[dtype_name]
-        numel = 1
-        for s in shape:
-            numel *= s
-            if numel > size:  # more elements than the file has bytes: stop before the product grows
-                break
-        itemsize = _ITEMSIZE[dtype]
-        if nbytes != numel * itemsize or offset % ALIGN:
+        if nbytes != _numel(shape, size) * _ITEMSIZE[dtype] or offset % ALIGN:
             raise fail(f"tensor entry {i} has inconsistent size or offset")
         if data_start + offset + nbytes > size:
             raise fail(f"tensor entry {i} extends past the end of the file")
@@ -411,6 +562,12 @@ def _parse_header(raw: bytes, where: str) -> Any:
         raise CheckpointCorruptError(None, where, "malformed data header: nested too deeply") from None
 
 
+def _tree(tensors: list[Any], layout: _Layout, where: str, rules: DecodeRules | None = None) -> Any:
+    for i in layout.complex:
+        tensors[i] = torch.view_as_complex(tensors[i])
+    return _Decoder(tensors, where, rules=rules).decode(layout.tree)
+
+
 def decode_stream(stream: Any, *, where: str, materialize: bool = True) -> Any:
     """Rebuild the tree while reading the file once, front to back: each tensor is read straight
     into storage of its own (no shared buffer for loaded objects to alias and keep alive, no
@@ -418,17 +575,18 @@ def decode_stream(stream: Any, *, where: str, materialize: bool = True) -> Any:
     ``materialize=False`` checks that the file decodes without keeping its tensors: their bytes
     are hashed and dropped, and the tree holds shape-only ``meta`` tensors (verification)."""
     size = stream.size
-    head = bytearray(min(16, size))
-    stream.readinto_exact(memoryview(head))
-    hlen = _check_header(bytes(head), size, where)
-    raw = bytearray(hlen)
-    stream.readinto_exact(memoryview(raw))
-    header = _parse_header(bytes(raw), where)
-    table = _tensor_table(header, size, _align(16 + hlen), where)
-    order = sorted(range(len(table)), key=lambda i: table[i][2])
-    tensors: list[torch.Tensor | None] = [None] * len(table)
+
+    def read(n: int) -> bytes:
+        raw = bytearray(n)
+        stream.readinto_exact(memoryview(raw))
+        return bytes(raw)
+
+    layout = _layout(read(min(16, size)), read, size, where)
+    # By offset, an empty tensor before a non-empty one at the same offset.
+    order = sorted(range(len(layout.table)), key=lambda i: (layout.table[i][2], layout.table[i][3]))
+    tensors: list[Any] = [None] * len(layout.table)
     for i in order:
-        dtype, shape, offset, nbytes = table[i]
+        dtype, shape, offset, nbytes = layout.table[i]
         if offset < stream.pos:
             raise CheckpointCorruptError(None, where, f"tensor entry {i} overlaps another")
         stream.skip(offset - stream.pos)
@@ -440,7 +598,7 @@ def decode_stream(stream: Any, *, where: str, materialize: bool = True) -> Any:
             t = torch.empty(shape, dtype=dtype, device="meta")
             stream.skip(nbytes)
         tensors[i] = t
-    return _Decoder(tensors, where).decode(header["tree"])
+    return _tree(tensors, layout, where)
 
 
 def decode(buf: torch.Tensor, *, where: str, rules: DecodeRules | None = None) -> Any:
@@ -448,13 +606,19 @@ def decode(buf: torch.Tensor, *, where: str, rules: DecodeRules | None = None) -
     views into ``buf`` (no copy); used where the consumer copies them out at once (DCP shards).
     ``where`` names the file in errors."""
     size = buf.numel()
-    hlen = _check_header(bytes(tensor_bytes(buf[: min(size, 16)])), size, where)
-    header = _parse_header(bytes(tensor_bytes(buf[16 : 16 + hlen])), where)
-    tensors = [
+    pos = min(size, 16)
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        pos += n
+        return bytes(tensor_bytes(buf[pos - n : pos]))
+
+    layout = _layout(bytes(tensor_bytes(buf[:pos])), read, size, where)
+    tensors: list[Any] = [
         torch.empty(shape, dtype=dtype) if nbytes == 0 else buf[offset : offset + nbytes].view(dtype).view(shape)
-        for dtype, shape, offset, nbytes in _tensor_table(header, size, _align(16 + hlen), where)
+        for dtype, shape, offset, nbytes in layout.table
     ]
-    return _Decoder(tensors, where, rules=rules).decode(header["tree"])
+    return _tree(tensors, layout, where, rules)
 
 
 def encodable(value: Any, path: str) -> bool:

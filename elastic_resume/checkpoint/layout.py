@@ -4,7 +4,7 @@ save attempt is called. Pure functions over strings; nothing here reads or write
 Layout under a root::
 
     step-000000001200/MANIFEST.json               written last, create-only: the commit
-    step-000000001200/<attempt>/shared-00000.ert  data files, each listed in the manifest
+    step-000000001200/<attempt>/shared-00000.safetensors  data files (.ert before 0.6), in the manifest
     resume-attempts.json                          resumes counted per step (crash loops)
     .prune.lock                                   one prune at a time
 
@@ -72,7 +72,7 @@ def manifest_path(step: int) -> str:
 
 
 def data_file(attempt: str, rank: int, kind: str = FileKind.RANK) -> str:
-    return f"{attempt}/{kind}-{rank:05d}.ert"
+    return f"{attempt}/{kind}-{rank:05d}.safetensors"
 
 
 def new_attempt_id() -> str:

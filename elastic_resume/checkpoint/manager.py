@@ -31,11 +31,12 @@ from ..collectives import Group, default_group, on_rank0, process_group
 from ..contract import DEFAULT_MAX_RESUMES_PER_STEP, Env, Event
 from ..errors import BadRootError, CheckpointCorruptError, ConfigError, StateError, StorageError
 from ..events import EventLog
-from ..storage import open_storage
+from ..progress import RESTORE_BAR_BYTES, ProgressBar, on_terminal
+from ..storage import LocalStorage, open_storage
 from . import drift, fingerprint
 from .agreement import Agreed, Candidate, agree
 from .layout import ROLLBACK_DECISION
-from .manifest import Manifest
+from .manifest import FileEntry, Manifest
 from .reading import LoadedStep, ReadAttempt, try_read
 from .root_records import read_record_together, write_record_together
 from .saving import StepWriter
@@ -65,6 +66,33 @@ def open_events(event_log: EventLog | str | os.PathLike[str] | None, rank: int) 
     if event_log is not None:
         return EventLog(event_log, rank=rank)
     return EventLog.from_env(rank=rank)
+
+
+class RestoreBar:
+    """Rank 0's progress bar over the bytes a restore reads and receives, on a terminal and for
+    a step of at least ``RESTORE_BAR_BYTES`` only (one bar per step tried)."""
+
+    def __init__(self, rank: int) -> None:
+        self.enabled = rank == 0 and on_terminal()
+        self.step: int | None = None
+        self.bar: ProgressBar | None = None
+        self.done = 0
+
+    def loaded(self, manifest: Manifest, entry: FileEntry) -> None:
+        if not self.enabled or manifest.total_bytes < RESTORE_BAR_BYTES:
+            return
+        if manifest.step != self.step:
+            self.close()
+            self.step, self.done = manifest.step, 0
+            self.bar = ProgressBar(f"restoring step {manifest.step}")
+        self.done += entry.size
+        assert self.bar is not None
+        self.bar(self.done, manifest.total_bytes)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 @dataclass(kw_only=True)
@@ -99,6 +127,12 @@ class CheckpointOptions:
     """Your own classes (or their ``"module:QualName"`` names) whose enum members and dataclass
     instances a restore rebuilds; any other class comes back in plain form (the enum's value,
     the dataclass's fields as a dict). Nothing in a checkpoint chooses code to run."""
+    parallel_restore: bool | str = "auto"
+    """At more than one rank, each rank reads a disjoint share of the replicated files and the
+    ranks exchange the rest over the coordination group: O(N) requests per restore on an object
+    store, not N x N. ``"auto"``: on object stores (on a local disk re-reading from the page
+    cache is faster than the exchange; set True for a network file system). False: every rank
+    reads every replicated file itself."""
     max_resumes_per_step: int | None = None
     """Resumes from one step, with nothing newer committed, before restore falls back to the step
     before (a crash loop); 0 disables; None: what the launcher passes (``--er-max-resumes-per-step``), else 3."""
@@ -108,6 +142,8 @@ class CheckpointOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer or None (got {value!r})")
+        if self.parallel_restore not in (True, False, "auto"):
+            raise ConfigError(f"parallel_restore must be True, False or 'auto' (got {self.parallel_restore!r})")
         mr = self.max_resumes_per_step
         if mr is not None and (not isinstance(mr, int) or isinstance(mr, bool) or mr < 0):
             raise ConfigError(f"max_resumes_per_step must be 0 (off), a positive integer or None (got {mr!r})")
@@ -365,7 +401,13 @@ class CheckpointManager:
         if not steps:
             self.events.emit(Event.RESTORE_NONE, root=self.storage.display(), reason="no committed checkpoint")
             return None
-        agreed = self._agree(steps, state)
+        bar = RestoreBar(self.rank)
+        self.store.on_loaded = bar.loaded
+        try:
+            agreed = self._agree(steps, state)
+        finally:
+            self.store.on_loaded = None
+            bar.close()
         loaded = agreed.value
         manifest = loaded.manifest
         self.last_drift = drift.check(manifest.fingerprint, current, step=manifest.step, policy=self.options.drift,
@@ -405,8 +447,13 @@ class CheckpointManager:
                      "timeline and retires them", step, len(newer), max(newer))
 
     def _agree(self, steps: list[int], state: Mapping[str, Any]) -> Agreed[LoadedStep]:
+        from .parallel_read import ParallelRead
+
+        parallel = ParallelRead(self.group) if self.world_size > 1 and self._parallel_restore() else None
+
         def read(c: Candidate) -> ReadAttempt[LoadedStep]:
-            attempt = try_read(self.store, c.step, rank=self.rank, world_size=self.world_size, state=state)
+            attempt = try_read(self.store, c.step, rank=self.rank, world_size=self.world_size, state=state,
+                               parallel=parallel)
             if attempt.seen_digest is not None:
                 self._seen_manifests[c.step] = attempt.seen_digest
             return attempt
@@ -420,6 +467,10 @@ class CheckpointManager:
                          f"none of the {len(steps)} committed checkpoint(s) under {self.storage.display()} could be "
                          f"verified and loaded by every rank: {details}. Inspect them with 'elastic-resume verify'; "
                          "move the root aside to start fresh."))
+
+    def _parallel_restore(self) -> bool:
+        setting = self.options.parallel_restore
+        return not isinstance(self.storage, LocalStorage) if setting == "auto" else bool(setting)
 
     def _candidates(self) -> list[int]:
         """Rank 0: committed steps to try, newest first, minus crash-looping ones; counts this

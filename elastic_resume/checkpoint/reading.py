@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ..errors import CheckpointCorruptError, StateError, StorageError
 from .format import unflatten
@@ -21,6 +21,9 @@ from .layout import FileKind, step_dir
 from .manifest import Manifest, manifest_hash
 from .store import CheckpointStore
 from .values import DecodeRules
+
+if TYPE_CHECKING:
+    from .parallel_read import ParallelRead
 
 V = TypeVar("V")
 
@@ -77,10 +80,12 @@ def _as_state(tree: Any, step: int, what: str) -> dict[str, Any]:
 
 
 def read_step(store: CheckpointStore, manifest: Manifest, *, rank: int, world_size: int,
-              state: Mapping[str, Any]) -> LoadedStep:
+              state: Mapping[str, Any], parallel: ParallelRead | None = None) -> LoadedStep:
     """This rank's share of the step ``manifest`` commits. ``state`` is the live state it will be
-    loaded into (its per-rank values say whether they can be resharded). Raises
-    CheckpointCorruptError naming the file, StateError when the state cannot take it."""
+    loaded into (its per-rank values say whether they can be resharded). ``parallel``: the
+    replicated files are spread over the ranks and exchanged (collective), instead of every
+    rank reading every one. Raises CheckpointCorruptError naming the file, StateError when the
+    state cannot take it."""
     step = manifest.step
     source, reseed = rank, False
     keys = manifest.extra.get("per_rank_keys", [])
@@ -93,7 +98,7 @@ def read_step(store: CheckpointStore, manifest: Manifest, *, rank: int, world_si
                 f"resharded; restore at world size {manifest.world_size}, or drop it from the state"
             )
         source, reseed = 0, True
-    skeleton, tensors = store.read_replicated(manifest)
+    skeleton, tensors = parallel.read(store, manifest) if parallel is not None else store.read_replicated(manifest)
     loaded = LoadedStep(manifest, replicated=None, reseed=reseed, rules=store.decode_rules())
     if loaded.has_sharded:
         # Sharded tensors are loaded after every rank agreed on this step (DCP's load is
@@ -109,16 +114,18 @@ def read_step(store: CheckpointStore, manifest: Manifest, *, rank: int, world_si
 
 
 def try_read(store: CheckpointStore, step: int, *, rank: int, world_size: int,
-             state: Mapping[str, Any]) -> ReadAttempt[LoadedStep]:
+             state: Mapping[str, Any], parallel: ParallelRead | None = None) -> ReadAttempt[LoadedStep]:
     """:func:`read_step` of ``step`` as an attempt: corruption and unreadable files become the
     attempt's reason (restore moves on to an older step); a state that cannot take the step
     (StateError) is raised, since no older step would fit it better."""
     try:
         manifest = store.read_manifest(step)
     except CheckpointCorruptError as e:
+        if parallel is not None:
+            parallel.absent()
         return ReadAttempt(None, file=e.file, why=e.reason, seen_digest=store.manifest_digest(step))
     try:
-        loaded = read_step(store, manifest, rank=rank, world_size=world_size, state=state)
+        loaded = read_step(store, manifest, rank=rank, world_size=world_size, state=state, parallel=parallel)
     except StateError:
         raise
     except CheckpointCorruptError as e:

@@ -11,7 +11,7 @@ are always kept; unloadable steps newer than the kept ones stay as evidence.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -100,12 +100,15 @@ def prune(
     in_flight: int | None = None,
     dry_run: bool = False,
     lock_timeout: float = 60.0,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> RetentionPlan:
     """Apply retention (see :func:`plan_retention`). Loadability is decided by full
     verification, newest first, until ``keep_last`` loadable steps are found (steps this
     process wrote or loaded are not read again). Before each deletion the step is looked at
     again: an incomplete directory that has been committed meanwhile, or whose save began
-    after the newest loadable commit (a save in flight), is left alone."""
+    after the newest loadable commit (a save in flight), is left alone. ``progress(phase, done,
+    total)``: ``verifying`` in bytes (of the newest ``keep_last`` steps), ``deleting`` in steps."""
+    report_progress = progress or (lambda phase, done, total: None)
     # A dry run changes nothing, so it needs no lock (and works on a read-only root).
     with contextlib.nullcontext() if dry_run else store.storage.lock(PRUNE_LOCK, lock_timeout):
         listing = store.scan()
@@ -116,9 +119,12 @@ def prune(
         judged: dict[int, Manifest] = {}
         loadable: list[int] = []
         examined = 0
+        window = sum(listing[s].size for s in committed[: keep_last or 0])
+        verified_bytes = 0
         for s in committed:
             if keep_last is None or len(loadable) >= keep_last:
                 break
+            report_progress("verifying", verified_bytes, max(window, verified_bytes))
             examined += 1
             known_bad = store.known_unloadable(s)
             report = store.check_loadable(s, listing=listing[s])
@@ -129,6 +135,9 @@ def prune(
             elif not known_bad:  # reported once per process, not at every save's prune
                 for file, reason in report.problems:
                     store.report_corruption(s, file, reason)
+            verified_bytes += listing[s].size
+        if examined:
+            report_progress("verifying", verified_bytes, max(window, verified_bytes))
         unjudged_older = committed[examined:] if keep_last is not None else []
         plan = plan_retention(
             committed, [s for s in listing if not listing[s].committed],
@@ -142,8 +151,11 @@ def prune(
         plan = RetentionPlan(delete=plan.delete, keep=plan.keep, delete_incomplete=stale)
         if dry_run:
             return plan
-        deleted, deleted_incomplete = [], []
+        deleted: list[int] = []
+        deleted_incomplete: list[int] = []
+        doomed = len(plan.delete) + len(plan.delete_incomplete)
         for step in plan.delete:
+            report_progress("deleting", len(deleted), doomed)
             # Deleted steps are older than the loadable ones kept, whatever they hold now;
             # one that is gone already (another prune) needs nothing.
             if not store.has_manifest(step):
@@ -152,11 +164,14 @@ def prune(
             deleted.append(step)
             store.events.emit(Event.CHECKPOINT_DELETED, step=step, reason="retention")
         for step in plan.delete_incomplete:
+            report_progress("deleting", len(deleted) + len(deleted_incomplete), doomed)
             if store.has_manifest(step):
                 continue  # committed while we were deciding
             store.storage.delete_tree(step_dir(step))
             deleted_incomplete.append(step)
             store.events.emit(Event.INCOMPLETE_DELETED, step=step)
+        if doomed:
+            report_progress("deleting", doomed, doomed)
         return RetentionPlan(delete=deleted, keep=plan.keep, delete_incomplete=deleted_incomplete)
 
 def _attempts(store: CheckpointStore, listing: StepListing) -> set[str] | None:

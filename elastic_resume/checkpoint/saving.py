@@ -42,7 +42,7 @@ from ..contract import Event, ExitCode
 from ..errors import CheckpointSaveError, CommitConflictError, ElasticResumeError, ReplicaDivergenceError, StateError
 from ..events import EventLog
 from ..storage import digest_bytes
-from .format import as_cpu_contiguous, encode, flatten
+from .format import as_cpu_contiguous, encode, flatten, tensor_names
 from .layout import FileKind, data_file, new_attempt_id, step_dir
 from .manifest import FileEntry, Manifest, canonical_json
 from .staging import Stager
@@ -79,6 +79,8 @@ class SaveJob:
     #: holds these, so rank 0 can refuse to commit ranks that disagree on the structure).
     skeleton: Any = None
     shapes: list[list[Any]] = field(default_factory=list)
+    #: Each replicated tensor's name in the data files (its place in the state: ``model.fc.weight``).
+    names: list[str] = field(default_factory=list)
     #: The replicated tensors this rank writes, by index (staged copies for a background save).
     mine: dict[int, torch.Tensor] = field(default_factory=dict)
     per_rank_skeleton: Any = None
@@ -99,7 +101,9 @@ def prepare(job: SaveJob, state: Mapping[str, Any], *, rank: int, world_size: in
     if world_size > 1:
         job.replicas = replicas.state_digests(state)
     sharded: dict[str, torch.Tensor] | None = {} if world_size > 1 else None
-    skeleton, tensors = flatten(replicated, name="state", sharded=sharded)
+    paths: list[str] = []
+    skeleton, tensors = flatten(replicated, name="state", sharded=sharded, paths=paths)
+    job.names = tensor_names(paths, "state")
     pr_skeleton, pr_tensors = flatten(per_rank, name="state")
     sharded = sharded or {}
     owner = assign_tensors([t.numel() * t.element_size() for t in tensors], world_size)
@@ -202,7 +206,8 @@ class StepWriter:
         if job.mine or self.rank == 0:
             tree = {"skeleton": job.skeleton if self.rank == 0 else None, "tensors": job.mine}
             rel = data_file(job.attempt, self.rank, FileKind.SHARED)
-            entry = store.write_file(job.step, rel, encode(tree), rank=self.rank)
+            labels = {id(t): job.names[i] for i, t in job.mine.items()}
+            entry = store.write_file(job.step, rel, encode(tree, labels=labels), rank=self.rank)
             entries.append(FileEntry(entry.path, entry.size, entry.digest, self.rank, FileKind.SHARED))
         if job.extra["per_rank_keys"]:
             tree = {"skeleton": job.per_rank_skeleton, "tensors": dict(enumerate(job.per_rank_tensors))}

@@ -143,6 +143,13 @@ class CheckpointStore:
         # step -> (raw manifest digest, problems) of a step found unloadable: judged once, not
         # read in full again at every prune while it stands unchanged.
         self._known_unloadable: dict[int, tuple[str, list[tuple[str, str]]]] = {}
+        #: Told ``(manifest, entry)`` after each data file of a step this process loads has been
+        #: read and verified (or received from the rank that read it): a restore's progress bar.
+        self.on_loaded: Callable[[Manifest, FileEntry], None] | None = None
+
+    def loaded(self, manifest: Manifest, entry: FileEntry) -> None:
+        if self.on_loaded is not None:
+            self.on_loaded(manifest, entry)
 
     # -- listing -----------------------------------------------------------------------------
     def scan(self) -> dict[int, StepListing]:
@@ -344,6 +351,8 @@ class CheckpointStore:
             raise CheckpointCorruptError(
                 manifest.step, where, f"digest mismatch (recorded {entry.digest}, read {result.digest})"
             )
+        if keep:
+            self.loaded(manifest, entry)
         return result.buffer
 
     def read_tree(self, manifest: Manifest, entry: FileEntry, *, materialize: bool = True) -> Any:
@@ -367,11 +376,16 @@ class CheckpointStore:
             )
         if problem is not None:
             raise type(problem)(manifest.step, where, problem.reason)
+        if materialize:
+            self.loaded(manifest, entry)
         return tree
 
     def read_part(self, manifest: Manifest, entry: FileEntry, *, materialize: bool = True) -> StatePart:
         """One data file as a :class:`StatePart`, its structure checked."""
-        part = self.read_tree(manifest, entry, materialize=materialize)
+        return self.as_part(manifest, entry, self.read_tree(manifest, entry, materialize=materialize))
+
+    def as_part(self, manifest: Manifest, entry: FileEntry, part: Any) -> StatePart:
+        """A decoded data file's tree as a :class:`StatePart` (untrusted: its structure checked)."""
         where = self._where(manifest, entry)
         if not isinstance(part, dict) or not isinstance(part.get("tensors"), dict):
             raise CheckpointCorruptError(manifest.step, where, "data file does not hold a state")
@@ -380,12 +394,30 @@ class CheckpointStore:
             raise CheckpointCorruptError(manifest.step, where, "data file has an invalid tensor index")
         return StatePart(part.get("skeleton"), tensors)
 
+    def decode_part(self, manifest: Manifest, entry: FileEntry, buffer: torch.Tensor) -> StatePart:
+        """A data file already in memory (its digest checked by whoever read it) as a
+        :class:`StatePart`; its tensors are views of ``buffer``."""
+        from .format import decode
+
+        where = self._where(manifest, entry)
+        try:
+            tree = decode(buffer, where=where, rules=self.decode_rules())
+        except CheckpointCorruptError as e:
+            raise CheckpointCorruptError(manifest.step, where, e.reason) from None
+        return self.as_part(manifest, entry, tree)
+
     def read_replicated(self, manifest: Manifest, *, materialize: bool = True) -> tuple[Any, list[Any]]:
-        """The replicated state's skeleton and its tensors in order, from every ``shared`` file;
-        the pieces must add up to exactly the count the manifest records."""
+        """The replicated state's skeleton and its tensors in order, from every ``shared`` file
+        (this process reads them all; ``parallel_read`` spreads them over the ranks)."""
+        entries = manifest.files_of(FileKind.SHARED)
+        return self.assemble_replicated(
+            manifest, [(e, self.read_part(manifest, e, materialize=materialize)) for e in entries])
+
+    def assemble_replicated(self, manifest: Manifest, parts: list[tuple[FileEntry, StatePart]]) -> tuple[Any, list[Any]]:
+        """The skeleton and tensors in order from the shared files' parts; the pieces must add
+        up to exactly the count the manifest records."""
         skeleton, tensors = None, {}
-        for entry in manifest.files_of(FileKind.SHARED):
-            part = self.read_part(manifest, entry, materialize=materialize)
+        for entry, part in parts:
             if part.skeleton is not None:
                 skeleton = part.skeleton
             for k, t in part.tensors.items():
@@ -544,9 +576,10 @@ class CheckpointStore:
 
     # -- retention ---------------------------------------------------------------------------
     def prune(self, *, keep_last: int | None, keep_every: int | None = None, protect: Iterable[int] = (),
-              in_flight: int | None = None, dry_run: bool = False, lock_timeout: float = 60.0) -> RetentionPlan:
+              in_flight: int | None = None, dry_run: bool = False, lock_timeout: float = 60.0,
+              progress: Callable[[str, int, int], None] | None = None) -> RetentionPlan:
         """Apply retention under the prune lock (see :func:`retention.prune`)."""
         from .retention import prune
 
         return prune(self, keep_last=keep_last, keep_every=keep_every, protect=protect, in_flight=in_flight,
-                     dry_run=dry_run, lock_timeout=lock_timeout)
+                     dry_run=dry_run, lock_timeout=lock_timeout, progress=progress)

@@ -38,6 +38,7 @@ from ..checkpoint import fingerprint as fingerprints
 from ..checkpoint.state import RNGState
 from ..contract import Event, ExitCode
 from ..errors import ConfigError
+from ..metrics import RecoveryMetrics
 from ..spike.guard import GuardOptions, SpikeGuard
 from ..training.ddp import settle_ddp_buckets
 from ..training.loader import ResumableDataLoader
@@ -46,7 +47,6 @@ from . import _compat
 from ._compat import CALLBACK_BASES
 from .backend import TrainerBackend
 from .checkpoint_io import CHECKPOINT_KEY, ElasticCheckpointIO, normalize_path
-from .metrics import RecoveryMetrics
 
 log = logging.getLogger("elastic_resume")
 

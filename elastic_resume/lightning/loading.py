@@ -10,7 +10,7 @@ cannot open it. Two ways instead:
   ``torch.load(weights_only=True)``: only tensors, containers, stdlib value types and the user's
   ``allowed_classes`` are in it, so nothing a file chose is constructed. One process, any rank,
   no collective; local paths and object stores.
-- ``elastic-resume export --format lightning BUNDLE OUT.ckpt``: a standard ``.ckpt`` file that
+- ``elastic-resume export BUNDLE OUT.ckpt``: a standard ``.ckpt`` file that
   Lightning's ``load_from_checkpoint`` and ``torch.load(weights_only=True)`` read anywhere. Its
   hyper-parameters are plain (a path as text, an enum as its value, a config as a dict: see
   ``values.plain``), since ``weights_only=True`` refuses every other class.
@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
+from ..checkpoint.export import to_bytes
 from ..checkpoint.values import allowed_class_names, allowed_classes_present, is_omegaconf, plain
 from ..collectives import LocalGroup
-from ..errors import ConfigError
 from .checkpoint_io import ElasticCheckpointIO
 
 
@@ -43,29 +43,6 @@ def load_checkpoint(path: str | os.PathLike[str], *, storage_options: dict[str, 
     ``allowed_classes``: as for ``ElasticCheckpointIO``."""
     plugin = ElasticCheckpointIO(storage_options=storage_options, group=LocalGroup(), allowed_classes=allowed_classes)
     return plugin.load_checkpoint(path)
-
-
-def to_bytes(checkpoint: dict[str, Any]) -> bytes:
-    """``checkpoint`` as a standard ``.ckpt`` (what ``torch.save`` writes)."""
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    return buffer.getvalue()
-
-
-def exportable(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """``checkpoint`` with every config value in the plain form ``weights_only=True`` reads."""
-    return plain(checkpoint)
-
-
-def check_weights_only(data: bytes) -> None:
-    """Refuse a ``.ckpt`` that ``torch.load(weights_only=True)`` would not read back (our decoder
-    yields tensors and plain containers only, so every bundle passes; an export proves it)."""
-    try:
-        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - the weights-only unpickler's refusal, as one line
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        why = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(e).__name__)
-        raise ConfigError(f"checkpoint does not load with weights_only=True: {why[:300]}") from None
 
 
 #: Value types the weights-only unpickler may build for Lightning (stdlib values with no code of

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,11 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from elastic_resume.checkpoint import format as data_format
-from elastic_resume.checkpoint.format import ALIGN, MAGIC, decode, encode
+from elastic_resume.checkpoint.format import ALIGN, MAGIC, META_KEY, decode, encode
 from elastic_resume.checkpoint.manifest import Manifest, canonical_json
 from elastic_resume.errors import CheckpointCorruptError
 from elastic_resume.storage import digest_bytes
 
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "written-by-0.2.0"
 # CI runs a fixed, reproducible set of examples (a landing must not depend on luck); a local
 # run explores new ones each time.
 _IN_CI = bool(os.environ.get("CI"))
@@ -68,16 +70,42 @@ def _state() -> dict:
 
 VALID_FILE = encode({"skeleton": None, "tensors": {0: torch.ones(4)}, "tree": _state()})
 _VALID_BYTES = b"".join(bytes(c) for c in VALID_FILE.chunks())
-_HLEN = int.from_bytes(_VALID_BYTES[8:16], "little")
-VALID_HEADER = json.loads(_VALID_BYTES[16 : 16 + _HLEN])
-_BODY = _VALID_BYTES[(16 + _HLEN + ALIGN - 1) // ALIGN * ALIGN :]
+_HLEN = int.from_bytes(_VALID_BYTES[:8], "little")
+#: The safetensors header, its elastic-resume metadata (the tree) parsed too, so both are fuzzed.
+VALID_HEADER = json.loads(_VALID_BYTES[8 : 8 + _HLEN])
+VALID_HEADER["__metadata__"][META_KEY] = json.loads(VALID_HEADER["__metadata__"][META_KEY])
+_BODY = _VALID_BYTES[8 + _HLEN :]
+
+#: A data file written by 0.2.0 (the ``.ert`` framing, still read).
+_LEGACY_BYTES = next(FIXTURES.glob("plain/step-*/*/shared-00000.ert")).read_bytes()
+_LEGACY_HLEN = int.from_bytes(_LEGACY_BYTES[8:16], "little")
+LEGACY_HEADER = json.loads(_LEGACY_BYTES[16 : 16 + _LEGACY_HLEN])
+_LEGACY_BODY = _LEGACY_BYTES[(16 + _LEGACY_HLEN + ALIGN - 1) // ALIGN * ALIGN :]
 
 
-def _file_with_header(text: bytes) -> torch.Tensor:
+def _file_with_header(text: bytes, body: bytes = _BODY) -> torch.Tensor:
+    """A safetensors-framed file: the header padded with spaces as the writer does."""
+    text += b" " * (-(8 + len(text)) % ALIGN)
+    return torch.frombuffer(bytearray(len(text).to_bytes(8, "little") + text + body), dtype=torch.uint8)
+
+
+def _header_text(header: Any) -> bytes:
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if isinstance(meta, dict) and isinstance(meta.get(META_KEY), (dict, list)):
+        header = dict(header, __metadata__=dict(meta, **{META_KEY: json.dumps(meta[META_KEY])}))
+    return json.dumps(header).encode()
+
+
+def _legacy_file_with_header(text: bytes) -> torch.Tensor:
     head = MAGIC + len(text).to_bytes(8, "little") + text
     head += bytes((len(head) + ALIGN - 1) // ALIGN * ALIGN - len(head))
-    data = head + _BODY
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(head + _LEGACY_BODY), dtype=torch.uint8)
+
+
+def test_the_fuzzed_files_decode_unchanged():
+    assert decode(_file_with_header(_header_text(VALID_HEADER)), where="f")["tree"]["t"] == (1, 2.5, "x")
+    out = decode(_legacy_file_with_header(json.dumps(LEGACY_HEADER).encode()), where="f")
+    assert out["tensors"] and out["skeleton"] is not None
 
 
 _REAL_EMPTY = torch.empty
@@ -104,7 +132,7 @@ class _AllocationGuard:
 
 def _decode_checked(buf: torch.Tensor) -> None:
     try:
-        decode(buf, where="fuzz.ert")
+        decode(buf, where="fuzz.safetensors")
     except CheckpointCorruptError:
         pass
 
@@ -113,29 +141,44 @@ def _decode_checked(buf: torch.Tensor) -> None:
 @given(data=st.data())
 def test_data_header_with_any_field_replaced_decodes_or_is_corruption(data, monkeypatch_module):
     path = data.draw(st.sampled_from(_paths(VALID_HEADER)))
-    value = data.draw(json_value)
-    header = _replace(VALID_HEADER, path, value)
-    buf = _file_with_header(json.dumps(header).encode())
+    header = _replace(VALID_HEADER, path, data.draw(json_value))
+    buf = _file_with_header(_header_text(header))
     guard = _AllocationGuard(monkeypatch_module)
     _decode_checked(buf)
     assert guard.largest <= 16 * buf.numel()  # nothing larger than the file itself
 
 
 @FUZZ
-@given(text=st.binary(max_size=300))
-def test_data_header_of_arbitrary_bytes_is_corruption(text):
+@given(data=st.data())
+def test_legacy_data_header_with_any_field_replaced_decodes_or_is_corruption(data, monkeypatch_module):
+    path = data.draw(st.sampled_from(_paths(LEGACY_HEADER)))
+    header = _replace(LEGACY_HEADER, path, data.draw(json_value))
+    buf = _legacy_file_with_header(json.dumps(header).encode())
+    guard = _AllocationGuard(monkeypatch_module)
+    _decode_checked(buf)
+    assert guard.largest <= 16 * buf.numel()
+
+
+@FUZZ
+@given(text=st.binary(max_size=300), legacy=st.booleans())
+def test_data_header_of_arbitrary_bytes_is_corruption(text, legacy):
     with pytest.raises(CheckpointCorruptError):
-        decode(_file_with_header(text), where="fuzz.ert")
+        decode(_legacy_file_with_header(text) if legacy else _file_with_header(text), where="fuzz.safetensors")
 
 
 @settings(max_examples=40, deadline=None, derandomize=_IN_CI)
-@given(depth=st.integers(min_value=250, max_value=20000), opener=st.sampled_from(["[", '{"d":[[1,', '{"tu":[']))
-def test_deeply_nested_header_is_corruption(depth, opener):
+@given(depth=st.integers(min_value=250, max_value=20000), opener=st.sampled_from(["[", '{"d":[[1,', '{"tu":[']),
+       where=st.sampled_from(["tree", "header"]))
+def test_deeply_nested_header_is_corruption(depth, opener, where):
     closer = {"[": "]", '{"d":[[1,': "]]}", '{"tu":[': "]}"}[opener]
-    tree = opener * depth + "0" + closer * depth
-    text = json.dumps(dict(VALID_HEADER, tree=None)).replace('"tree": null', f'"tree": {tree}').encode()
+    nested = opener * depth + "0" + closer * depth
+    if where == "tree":  # inside the metadata's JSON text
+        meta = json.dumps(dict(VALID_HEADER["__metadata__"][META_KEY], tree=None)).replace('"tree": null', f'"tree": {nested}')
+        text = _header_text(dict(VALID_HEADER, __metadata__={META_KEY: meta}))
+    else:  # the safetensors header itself
+        text = _header_text(dict(VALID_HEADER, extra=None)).replace(b'"extra": null', f'"extra": {nested}'.encode())
     with pytest.raises(CheckpointCorruptError):
-        decode(_file_with_header(text), where="fuzz.ert")
+        decode(_file_with_header(text), where="fuzz.safetensors")
 
 
 def _valid_manifest_doc() -> dict:
@@ -145,8 +188,8 @@ def _valid_manifest_doc() -> dict:
                                                   "replicated_keys": ["model"]})
     from elastic_resume.checkpoint.manifest import FileEntry
 
-    m.files = [FileEntry(f"{m.attempt}/shared-00000.ert", 128, "xxh3_64:0123456789abcdef", 0, "shared"),
-               FileEntry(f"{m.attempt}/rank-00001.ert", 64, "xxh3_64:fedcba9876543210", 1, "rank")]
+    m.files = [FileEntry(f"{m.attempt}/shared-00000.safetensors", 128, "xxh3_64:0123456789abcdef", 0, "shared"),
+               FileEntry(f"{m.attempt}/rank-00001.safetensors", 64, "xxh3_64:fedcba9876543210", 1, "rank")]
     return json.loads(m.to_bytes())
 
 
@@ -186,9 +229,8 @@ def test_manifest_of_arbitrary_bytes_is_corruption(raw):
 
 
 def _hostile_file(node: Any) -> torch.Tensor:
-    header = json.dumps({"version": 1, "tree": node, "tensors": []}).encode()
-    raw = MAGIC + len(header).to_bytes(8, "little") + header
-    return torch.frombuffer(bytearray(raw + b"\x00" * (-len(raw) % ALIGN)), dtype=torch.uint8)
+    meta = {"version": 2, "tree": node, "tensors": []}
+    return _file_with_header(_header_text({"__metadata__": {"format": "pt", META_KEY: meta}}), body=b"")
 
 
 _MODULES = ["torch", "os", "sys", "builtins", "subprocess", "omegaconf", "collections", "enum", "pathlib",
@@ -214,7 +256,7 @@ def test_a_hostile_class_name_imports_nothing_and_runs_nothing(name, payload, ta
         "type": name}
     before = set(sys.modules)
     try:
-        decode(_hostile_file(node), where="evil.ert", rules=rules)
+        decode(_hostile_file(node), where="evil.safetensors", rules=rules)
     except CheckpointCorruptError:
         pass
     assert set(sys.modules) == before
@@ -233,7 +275,7 @@ def test_hostile_omegaconf_text_is_corruption_or_inert(monkeypatch_module, texts
     monkeypatch_module.setenv("ER_FUZZ_SECRET", "the-fuzz-secret-value")
     node = {"omc": {"d": [[f"k{i}", t] for i, t in enumerate(texts)] + [["a", 1], ["b", "x"]]}}
     try:
-        cfg = decode(_hostile_file(node), where="evil.ert")
+        cfg = decode(_hostile_file(node), where="evil.safetensors")
     except CheckpointCorruptError:
         return
     try:

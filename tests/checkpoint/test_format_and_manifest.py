@@ -62,10 +62,12 @@ def test_format_round_trips_every_supported_type():
     assert torch.equal(out["list"][1]["nested"][0], torch.zeros(1))
 
 
-def test_tensor_data_is_aligned_and_loaded_as_views():
-    enc = encode({"a": torch.ones(3), "b": torch.ones(5, dtype=torch.float64)})
-    assert all(off % 64 == 0 for off in enc.offsets)
-    assert enc.size % 64 == 0
+def test_tensors_start_aligned_to_their_element_size_with_no_holes():
+    enc = encode({"a": torch.ones(3, dtype=torch.int8), "b": torch.ones(5, dtype=torch.float64),
+                  "c": torch.ones(3, dtype=torch.complex64), "d": torch.ones(1, dtype=torch.float16)})
+    assert len(enc.header) % 64 == 0
+    assert [(t.element_size(), off) for t, off in zip(enc.tensors, enc.offsets)] == [(8, 0), (4, 40), (2, 64), (1, 66)]
+    assert enc.size == len(enc.header) + 69
 
 
 def test_encode_refuses_unknown_objects_naming_the_path():
@@ -99,22 +101,32 @@ def test_decode_rejects_truncated_headers(cut):
         decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), where="f")
 
 
-def test_decode_rejects_tensor_table_pointing_outside_the_file():
+@pytest.mark.parametrize("offsets, why", [([1 << 20, (1 << 20) + 16], "leaves a hole"),
+                                          ([0, 32], "size that does not match"),
+                                          ([0, 8], "size that does not match")])
+def test_decode_rejects_tensor_table_not_covering_the_file_exactly(offsets, why):
     enc = encode({"x": torch.ones(4)})
     data = bytearray(b"".join(bytes(c) for c in enc.chunks()))
-    hlen = int.from_bytes(data[8:16], "little")
-    header = json.loads(data[16 : 16 + hlen])
-    header["tensors"][0]["offset"] = 1 << 20
+    hlen = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + hlen])
+    header["x"]["data_offsets"] = offsets
     new = json.dumps(header).encode()
-    prefix = data[:8] + len(new).to_bytes(8, "little") + new
-    data = bytearray(prefix + bytes(-len(prefix) % 64) + data[len(enc.header) :])
-    with pytest.raises(CheckpointCorruptError, match="past the end"):
+    new += b" " * (-(8 + len(new)) % 64)  # keep the data aligned, as the writer does
+    data = bytearray(len(new).to_bytes(8, "little") + new + data[8 + hlen :])
+    with pytest.raises(CheckpointCorruptError, match=why):
+        decode(torch.frombuffer(data, dtype=torch.uint8), where="f")
+
+
+def test_decode_rejects_a_file_longer_than_its_tensors():
+    enc = encode({"x": torch.ones(4)})
+    data = bytearray(b"".join(bytes(c) for c in enc.chunks()) + b"\0" * 8)
+    with pytest.raises(CheckpointCorruptError, match="cover 16 of the file's 24 data bytes"):
         decode(torch.frombuffer(data, dtype=torch.uint8), where="f")
 
 
 def manifest_bytes(**over):
     m = Manifest(step=7, attempt="att1", world_size=2,
-                 files=[FileEntry("att1/rank-00000.ert", 10, "xxh3_64:00", 0)], metadata={"loss": 1.5})
+                 files=[FileEntry("att1/rank-00000.safetensors", 10, "xxh3_64:00", 0)], metadata={"loss": 1.5})
     doc = json.loads(m.to_bytes())
     doc.update(over)
     doc.pop("checksum")

@@ -232,17 +232,40 @@ def test_manifest_with_an_impossible_creation_time_is_reported_in_one_line(local
 
 
 # -- 8. data files with valid digests but hostile headers --------------------------------------
+def _meta(h, **changes):
+    """The header with its elastic-resume metadata (the tree and the tensor list) changed."""
+    meta = dict(h["__metadata__"]["elastic_resume"], **changes)
+    return dict(h, __metadata__=dict(h["__metadata__"], elastic_resume=meta))
+
+
+def _tree(node):
+    return {"d": [["skeleton", node], ["tensors", {"d": []}]]}
+
+
+def _first_tensor(h):
+    return next(k for k in h if k != "__metadata__")
+
+
+def _deeply_nested(h):
+    meta = json.dumps(dict(h["__metadata__"]["elastic_resume"], tree=None))
+    return dict(h, __metadata__={"elastic_resume": meta.replace('"tree": null', '"tree": ' + "[" * 5000 + "]" * 5000)})
+
+
 HOSTILE_HEADERS = {
-    "tensors_null": lambda h: dict(h, tensors=None),
-    "offset_infinity": lambda h: json.dumps(h).replace('"offset": 0', '"offset": Infinity', 1),
-    "size_2_70": lambda h: dict(h, tree={"d": [["skeleton", {"sz": [2**70]}], ["tensors", {"d": []}]]}),
-    "bad_base64": lambda h: dict(h, tree={"d": [["skeleton", {"b": "***not base64***"}], ["tensors", {"d": []}]]}),
-    "unknown_device": lambda h: dict(h, tree={"d": [["skeleton", {"dev": "warp-drive:9"}], ["tensors", {"d": []}]]}),
-    "deep_nesting": lambda h: json.dumps(dict(h, tree=None)).replace('"tree": null', '"tree": ' + "[" * 5000 + "]" * 5000),
-    "tensor_ref_out_of_range": lambda h: dict(h, tree={"d": [["skeleton", {"t": 10**12}], ["tensors", {"d": []}]]}),
-    "shape_not_list": lambda h: dict(h, tensors=[dict(h["tensors"][0], shape="64")]),
-    "omegaconf_malformed": lambda h: dict(h, tree={"d": [["skeleton", {"omc": {"d": [["a", "${unclosed"]]}}],
-                                                         ["tensors", {"d": []}]]}),
+    "tensors_null": lambda h: _meta(h, tensors=None),
+    "offset_infinity": lambda h: json.dumps(h).replace('"data_offsets": [0', '"data_offsets": [Infinity', 1),
+    "size_2_70": lambda h: _meta(h, tree=_tree({"sz": [2**70]})),
+    "bad_base64": lambda h: _meta(h, tree=_tree({"b": "***not base64***"})),
+    "unknown_device": lambda h: _meta(h, tree=_tree({"dev": "warp-drive:9"})),
+    "deep_nesting": _deeply_nested,
+    "tensor_ref_out_of_range": lambda h: _meta(h, tree=_tree({"t": 10**12})),
+    "shape_not_list": lambda h: dict(h, **{_first_tensor(h): dict(h[_first_tensor(h)], shape="64")}),
+    "omegaconf_malformed": lambda h: _meta(h, tree=_tree({"omc": {"d": [["a", "${unclosed"]]}})),
+    # The tensors must cover the data exactly, as safetensors requires.
+    "hole_before_a_tensor": lambda h: dict(h, **{_first_tensor(h): dict(
+        h[_first_tensor(h)], data_offsets=[o + 4 for o in h[_first_tensor(h)]["data_offsets"]])}),
+    "a_tensor_named_twice": lambda h: _meta(h, tensors=[_first_tensor(h)] * 2),
+    "no_elastic_resume_metadata": lambda h: dict(h, __metadata__={"format": "pt"}),
 }
 
 

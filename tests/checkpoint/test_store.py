@@ -311,7 +311,7 @@ def test_step_directories_moved_to_another_disk_and_linked_back_are_loaded_and_v
     state = {"w": torch.zeros(4)}
     assert CheckpointManager(root).restore(state) == 2 and torch.equal(state["w"], torch.full((4,), 2.0))
     # The same verification: a flipped byte behind the link is found and skipped.
-    data = sorted((other_disk / step_dir(2)).rglob("*.ert"))[0]
+    data = sorted((other_disk / step_dir(2)).rglob("*.safetensors"))[0]
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))

@@ -55,10 +55,12 @@ def roundtrip(tree, rules: DecodeRules = MINE):
 
 
 def header_of(tree) -> dict:
+    """The safetensors header of ``tree``'s data file, its elastic-resume metadata parsed."""
     f = encode(tree)
     raw = b"".join(bytes(c) for c in f.chunks())
-    hlen = int.from_bytes(raw[8:16], "little")
-    return _parse_header(raw[16:16 + hlen], "test.ert")
+    hlen = int.from_bytes(raw[:8], "little")
+    header = _parse_header(raw[8:8 + hlen], "test.safetensors")
+    return dict(header, __metadata__=json.loads(header["__metadata__"]["elastic_resume"]))
 
 
 def test_config_values_round_trip_with_their_types():

@@ -52,23 +52,26 @@ def truncate(st: Storage, rel: str, length: int) -> None:
 
 
 def rewrite_data_header(st: Storage, step: int, index: int, mutate: Any) -> str:
-    """Rewrite the JSON header of the step's ``index``-th data file with ``mutate(header)`` (a
-    dict in, a dict or raw JSON text out), then fix that file's size and digest in the manifest
-    and the manifest's checksum: a hostile file whose every digest matches. Returns its path."""
-    from elastic_resume.checkpoint.format import ALIGN, MAGIC
+    """Rewrite the safetensors header of the step's ``index``-th data file with ``mutate(header)``
+    (a dict in, whose ``__metadata__["elastic_resume"]`` is parsed into a dict; a dict or raw JSON
+    text out, and that metadata value a dict or raw JSON text), then fix that file's size and
+    digest in the manifest and the manifest's checksum: a hostile file whose every digest
+    matches. Returns its path."""
+    from elastic_resume.checkpoint.format import META_KEY
 
     doc = manifest_doc(st, step)
     entry = doc["files"][index]
     rel = f"{step_dir(step)}/{entry['path']}"
     data = get(st, rel)
-    hlen = int.from_bytes(data[8:16], "little")
-    header = json.loads(data[16 : 16 + hlen])
-    body = data[(16 + hlen + ALIGN - 1) // ALIGN * ALIGN :]
+    hlen = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + hlen])
+    header["__metadata__"][META_KEY] = json.loads(header["__metadata__"][META_KEY])
+    body = data[8 + hlen :]
     new = mutate(header)
+    if isinstance(new, dict) and isinstance(new.get("__metadata__", {}).get(META_KEY), dict):
+        new["__metadata__"][META_KEY] = json.dumps(new["__metadata__"][META_KEY])
     text = new.encode() if isinstance(new, str) else json.dumps(new).encode()
-    head = MAGIC + len(text).to_bytes(8, "little") + text
-    head += bytes((len(head) + ALIGN - 1) // ALIGN * ALIGN - len(head))
-    out = head + body
+    out = len(text).to_bytes(8, "little") + text + body
     put(st, rel, out)
     entry["size"] = len(out)
     entry["digest"] = digest_bytes(out)

@@ -94,7 +94,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, reference, n
     r = run(launch(tmp_path, "--steps", "20"), env=ns_env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     newest = tmp_path / "ckpt" / "epoch=1-step=20.ckpt"
-    data = sorted(p for p in newest.rglob("*.ert"))
+    data = sorted(p for p in newest.rglob("*.safetensors"))
     assert data
     with open(data[0], "r+b") as f:  # one flipped byte in the middle of the tensors
         f.seek(os.path.getsize(data[0]) // 2)
@@ -309,3 +309,15 @@ def test_a_crash_between_a_rollbacks_decision_and_its_commit_is_finished_at_the_
     assert len(after) == 1 and after[0]["from_step"] == 17 and after[0]["rollbacks"] == 1
     assert after[0]["skipped"] is not None
     assert len(events(tmp_path, "workers_started")) == 2
+
+
+def test_a_bundle_written_by_0_2_0_still_resumes(tmp_path, namespace, ns_env):
+    """Data files in the .ert framing of 0.1-0.5 stay loadable after the move to safetensors."""
+    import shutil
+
+    bundle = tmp_path / "epoch=0-step=4.ckpt"
+    shutil.copytree(os.path.join(REPO, "tests", "fixtures", "written-by-0.2.0", "epoch=0-step=4.ckpt"), bundle)
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "helpers", "resume_old_bundle.py"), str(bundle),
+                        namespace], capture_output=True, text=True, timeout=120, env=dict(os.environ, **ns_env))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "weights from the bundle: True" in r.stdout and "resumed at step 4 ended at 8" in r.stdout, r.stdout

@@ -47,7 +47,7 @@ def checkpoint(step: int, value: float = 1.0) -> dict:
 
 
 def flip_a_byte(bundle) -> None:
-    data = sorted(p for p in bundle.rglob("*.ert"))[0]
+    data = sorted(p for p in bundle.rglob("*.safetensors"))[0]
     with open(data, "r+b") as f:
         f.seek(os.path.getsize(data) // 2)
         b = f.read(1)
@@ -138,7 +138,7 @@ def test_resume_path_is_the_newest_and_loading_it_falls_back_past_corruption(tmp
     assert found and found[0]["step"] == 15 and "digest mismatch" in found[0]["reason"]
     # A path the user chose is that checkpoint or an error naming its file, never another one.
     fresh = ElasticCheckpointIO()
-    with pytest.raises(NoCheckpointError, match=r"step=15\.ckpt.*shared-00000\.ert.*digest mismatch"):
+    with pytest.raises(NoCheckpointError, match=r"step=15\.ckpt.*shared-00000\.safetensors.*digest mismatch"):
         fresh.load_checkpoint(newest)
     with pytest.raises(NoCheckpointError, match="no committed checkpoint at"):
         fresh.load_checkpoint(tmp_path / "ckpt" / "step=20.ckpt")
@@ -233,7 +233,7 @@ def test_spike_with_the_budget_spent_raises_gave_up_out_of_fit(tmp_path):
 
 
 def test_recovery_metrics_count_what_the_guard_did():
-    from elastic_resume.lightning.metrics import RecoveryMetrics
+    from elastic_resume.metrics import RecoveryMetrics
 
     m = RecoveryMetrics()
     assert m.update({"event": "rollback", "lr_scale": 0.5, "steps_lost": 4}) == {

@@ -119,7 +119,7 @@ def test_the_manager_saves_restores_replaces_and_never_loads_corruption(store_ro
     assert torch.equal(fresh["model"].weight, torch.full((3, 4), 7.0)) and fresh["progress"]["step"] == 7
     # One flipped byte in step 3's data: the restore refuses it and falls back to step 2.
     storage = open_storage(store_root.url, store_root.storage_options)
-    (data,) = [rel for rel in storage.list_tree("") if rel.startswith("step-000000000003/") and rel.endswith(".ert")]
+    (data,) = [rel for rel in storage.list_tree("") if rel.startswith("step-000000000003/") and rel.endswith(".safetensors")]
     raw = bytearray(storage.read(data).buffer.numpy().tobytes())
     raw[len(raw) // 2] ^= 0xFF
     storage.delete(data)

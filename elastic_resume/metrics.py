@@ -1,5 +1,6 @@
-"""What elastic-resume did, as metrics for the loggers Lightning users already watch (TensorBoard,
-CSV, W&B: whatever ``trainer.loggers`` holds), beside the JSONL event log.
+"""What elastic-resume did, as metrics for the loggers users already watch: Lightning's
+``trainer.loggers`` (TensorBoard, CSV, W&B) through the callback, and TensorBoard event files
+written from the event logs of a plain loop (``elastic-resume report --tensorboard DIR``).
 
 Pure: an event record in, the metrics to log out (running counts, so a curve shows when each
 rollback, skipped stretch, preemption or divergence happened). Every name starts with
@@ -11,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..contract import Event
-from ..events import is_number
+from .contract import Event
+from .events import is_number
 
 PREFIX = "elastic_resume/"
 

@@ -1,0 +1,192 @@
+"""Exporting a verified step's model weights as one file that other tools open: safetensors (for
+inference servers and a Hugging Face upload), a ``torch.save`` state dict, or a Lightning
+``.ckpt``.
+
+The step is read through the store like a restore (every byte against its digest, decoded under
+bounds) and consolidated in this process alone: replicated tensors from the shared files,
+sharded (FSDP2/DCP) tensors assembled to their full shape from every rank's shard by DCP's own
+planner, without a process group. The output is written beside its final name and linked into
+place, so it appears whole or not at all and never replaces a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import io
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointCorruptError, ConfigError
+from .format import as_cpu_contiguous, safetensors_file, unflatten
+from .layout import FileKind, step_dir
+from .manifest import Manifest
+from .store import CheckpointStore
+from .values import plain
+
+FORMATS = ("safetensors", "torch", "lightning")
+_SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "lightning"}
+#: ``--dtype`` spellings: floating-point weights are cast, integer and bool tensors kept.
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+#: Where the model's weights sit in a plain CheckpointManager state, tried in order.
+MODEL_KEYS = ("model", "state_dict", "module", "net")
+_LIGHTNING_STATE = "checkpoint"  # a Lightning bundle stores {"checkpoint": <Lightning's dict>}
+
+
+def format_for(out: str, fmt: str | None) -> str:
+    """The output format: ``fmt`` when given, else from OUT's suffix."""
+    if fmt is not None:
+        return fmt
+    suffix = os.path.splitext(out)[1].lower()
+    if suffix not in _SUFFIXES:
+        raise ConfigError(f"export: cannot tell the format from {out!r}; give --format "
+                          f"({'|'.join(FORMATS)}) or name it *.safetensors, *.pt or *.ckpt")
+    return _SUFFIXES[suffix]
+
+
+def consolidated_state(store: CheckpointStore, manifest: Manifest) -> Any:
+    """The step's replicated state as one tree, sharded leaves loaded at their full shape.
+    Raises CheckpointCorruptError naming the file when a byte does not verify."""
+    skeleton, tensors = store.read_replicated(manifest)
+    full: dict[str, torch.Tensor] = {}
+    if manifest.files_of(FileKind.DCP_META):
+        import torch.distributed.checkpoint as dcp
+
+        from .sharded import StoreReader
+
+        reader = StoreReader(store, manifest)
+        meta = reader.read_metadata()
+        full = {fqn: torch.empty(md.size, dtype=md.properties.dtype)  # type: ignore[union-attr]
+                for fqn, md in meta.state_dict_metadata.items()}
+        dcp.load(full, storage_reader=reader, no_dist=True)
+    return unflatten(skeleton, tensors, where=store.storage.display(step_dir(manifest.step)), sharded=full,
+                     rules=store.decode_rules())
+
+
+@dataclass
+class Weights:
+    """The model weights found in a step: where they were and the flat name -> tensor dict."""
+
+    key: str
+    tensors: dict[str, torch.Tensor]
+    #: The Lightning checkpoint dict when the step is a Lightning bundle's (the rest of it).
+    lightning: dict[str, Any] | None = None
+
+
+def _flat(tree: Any, prefix: str, out: dict[str, torch.Tensor], key: str) -> None:
+    if isinstance(tree, torch.Tensor):
+        out[prefix] = tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            _flat(v, f"{prefix}.{k}" if prefix else str(k), out, key)
+    else:
+        raise ConfigError(f"export: {key!r} holds {type(tree).__name__} at {prefix or 'its top'!r}, not model "
+                          "weights; pick the entry with the model's state dict with --key")
+
+
+def find_weights(state: Any, manifest: Manifest, key: str | None) -> Weights:
+    """The model's state dict in a step: Lightning's ``state_dict`` for a bundle, else ``key``
+    (default: the first of :data:`MODEL_KEYS` present). DDP's ``module.`` prefix is dropped."""
+    lightning = None
+    if isinstance(state, dict) and manifest.metadata.get("lightning_path") is not None and isinstance(
+            state.get(_LIGHTNING_STATE), dict):
+        lightning = state[_LIGHTNING_STATE]
+        state, key = lightning, key or "state_dict"
+    if not isinstance(state, dict):
+        raise CheckpointCorruptError(manifest.step, None, "the state is not a dict of names")
+    if key is None:
+        key = next((k for k in MODEL_KEYS if k in state), None)
+        if key is None:
+            raise ConfigError(f"export: step {manifest.step} has no entry named {', '.join(MODEL_KEYS)}; it holds "
+                              f"{', '.join(map(repr, list(state)[:12]))}; pick the model's with --key")
+    if key not in state:
+        raise ConfigError(f"export: --key {key!r}: step {manifest.step} has no such entry; it holds "
+                          f"{', '.join(map(repr, list(state)[:12]))}")
+    flat: dict[str, torch.Tensor] = {}
+    _flat(state[key], key if isinstance(state[key], torch.Tensor) else "", flat, key)
+    if not flat:
+        raise ConfigError(f"export: {key!r} of step {manifest.step} holds no tensors")
+    if lightning is None and all(name.startswith("module.") for name in flat):  # saved from a DDP wrapper
+        flat = {name.removeprefix("module."): t for name, t in flat.items()}
+    return Weights(key, flat, lightning)
+
+
+def cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Floating-point tensors in ``dtype``; integer, bool and complex ones as they are."""
+    if dtype is None:
+        return tensors
+    return {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+
+
+def write_new_file(out: str, chunks: Iterable[memoryview | bytes], *,
+                   progress: Callable[[int], None] | None = None) -> int:
+    """Write ``out`` whole or not at all, never over an existing file: into a temporary name
+    beside it, synced, then hard-linked into place (create-only). Returns the bytes written.
+    Mode 0666 less the umask, as any file a tool writes: an export is for other tools and people."""
+    tmp = os.path.join(os.path.dirname(out), f".export-{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    written = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                written += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, out)  # create-only: a file that appeared meanwhile is not replaced
+        except FileExistsError:
+            raise ConfigError(f"{out} appeared while exporting; export never replaces a file") from None
+    finally:
+        os.unlink(tmp)
+    return written
+
+
+def safetensors_chunks(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[int, Iterator[memoryview]]:
+    """The size and bytes of a safetensors file of ``tensors`` (names as given)."""
+    named = [(n, as_cpu_contiguous(t.detach())) for n, t in tensors.items()]
+    encoded = safetensors_file(named, {"format": "pt", **metadata})
+    return encoded.size, encoded.chunks()
+
+
+def to_bytes(obj: Any) -> bytes:
+    """What ``torch.save(obj)`` writes."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def weights_only_bytes(obj: Any) -> bytes:
+    """``torch.save`` bytes of ``obj`` with every config value in plain form (``values.plain``),
+    proven to load with ``torch.load(weights_only=True)``: our decoder yields tensors and plain
+    containers only, so every step passes; an export proves it before writing."""
+    data = to_bytes(plain(obj))
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the weights-only unpickler's refusal, as one line
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(e).__name__)
+        raise ConfigError(f"checkpoint does not load with weights_only=True: {why[:300]}") from None
+    return data
+
+
+def lightning_checkpoint(weights: Weights, tensors: dict[str, torch.Tensor], manifest: Manifest) -> dict[str, Any]:
+    """A Lightning ``.ckpt`` dict: a bundle's own (its ``state_dict`` cast), or for a plain
+    step what ``LightningModule.load_from_checkpoint`` needs."""
+    if weights.lightning is not None:
+        return dict(weights.lightning, state_dict=tensors)
+    checkpoint: dict[str, Any] = {"state_dict": tensors, "global_step": manifest.step,
+                                  "epoch": manifest.metadata.get("epoch") or 0}
+    for dist in ("lightning", "pytorch-lightning"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            checkpoint["pytorch-lightning_version"] = importlib.metadata.version(dist)
+            break
+    return checkpoint
