@@ -13,8 +13,9 @@ Every data file is a valid `safetensors <https://github.com/huggingface/safetens
     JSON header (N bytes)          {"__metadata__": {"format": "pt", "elastic_resume": "<tree JSON>"},
                                     "<name>": {"dtype": "F32", "shape": [..], "data_offsets": [b, e]}, ...}
                                    padded with spaces so the data starts 64-byte aligned
-    tensor bytes                   back to back, no holes, largest element size first (so every
-                                   tensor starts aligned to its own element size)
+    tensor bytes                   back to back, no holes: those whose size is a multiple of 64
+                                   first (64-aligned), then the rest largest element size first
+                                   (each aligned to its own element size)
 
 The tree (metadata ``elastic_resume``: ``{"version": 2, "tree": ..., "tensors": [names], "complex":
 [indices]}``) encodes dicts as key/value pairs (so int keys and key order survive, as optimizer
@@ -278,10 +279,13 @@ def safetensors_file(named: list[tuple[str, torch.Tensor]], metadata: dict[str, 
     """Frame named contiguous CPU tensors (names unique) as a safetensors file; a complex tensor
     goes as its real view."""
     stored = [torch.view_as_real(t) if t.is_complex() else t for _, t in named]
-    # Largest element size first (a complex tensor's, not its real view's): each tensor then
-    # starts at a multiple of its own element size (the data start is 64-aligned), so a file in
-    # memory can be viewed without copies.
-    order = sorted(range(len(stored)), key=lambda i: -named[i][1].element_size())
+    # Tensors whose size is a multiple of 64 bytes first (nearly every large one): each starts
+    # 64-byte aligned, as the data does (what the .ert framing gave every tensor; a 4-byte scalar
+    # no longer shifts the tensors after it). Then the rest, largest element size first (a
+    # complex tensor's, not its real view's): each still starts at a multiple of its own element
+    # size, so a file in memory can be viewed without copies. Safetensors allows no padding.
+    order = sorted(range(len(stored)), key=lambda i: (
+        stored[i].numel() * stored[i].element_size() % ALIGN != 0, -named[i][1].element_size()))
     entries: dict[str, Any] = {}
     offsets, pos = [0] * len(stored), 0
     for i in order:

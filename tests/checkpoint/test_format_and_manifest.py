@@ -70,6 +70,12 @@ def test_tensors_start_aligned_to_their_element_size_with_no_holes():
     assert enc.size == len(enc.header) + 69
 
 
+def test_tensors_of_whole_64_byte_blocks_come_first_and_stay_64_byte_aligned():
+    enc = encode({"scalar": torch.tensor(1.0), "w": torch.ones(64, 3), "b": torch.ones(3), "v": torch.ones(16)})
+    assert [(tuple(t.shape), off) for t, off in zip(enc.tensors, enc.offsets)] == [
+        ((64, 3), 0), ((16,), 768), ((), 832), ((3,), 836)]
+
+
 def test_encode_refuses_unknown_objects_naming_the_path():
     class Custom:
         pass
