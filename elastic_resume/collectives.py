@@ -31,8 +31,9 @@ class Group(Protocol):
     def broadcast_object(self, obj: Any, src: int = 0) -> Any: ...
     def all_gather_object(self, obj: Any) -> list[Any]: ...
     def all_reduce_min(self, values: list[int]) -> list[int]: ...
-    def broadcast_tensor(self, tensor: torch.Tensor, src: int) -> None:
-        """Overwrite ``tensor`` (a CPU tensor of the same shape everywhere) with ``src``'s."""
+    def broadcast_tensors(self, tensors: list[torch.Tensor], sources: list[int]) -> None:
+        """Overwrite each CPU tensor (the same shapes on every rank) with its source rank's; the
+        broadcasts run concurrently."""
 
 
 class LocalGroup:
@@ -50,7 +51,7 @@ class LocalGroup:
     def all_reduce_min(self, values: list[int]) -> list[int]:
         return list(values)
 
-    def broadcast_tensor(self, tensor: torch.Tensor, src: int) -> None:
+    def broadcast_tensors(self, tensors: list[torch.Tensor], sources: list[int]) -> None:
         pass
 
 
@@ -82,9 +83,12 @@ class TorchGroup:
         self._dist.all_reduce(t, op=self._dist.ReduceOp.MIN, group=self.group)
         return [int(v) for v in t.tolist()]
 
-    def broadcast_tensor(self, tensor: torch.Tensor, src: int) -> None:
-        # ``src`` is a global rank: the coordination group spans the whole job.
-        self._dist.broadcast(tensor, src=src, group=self.group)
+    def broadcast_tensors(self, tensors: list[torch.Tensor], sources: list[int]) -> None:
+        # Sources are global ranks: the coordination group spans the whole job. Issued together,
+        # gloo moves the files of different owners at the same time.
+        works = [self._dist.broadcast(t, src=src, group=self.group, async_op=True) for t, src in zip(tensors, sources)]
+        for work in works:
+            work.wait()
 
 
 def default_group(timeout_s: float = 600.0) -> Group:

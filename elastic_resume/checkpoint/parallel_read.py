@@ -68,21 +68,21 @@ class ParallelRead:
         if found:
             file, reason = found[min(found)]
             raise CheckpointCorruptError(manifest.step, file, reason)
+        buffers = [mine[i][0] if i in mine else torch.empty(entry.size, dtype=torch.uint8)
+                   for i, entry in enumerate(entries)]
+        self.group.broadcast_tensors(buffers, owner)
         parts: list[tuple[FileEntry, StatePart]] = []
         problem: CheckpointCorruptError | None = None
         for i, entry in enumerate(entries):
             if i in mine:
-                buffer, part = mine[i]
-                self.group.broadcast_tensor(buffer, src=owner[i])
-            else:
-                buffer = torch.empty(entry.size, dtype=torch.uint8)
-                self.group.broadcast_tensor(buffer, src=owner[i])
-                try:
-                    part = store.decode_part(manifest, entry, buffer)
-                except CheckpointCorruptError as e:  # the owner decoded these very bytes: keep exchanging
-                    problem = problem or e
-                    continue
-                store.loaded(manifest, entry)
+                parts.append((entry, mine[i][1]))
+                continue
+            try:
+                part = store.decode_part(manifest, entry, buffers[i])
+            except CheckpointCorruptError as e:  # the owner decoded these very bytes
+                problem = problem or e
+                continue
+            store.loaded(manifest, entry)
             parts.append((entry, part))
         if problem is not None:
             raise problem

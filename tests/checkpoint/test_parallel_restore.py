@@ -72,6 +72,20 @@ def test_each_shared_file_is_read_once_per_restore_and_every_rank_gets_the_same_
 
 
 @pytest.mark.slow
+def test_a_parallel_restore_at_another_world_size_gets_the_same_bytes(local_root, tmp_path):
+    r = run(4, "save", "--root", local_root.url)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for nproc, parallel in ((2, "1"), (3, "1"), (2, "0")):
+        out = tmp_path / f"out-{nproc}-{parallel}"
+        r = run(nproc, "restore", "--root", local_root.url, "--parallel", parallel, "--out", str(out))
+        assert r.returncode == 0, r.stderr[-3000:]
+        got = restored(out, nproc)
+        assert len({json.dumps(x) for x in got}) == 1 and got[0]["step"] == 2
+        if nproc == 2 and parallel == "0":
+            assert got == restored(tmp_path / "out-2-1", 2)  # the same bytes as every rank reading
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("reader", [0, 1, 2])
 def test_a_damaged_shared_file_found_by_its_one_reader_is_agreed_by_every_rank(local_root, tmp_path, reader):
     r = run(3, "save", "--root", local_root.url)
