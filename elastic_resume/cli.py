@@ -279,26 +279,6 @@ def _export_target(output: str) -> str:
     return out
 
 
-def _export_step(store: CheckpointStore, step: int | None) -> Manifest:
-    """The manifest of the step to export: ``step`` when it verifies, else the newest that does."""
-    where = store.storage.display()
-    if step is None:
-        reports = [r for r in store.verify_all(full=True) if r.status != StepStatus.INCOMPLETE]
-        good = [r.step for r in reports if r.ok]
-        if not good:
-            why = "; ".join(f"step {r.step}: {f}: {reason}" for r in reports for f, reason in r.problems[:1])
-            raise NoCheckpointError(f"no loadable checkpoint under {where}" + (f" ({why})" if why else ""))
-        step = good[0]
-    else:
-        report = store.verify(step, full=True)
-        if report.status == StepStatus.INCOMPLETE and step not in store.step_dirs():
-            raise NoCheckpointError(f"step {step} does not exist under {where}")
-        if not report.ok:
-            file, why = report.problems[0] if report.problems else (where, "never committed")
-            raise CheckpointCorruptError(step, file, why)
-    return store.read_manifest(step)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     """The model weights of a verified step as one file (safetensors, a torch state dict, or a
     Lightning ``.ckpt``), consolidated from replicated and sharded state."""
@@ -311,33 +291,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"export: {args.root} holds Lightning checkpoints ({', '.join(b or '' for b, _ in stores[:4])}); "
                           "give the one to export")
     store = stores[0][1]
-    manifest = _export_step(store, args.step)
-    state = export.consolidated_state(store, manifest)
-    weights = export.find_weights(state, manifest, args.key)
-    tensors = export.cast(weights.tensors, export.DTYPES[args.dtype] if args.dtype else None)
-    if fmt == "safetensors":
-        size, chunks = export.safetensors_chunks(tensors, {"elastic_resume_step": str(manifest.step)})
-        note = "safetensors"
-    else:
-        obj = export.lightning_checkpoint(weights, tensors, manifest) if fmt == "lightning" else tensors
-        data = export.weights_only_bytes(obj)
-        size, chunks = len(data), iter([memoryview(data)])
-        note = ("Lightning .ckpt" if fmt == "lightning" else "torch state dict") + ", loads with weights_only=True"
     progress = _bar(args, f"writing {os.path.basename(out)}")
-    done = 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        progress(done, size)
-
     try:
-        export.write_new_file(out, chunks, progress=advance)
+        done = export.export(store, out, fmt=fmt, step=args.step, dtype=args.dtype, key=args.key, progress=progress)
     finally:
         progress.close()
-    dtype = f", {args.dtype}" if args.dtype else ""
-    print(f"exported step {manifest.step} of {store.storage.display()} to {out} ({len(tensors)} tensors of "
-          f"{weights.key!r}, {_size(size)}, {note}{dtype})")
+    print(f"exported step {done.step} of {store.storage.display()} to {out} ({done.tensors} tensors of "
+          f"{done.key!r}, {_size(done.size)}, {done.note})")
     return EXIT_OK
 
 

@@ -16,13 +16,13 @@ import importlib.metadata
 import io
 import os
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..errors import CheckpointCorruptError, ConfigError
+from ..errors import CheckpointCorruptError, ConfigError, NoCheckpointError
 from .format import as_cpu_contiguous, safetensors_file, unflatten
 from .layout import FileKind, step_dir
 from .manifest import Manifest
@@ -32,8 +32,7 @@ from .values import plain
 FORMATS = ("safetensors", "torch", "lightning")
 _SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "lightning"}
 #: ``--dtype`` spellings: floating-point weights are cast, integer and bool tensors kept.
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: Where the model's weights sit in a plain CheckpointManager state, tried in order.
 MODEL_KEYS = ("model", "state_dict", "module", "net")
 _LIGHTNING_STATE = "checkpoint"  # a Lightning bundle stores {"checkpoint": <Lightning's dict>}
@@ -58,15 +57,78 @@ def consolidated_state(store: CheckpointStore, manifest: Manifest) -> Any:
     if manifest.files_of(FileKind.DCP_META):
         import torch.distributed.checkpoint as dcp
 
+        from .._torch_compat import dcp_exception
         from .sharded import StoreReader
 
         reader = StoreReader(store, manifest)
         meta = reader.read_metadata()
         full = {fqn: torch.empty(md.size, dtype=md.properties.dtype)  # type: ignore[union-attr]
                 for fqn, md in meta.state_dict_metadata.items()}
-        dcp.load(full, storage_reader=reader, no_dist=True)
+        try:
+            dcp.load(full, storage_reader=reader, no_dist=True)
+        except dcp_exception() as e:  # DCP wraps what our reader raised: say that, naming the file
+            causes = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+            cause = next((c for c in causes if isinstance(c, CheckpointCorruptError)), None)
+            if cause is not None:
+                raise cause from None
+            raise CheckpointCorruptError(manifest.step, None, f"sharded state could not be loaded: {e}") from None
     return unflatten(skeleton, tensors, where=store.storage.display(step_dir(manifest.step)), sharded=full,
                      rules=store.decode_rules())
+
+
+def exported_step(store: CheckpointStore, step: int | None) -> tuple[Manifest, Any]:
+    """The step to export and its consolidated state: ``step``, or the newest committed step
+    that reads whole (damaged ones on the way are skipped; when none reads, the error names
+    each reason). Reading is the verification: every byte exported passed its digest and a
+    bounded decode, and nothing is read twice."""
+    where = store.storage.display()
+    committed = store.committed_steps()
+    if step is not None:
+        if step not in committed:
+            if step in store.step_dirs():
+                raise CheckpointCorruptError(step, where, "never committed")
+            raise NoCheckpointError(f"step {step} does not exist under {where}")
+        manifest = store.read_manifest(step)
+        return manifest, consolidated_state(store, manifest)
+    problems = []
+    for candidate in committed:
+        try:
+            manifest = store.read_manifest(candidate)
+            return manifest, consolidated_state(store, manifest)
+        except CheckpointCorruptError as e:
+            problems.append(f"step {candidate}: {e.file}: {e.reason}")
+    raise NoCheckpointError(f"no loadable checkpoint under {where}" + (f" ({'; '.join(problems)})" if problems else ""))
+
+
+@dataclass
+class Exported:
+    """What :func:`export` wrote."""
+
+    step: int
+    key: str
+    tensors: int
+    size: int
+    note: str
+
+
+def export(store: CheckpointStore, out: str, *, fmt: str, step: int | None = None, dtype: str | None = None,
+           key: str | None = None, progress: Callable[[int, int], None] | None = None) -> Exported:
+    """Write the model weights of ``step`` (default: the newest loadable) to the new file ``out``
+    in ``fmt`` (:data:`FORMATS`); ``dtype`` a key of :data:`DTYPES`; ``progress(done, total)``
+    in bytes while writing."""
+    manifest, state = exported_step(store, step)
+    weights = find_weights(state, manifest, key)
+    tensors = cast(weights.tensors, DTYPES[dtype] if dtype else None)
+    if fmt == "safetensors":
+        named = [(n, as_cpu_contiguous(t.detach())) for n, t in tensors.items()]
+        encoded = safetensors_file(named, {"format": "pt", "elastic_resume_step": str(manifest.step)})
+        size, chunks, note = encoded.size, encoded.chunks(), "safetensors"
+    else:
+        data = weights_only_bytes(lightning_checkpoint(weights, tensors, manifest) if fmt == "lightning" else tensors)
+        size, chunks = len(data), iter([memoryview(data)])
+        note = ("Lightning .ckpt" if fmt == "lightning" else "torch state dict") + ", loads with weights_only=True"
+    write_new_file(out, chunks, size=size, progress=progress)
+    return Exported(manifest.step, weights.key, len(tensors), size, note + (f", {dtype}" if dtype else ""))
 
 
 @dataclass
@@ -124,11 +186,12 @@ def cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[st
     return {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
 
 
-def write_new_file(out: str, chunks: Iterable[memoryview | bytes], *,
-                   progress: Callable[[int], None] | None = None) -> int:
-    """Write ``out`` whole or not at all, never over an existing file: into a temporary name
-    beside it, synced, then hard-linked into place (create-only). Returns the bytes written.
-    Mode 0666 less the umask, as any file a tool writes: an export is for other tools and people."""
+def write_new_file(out: str, chunks: Iterable[memoryview | bytes], *, size: int,
+                   progress: Callable[[int, int], None] | None = None) -> None:
+    """Write the ``size`` bytes of ``chunks`` to ``out`` whole or not at all, never over an
+    existing file: into a temporary name beside it, synced, then hard-linked into place
+    (create-only). Mode 0666 less the umask, as any file a tool writes: an export is for other
+    tools and people."""
     tmp = os.path.join(os.path.dirname(out), f".export-{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     written = 0
@@ -138,7 +201,7 @@ def write_new_file(out: str, chunks: Iterable[memoryview | bytes], *,
                 f.write(chunk)
                 written += len(chunk)
                 if progress is not None:
-                    progress(len(chunk))
+                    progress(written, size)
             f.flush()
             os.fsync(f.fileno())
         try:
@@ -147,14 +210,6 @@ def write_new_file(out: str, chunks: Iterable[memoryview | bytes], *,
             raise ConfigError(f"{out} appeared while exporting; export never replaces a file") from None
     finally:
         os.unlink(tmp)
-    return written
-
-
-def safetensors_chunks(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[int, Iterator[memoryview]]:
-    """The size and bytes of a safetensors file of ``tensors`` (names as given)."""
-    named = [(n, as_cpu_contiguous(t.detach())) for n, t in tensors.items()]
-    encoded = safetensors_file(named, {"format": "pt", **metadata})
-    return encoded.size, encoded.chunks()
 
 
 def to_bytes(obj: Any) -> bytes:

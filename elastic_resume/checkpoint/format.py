@@ -48,8 +48,6 @@ from .values import DecodeRules, decode_value, encode_value
 #: Magic bytes of the format written before 0.6 (still read).
 MAGIC = b"ERCKPT\x00\x01"
 ALIGN = 64
-#: Suffix of the data files written now (``.ert``: the earlier framing).
-SUFFIX = ".safetensors"
 #: The ``__metadata__`` key holding the tree (JSON text: safetensors metadata values are strings).
 META_KEY = "elastic_resume"
 FORMAT_VERSION = 2

@@ -71,8 +71,12 @@ def manifest_path(step: int) -> str:
     return f"{step_dir(step)}/{MANIFEST_NAME}"
 
 
+#: Suffix of the data files written now (safetensors files; ``.ert`` before 0.6, still read).
+DATA_SUFFIX = ".safetensors"
+
+
 def data_file(attempt: str, rank: int, kind: str = FileKind.RANK) -> str:
-    return f"{attempt}/{kind}-{rank:05d}.safetensors"
+    return f"{attempt}/{kind}-{rank:05d}{DATA_SUFFIX}"
 
 
 def new_attempt_id() -> str:

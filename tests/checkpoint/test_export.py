@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from elastic_resume import CheckpointManager
+from elastic_resume.checkpoint.layout import step_dir
 from elastic_resume.checkpoint.store import CheckpointStore
 from harness.processes import child_env
 from tests.checkpoint.test_distributed import run_fsdp
@@ -90,6 +91,13 @@ def test_an_fsdp2_checkpoint_exports_its_sharded_weights_whole(local_root, tmp_p
         fresh = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
         fresh.load_state_dict(weights)
         assert {k: v.flatten().tolist() for k, v in fresh.state_dict().items()} == expected
+    # A damaged shard is named, never exported (DCP's wrapped failure unwrapped).
+    st = tamper.raw(local_root.url)
+    shard = next(f["path"] for f in tamper.manifest_doc(st, 3)["files"] if f["kind"] == "dcp")
+    tamper.flip_byte(st, f"{step_dir(3)}/{shard}", 200)
+    r = cli("export", local_root.url, str(tmp_path / "damaged.safetensors"), "--step", "3")
+    assert r.returncode == 1 and shard.rsplit("/", 1)[-1] in r.stderr and "digest mismatch" in r.stderr, r.stderr
+    assert not (tmp_path / "damaged.safetensors").exists()
 
 
 def test_data_files_written_by_0_2_0_still_load_and_export(tmp_path):
