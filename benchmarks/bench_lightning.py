@@ -11,6 +11,11 @@ Every variant runs ``launch/train_lightning.py`` under ``elastic-resume launch``
 From rank 0's per-step timestamps: the median time of a step without a save, and the stall of a
 save step (its time minus that median). Printed as ratios to the baseline; variants are
 interleaved over ``--repeats`` rounds so drift of this shared machine hits all of them alike.
+
+Then (``--io``, on by default) the checkpoint files alone, in one process: the same Lightning
+checkpoint dict (the MLP's weights and Adam state) saved and loaded through Lightning's default
+``TorchCheckpointIO`` and through ``ElasticCheckpointIO`` (single file, integrity record written
+and every byte checked on load), interleaved, medians.
 """
 
 from __future__ import annotations
@@ -70,6 +75,62 @@ def run_variant(flags: list[str], args: argparse.Namespace, work: str) -> tuple[
     return base, statistics.median(stalls), size // max(1, len(steps) // args.save_every)
 
 
+def lightning_checkpoint(hidden: int, layers: int) -> dict:
+    """What Lightning saves for the benchmark's model: weights, Adam state, loops, hparams."""
+    import torch
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(hidden, hidden) for _ in range(layers)])
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, hidden)).sum().backward()
+    opt.step()
+    return {"epoch": 0, "global_step": 100, "pytorch-lightning_version": "2.6.6", "state_dict": model.state_dict(),
+            "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 1, "completed": 0}}}},
+            "callbacks": {"ModelCheckpoint{'monitor': None}": {"best_model_path": "", "dirpath": "/tmp"}},
+            "optimizer_states": [opt.state_dict()], "lr_schedulers": [],
+            "hyper_parameters": {"hidden": hidden, "layers": layers, "lr": 1e-3}}
+
+
+def io_section(args: argparse.Namespace, work: str) -> None:
+    """Save (blocking and the async stall) and load of one checkpoint file, ours / Lightning's default."""
+    import time
+
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from elastic_resume.collectives import LocalGroup
+    from elastic_resume.lightning import ElasticCheckpointIO
+
+    checkpoint = lightning_checkpoint(args.hidden, args.layers)
+    plain, ours, ours_async = TorchCheckpointIO(), ElasticCheckpointIO(group=LocalGroup()), \
+        ElasticCheckpointIO(group=LocalGroup(), async_save=True)
+    times: dict[str, list[float]] = {k: [] for k in ("save torch", "save elastic", "stall elastic async",
+                                                     "load torch", "load elastic")}
+    for i in range(args.io_repeats):
+        for name, io in (("torch", plain), ("elastic", ours)):
+            path = os.path.join(work, f"{name}-{i}.ckpt")
+            t0 = time.perf_counter()
+            io.save_checkpoint(checkpoint, path)
+            times[f"save {name}"].append(time.perf_counter() - t0)
+        path = os.path.join(work, f"async-{i}.ckpt")
+        t0 = time.perf_counter()
+        ours_async.save_checkpoint(checkpoint, path)
+        times["stall elastic async"].append(time.perf_counter() - t0)
+        ours_async.wait()
+        for name, io in (("torch", plain), ("elastic", ours)):
+            t0 = time.perf_counter()
+            io.load_checkpoint(os.path.join(work, f"{name}-{i}.ckpt"))
+            times[f"load {name}"].append(time.perf_counter() - t0)
+        for name in ("torch", "elastic", "async"):
+            os.remove(os.path.join(work, f"{name}-{i}.ckpt"))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    size = sum(t.numel() * t.element_size() for t in checkpoint["state_dict"].values()) * 3 / 2**20
+    print(f"\ncheckpoint files, one process, about {size:.0f} MiB of tensors; medians of {args.io_repeats}")
+    for what in ("save", "load"):
+        print(f"{what:5s} torch {med[f'{what} torch'] * 1000:8.1f} ms  elastic {med[f'{what} elastic'] * 1000:8.1f} ms"
+              f"  elastic/torch {med[f'{what} elastic'] / med[f'{what} torch']:5.2f}")
+    print(f"async save stall {med['stall elastic async'] * 1000:8.1f} ms  "
+          f"stall/torch save {med['stall elastic async'] / med['save torch']:5.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60)
@@ -79,9 +140,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (the first is the baseline)")
     p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--io-only", action="store_true", help="only the checkpoint-file section")
+    p.add_argument("--io-repeats", type=int, default=7)
     args = p.parse_args()
     chosen = {name: VARIANTS[name] for name in args.variants.split(",")}
     work = args.work or tempfile.mkdtemp(prefix="bench-lightning-")
+    if args.io_only:
+        io_section(args, work)
+        return
     results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in chosen}
     for round_ in range(args.repeats):
         for name, flags in chosen.items():
@@ -95,6 +161,7 @@ def main() -> None:
     print(f"{'variant':14s} {'step':>9s} {'ratio':>6s} {'save stall':>11s} {'ratio':>6s}")
     for name, (step, stall) in med.items():
         print(f"{name:14s} {step * 1000:7.1f}ms {step / base_step:6.2f} {stall * 1000:9.1f}ms {stall / base_stall:6.2f}")
+    io_section(args, work)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

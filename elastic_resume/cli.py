@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .checkpoint.manifest import Manifest
-from .checkpoint.store import CheckpointStore, StepReport, StepStatus, list_bundles, written_order
+from .checkpoint.store import CheckpointStore, StepReport, StepStatus, list_bundles
 from .contract import ExitCode
 from .errors import CheckpointCorruptError, ConfigError, ElasticResumeError, NoCheckpointError
 from .progress import ProgressBar
@@ -76,16 +76,28 @@ def _size(n: int) -> str:
 
 def _report_json(r: StepReport) -> dict[str, Any]:
     m = r.manifest
+    created = _created(r)
     return {
         "step": r.step,
         "status": r.status,
         "size": r.size,
-        "world_size": m.world_size if m else None,
-        "created": m.created if m else None,
-        "age_s": round(time.time() - m.created, 1) if m and m.created else None,
+        "world_size": m.world_size if m else r.record.world_size if r.record else None,
+        "created": created,
+        "age_s": round(time.time() - created, 1) if created else None,
         "attempt": m.attempt if m else None,
         "problems": [{"file": f, "reason": why} for f, why in r.problems],
     }
+
+
+def _created(r: StepReport) -> float | None:
+    """When the step was saved: its manifest's time, or a single file's record's."""
+    return r.manifest.created if r.manifest else r.record.created if r.record else None
+
+
+def _world(r: StepReport) -> str:
+    if r.manifest:
+        return str(_training_world(r.manifest))
+    return str(r.record.world_size or "-") if r.record else "-"
 
 
 def _open(args: argparse.Namespace) -> CheckpointStore:
@@ -94,23 +106,54 @@ def _open(args: argparse.Namespace) -> CheckpointStore:
     return CheckpointStore(storage)
 
 
-def _stores(args: argparse.Namespace) -> list[tuple[str | None, CheckpointStore]]:
+def _stores(args: argparse.Namespace) -> list[tuple[str | None, Any]]:
     """``[(None, store)]`` for a checkpoint root; for a Lightning ``ModelCheckpoint`` directory
-    (no steps of its own, bundles below it: ``epoch=0-step=10.ckpt/step-.../``) one
-    ``(bundle name, store)`` per bundle, the one saved last first (what a resume loads, see
-    ``ElasticCheckpointIO.resume_path``), then bundles with nothing committed."""
+    (no steps of its own; single-file checkpoints and bundles, ``epoch=0-step=10.ckpt``, in it)
+    one ``(name, checkpoint)`` per checkpoint, the one saved last first (what a resume loads,
+    see ``ElasticCheckpointIO.resume_path``), then bundles with nothing committed. A single
+    file given as ROOT is ``[(name, checkpoint)]``."""
+    from .checkpoint.single_file import SingleFile
+
+    options = parse_storage_options(args.storage_option)
+    root = str(args.root).rstrip("/")
+    if ("://" not in root and os.path.isfile(root)) or ("://" in root and _is_object(root, options)):
+        parent, name = root.rsplit("/", 1) if "/" in root else (".", root)
+        return [(name, SingleFile(open_storage(parent, options), name))]
     store = _open(args)
     if store.step_dirs():
         return [(None, store)]
     bundles = list_bundles(store.storage)
-    if not bundles:
+    files = [SingleFile(store.storage, rel) for rel in store.storage.list_tree("")
+             if "/" not in rel and rel.endswith(".ckpt") and not ("://" not in root and os.path.islink(f"{root}/{rel}"))]
+    files = [f for f in files if f.ours]  # a plain Lightning file beside them is not ours to judge
+    if not bundles and not files:
         return [(None, store)]
     committed = [(name, max(s for s, c in steps.items() if c)) for name, steps in bundles.items() if any(steps.values())]
-    names = [name for name, _ in written_order(store.storage, sorted(committed))]
+    created = {name: _manifest_created(store, name, step) for name, step in committed}
+    created.update({f.name: f.written_ns() / 1e9 for f in files})
+    names = sorted(created, key=lambda n: created[n], reverse=True)
     names += sorted(set(bundles) - set(names))
-    options = parse_storage_options(args.storage_option)
-    root = str(args.root).rstrip("/")
-    return [(name, CheckpointStore(open_storage(f"{root}/{name}", options))) for name in names]
+    by_name: dict[str, Any] = {f.name: f for f in files}
+    return [(name, by_name.get(name) or CheckpointStore(open_storage(f"{root}/{name}", options))) for name in names]
+
+
+def _manifest_created(store: CheckpointStore, name: str, step: int) -> float:
+    from .checkpoint.layout import manifest_path
+
+    try:
+        rel = f"{name}/{manifest_path(step)}"
+        return Manifest.parse(store.storage.read_small(rel), step=step, where=store.storage.display(rel)).created
+    except (ElasticResumeError, OSError):
+        return -1.0
+
+
+def _is_object(url: str, options: dict[str, Any]) -> bool:
+    """Whether an object store URL names one object (a single-file checkpoint), not a prefix."""
+    parent, name = url.rsplit("/", 1)
+    try:
+        return not open_storage(url, options).list_tree("") and open_storage(parent, options).exists(name)
+    except (ElasticResumeError, OSError):
+        return False
 
 
 def _labelled(bundle: str | None, r: StepReport) -> dict[str, Any]:
@@ -128,17 +171,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return EXIT_OK
     bundled = stores[0][0] is not None
     width = max((len(b or "") for b, _ in reports), default=0)
-    head = f"{'BUNDLE':<{width}}  " if bundled else ""
+    head = f"{'CHECKPOINT':<{width}}  " if bundled else ""
     print(f"{head}{'STEP':>12}  {'STATUS':<10}  {'SIZE':>9}  {'WORLD':>5}  {'AGE':>6}")
     for bundle, r in reports:
-        m = r.manifest
         print(
             (f"{bundle:<{width}}  " if bundled else "")
-            + f"{r.step:>12}  {r.status:<10}  {_size(r.size):>9}  "
-            f"{(_training_world(m) if m else '-'):>5}  {_age(m.created if m else None):>6}"
+            + f"{r.step:>12}  {r.status:<10}  {_size(r.size):>9}  {_world(r):>5}  {_age(_created(r)):>6}"
         )
     if not args.full:
-        print("(STATUS from manifests and file sizes: no data was read; 'ls --full' or 'verify' checks every byte)")
+        print("(STATUS from manifests, records and file sizes: no data was read; 'ls --full' or 'verify' checks "
+              "every byte)")
     return EXIT_OK
 
 
@@ -193,8 +235,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for bundle, r in reports:
             name = f"{bundle} step {r.step}" if bundle is not None else f"step {r.step}"
             if r.ok:
-                assert r.manifest is not None
-                print(f"{name}: OK ({len(r.manifest.files)} files, {_size(r.size)})")
+                files = len(r.manifest.files) if r.manifest is not None else 1  # None: a single file
+                print(f"{name}: OK ({files} file{'s' if files != 1 else ''}, {_size(r.size)})")
             elif r.status == StepStatus.INCOMPLETE:
                 print(f"{name}: INCOMPLETE (never committed; resume ignores it)")
             else:
@@ -212,6 +254,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     store = next((s for _, s in stores if args.step in s.committed_steps()), stores[0][1])
     bundle = next((b for b, s in stores if s is store), None)
     report = store.verify(args.step, full=False)
+    if report.record is not None:
+        return _inspect_file(args, bundle, report)
     if report.manifest is None:
         reasons = "; ".join(f"{f}: {why}" for f, why in report.problems) or "no manifest (never committed)"
         print(f"step {args.step} cannot be inspected: {reasons}", file=sys.stderr)
@@ -234,6 +278,33 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for entry in m.files:
         print(f"  {entry.path}  {_size(entry.size)}  {entry.digest}  rank={entry.rank}")
     for title, section in (("metadata", m.metadata), ("fingerprint", m.fingerprint), ("health", m.health)):
+        if section:
+            print(f"{title}:")
+            for k, v in sorted(section.items()):
+                print(f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}")
+    for f, why in report.problems:
+        print(f"PROBLEM {f}: {why}")
+    return EXIT_OK if report.ok else EXIT_NEGATIVE
+
+
+def _inspect_file(args: argparse.Namespace, name: str | None, report: StepReport) -> int:
+    """``inspect`` of a single-file Lightning checkpoint: its integrity record."""
+    record = report.record
+    body = {"file": name, "step": record.step, "size": record.size, "digest": record.digest,
+            "created": record.created, "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
+            "world_size": record.world_size, "metadata": record.metadata, "health": record.health,
+            "quick_verification": {"status": report.status,
+                                   "problems": [{"file": f, "reason": w} for f, w in report.problems]}}
+    if args.json:
+        print(json.dumps(body, indent=1, sort_keys=True))
+        return EXIT_OK if report.ok else EXIT_NEGATIVE
+    status = f"{report.status}; data not read: 'verify' checks every byte" if report.ok else report.status
+    print(f"file        {name}")
+    print(f"step        {record.step}  ({status})")
+    print(f"world size  {record.world_size or '-'} (written by 1)")
+    print(f"created     {body['created_iso']} ({_age(record.created)} ago)")
+    print(f"size        {_size(record.size)} in 1 file  {record.digest}")
+    for title, section in (("metadata", record.metadata), ("health", record.health)):
         if section:
             print(f"{title}:")
             for k, v in sorted(section.items()):
@@ -283,10 +354,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     """The model weights of a verified step as one file (safetensors, a torch state dict, or a
     Lightning ``.ckpt``), consolidated from replicated and sharded state."""
     from .checkpoint import export
+    from .checkpoint.single_file import SingleFile
 
     out = _export_target(args.output)
     fmt = export.format_for(args.output, args.format)
     stores = _stores(args)
+    if len(stores) == 1 and isinstance(stores[0][1], SingleFile):  # a single-file Lightning checkpoint
+        if args.step is not None:
+            raise ConfigError(f"export: --step does not apply to {args.root}, a single checkpoint file")
+        single = stores[0][1]
+        progress = _bar(args, f"writing {os.path.basename(out)}")
+        try:
+            done = export.export_file(single.storage, single.name, out, fmt=fmt, dtype=args.dtype, key=args.key,
+                                      progress=progress)
+        finally:
+            progress.close()
+        print(f"exported step {done.step} of {single.storage.display(single.name)} to {out} ({done.tensors} "
+              f"tensors of {done.key!r}, {_size(done.size)}, {done.note})")
+        return EXIT_OK
     if stores[0][0] is not None:
         raise ConfigError(f"export: {args.root} holds Lightning checkpoints ({', '.join(b or '' for b, _ in stores[:4])}); "
                           "give the one to export")

@@ -1,6 +1,6 @@
 """Where ranks agree on which checkpoint to load: the one agreement protocol, used by
 ``CheckpointManager.restore`` (candidates are steps under a root) and by Lightning's
-``ElasticCheckpointIO.load_checkpoint`` (candidates are bundles).
+``ElasticCheckpointIO.load_checkpoint`` (candidates are Lightning checkpoint paths).
 
 Candidates come newest first, the same list on every rank (rank 0 lists, then broadcasts). For
 each, every rank reads and verifies what it needs; one ``all_reduce(MIN)`` of
@@ -28,7 +28,7 @@ V = TypeVar("V")
 
 @dataclass(frozen=True)
 class Candidate:
-    """A checkpoint that may be loaded: a step, in a Lightning bundle when ``path`` is given."""
+    """A checkpoint that may be loaded: a step, at a Lightning checkpoint path when ``path`` is given."""
 
     step: int
     path: str | None = None

@@ -23,11 +23,12 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointCorruptError, ConfigError, NoCheckpointError
+from ..storage.protocol import Storage
 from .format import as_cpu_contiguous, safetensors_file, unflatten
 from .layout import FileKind, step_dir
 from .manifest import Manifest
 from .store import CheckpointStore
-from .values import plain
+from .values import DecodeRules, plain
 
 FORMATS = ("safetensors", "torch", "lightning")
 _SUFFIXES = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "lightning"}
@@ -117,18 +118,41 @@ def export(store: CheckpointStore, out: str, *, fmt: str, step: int | None = Non
     in ``fmt`` (:data:`FORMATS`); ``dtype`` a key of :data:`DTYPES`; ``progress(done, total)``
     in bytes while writing."""
     manifest, state = exported_step(store, step)
-    weights = find_weights(state, manifest, key)
+    lightning = None
+    if isinstance(state, dict) and manifest.metadata.get("lightning_path") is not None and isinstance(
+            state.get(_LIGHTNING_STATE), dict):
+        lightning = state[_LIGHTNING_STATE]
+    return export_state(lightning if lightning is not None else state, out, step=manifest.step,
+                        epoch=manifest.metadata.get("epoch"), lightning=lightning is not None, fmt=fmt, dtype=dtype,
+                        key=key, progress=progress)
+
+
+def export_file(storage: Storage, name: str, out: str, *, fmt: str, dtype: str | None = None, key: str | None = None,
+                progress: Callable[[int, int], None] | None = None) -> Exported:
+    """:func:`export` for a single-file Lightning checkpoint (verified against its record)."""
+    from .single_file import load_verified
+
+    checkpoint, record = load_verified(storage, name, DecodeRules())
+    step = record.step if record is not None else checkpoint.get("global_step")
+    return export_state(checkpoint, out, step=step if isinstance(step, int) else 0, epoch=checkpoint.get("epoch"),
+                        lightning=True, fmt=fmt, dtype=dtype, key=key, progress=progress)
+
+
+def export_state(state: Any, out: str, *, step: int, epoch: Any, lightning: bool, fmt: str, dtype: str | None,
+                 key: str | None, progress: Callable[[int, int], None] | None) -> Exported:
+    """Write the weights in ``state`` (a Lightning checkpoint dict when ``lightning``)."""
+    weights = find_weights(state, step, key, lightning=lightning)
     tensors = cast(weights.tensors, DTYPES[dtype] if dtype else None)
     if fmt == "safetensors":
         named = [(n, as_cpu_contiguous(t.detach())) for n, t in tensors.items()]
-        encoded = safetensors_file(named, {"format": "pt", "elastic_resume_step": str(manifest.step)})
+        encoded = safetensors_file(named, {"format": "pt", "elastic_resume_step": str(step)})
         size, chunks, note = encoded.size, encoded.chunks(), "safetensors"
     else:
-        data = weights_only_bytes(lightning_checkpoint(weights, tensors, manifest) if fmt == "lightning" else tensors)
+        data = weights_only_bytes(lightning_checkpoint(weights, tensors, step, epoch) if fmt == "lightning" else tensors)
         size, chunks = len(data), iter([memoryview(data)])
         note = ("Lightning .ckpt" if fmt == "lightning" else "torch state dict") + ", loads with weights_only=True"
     write_new_file(out, chunks, size=size, progress=progress)
-    return Exported(manifest.step, weights.key, len(tensors), size, note + (f", {dtype}" if dtype else ""))
+    return Exported(step, weights.key, len(tensors), size, note + (f", {dtype}" if dtype else ""))
 
 
 @dataclass
@@ -152,31 +176,29 @@ def _flat(tree: Any, prefix: str, out: dict[str, torch.Tensor], key: str) -> Non
                           "weights; pick the entry with the model's state dict with --key")
 
 
-def find_weights(state: Any, manifest: Manifest, key: str | None) -> Weights:
-    """The model's state dict in a step: Lightning's ``state_dict`` for a bundle, else ``key``
-    (default: the first of :data:`MODEL_KEYS` present). DDP's ``module.`` prefix is dropped."""
-    lightning = None
-    if isinstance(state, dict) and manifest.metadata.get("lightning_path") is not None and isinstance(
-            state.get(_LIGHTNING_STATE), dict):
-        lightning = state[_LIGHTNING_STATE]
-        state, key = lightning, key or "state_dict"
+def find_weights(state: Any, step: int, key: str | None, *, lightning: bool = False) -> Weights:
+    """The model's state dict in a step: Lightning's ``state_dict`` when ``state`` is a Lightning
+    checkpoint, else ``key`` (default: the first of :data:`MODEL_KEYS` present). DDP's
+    ``module.`` prefix is dropped."""
+    if lightning:
+        key = key or "state_dict"
     if not isinstance(state, dict):
-        raise CheckpointCorruptError(manifest.step, None, "the state is not a dict of names")
+        raise CheckpointCorruptError(step, None, "the state is not a dict of names")
     if key is None:
         key = next((k for k in MODEL_KEYS if k in state), None)
         if key is None:
-            raise ConfigError(f"export: step {manifest.step} has no entry named {', '.join(MODEL_KEYS)}; it holds "
+            raise ConfigError(f"export: step {step} has no entry named {', '.join(MODEL_KEYS)}; it holds "
                               f"{', '.join(map(repr, list(state)[:12]))}; pick the model's with --key")
     if key not in state:
-        raise ConfigError(f"export: --key {key!r}: step {manifest.step} has no such entry; it holds "
+        raise ConfigError(f"export: --key {key!r}: step {step} has no such entry; it holds "
                           f"{', '.join(map(repr, list(state)[:12]))}")
     flat: dict[str, torch.Tensor] = {}
     _flat(state[key], key if isinstance(state[key], torch.Tensor) else "", flat, key)
     if not flat:
-        raise ConfigError(f"export: {key!r} of step {manifest.step} holds no tensors")
-    if lightning is None and all(name.startswith("module.") for name in flat):  # saved from a DDP wrapper
+        raise ConfigError(f"export: {key!r} of step {step} holds no tensors")
+    if not lightning and all(name.startswith("module.") for name in flat):  # saved from a DDP wrapper
         flat = {name.removeprefix("module."): t for name, t in flat.items()}
-    return Weights(key, flat, lightning)
+    return Weights(key, flat, state if lightning else None)
 
 
 def cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -233,13 +255,12 @@ def weights_only_bytes(obj: Any) -> bytes:
     return data
 
 
-def lightning_checkpoint(weights: Weights, tensors: dict[str, torch.Tensor], manifest: Manifest) -> dict[str, Any]:
+def lightning_checkpoint(weights: Weights, tensors: dict[str, torch.Tensor], step: int, epoch: Any) -> dict[str, Any]:
     """A Lightning ``.ckpt`` dict: a bundle's own (its ``state_dict`` cast), or for a plain
     step what ``LightningModule.load_from_checkpoint`` needs."""
     if weights.lightning is not None:
         return dict(weights.lightning, state_dict=tensors)
-    checkpoint: dict[str, Any] = {"state_dict": tensors, "global_step": manifest.step,
-                                  "epoch": manifest.metadata.get("epoch") or 0}
+    checkpoint: dict[str, Any] = {"state_dict": tensors, "global_step": step, "epoch": epoch or 0}
     for dist in ("lightning", "pytorch-lightning"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             checkpoint["pytorch-lightning_version"] = importlib.metadata.version(dist)

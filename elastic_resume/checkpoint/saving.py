@@ -138,7 +138,7 @@ class StepWriter:
         self.events = events
         self.stager = Stager()
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: Future[Manifest] | None = None
+        self._pending: Future[Any] | None = None
         self.pending_step: int | None = None
         atexit.register(_wait_at_exit, weakref.ref(self))
 
@@ -172,11 +172,17 @@ class StepWriter:
                          stall_s=round(time.perf_counter() - started, 4))
         if blocking:
             return self._write_and_commit(store, job, replace, after_commit)
+        self.run_in_background(step, self._write_and_commit, store, job, replace, after_commit)
+        return None
+
+    def run_in_background(self, step: int, write: Callable[..., Any], *args: Any) -> None:
+        """Run ``write(*args)`` (the write and commit of ``step``) in the save thread: the next
+        save, :meth:`wait` or interpreter exit waits for it and raises its error."""
+        self.wait()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elastic-resume-save")
-        self._pending = self._executor.submit(self._write_and_commit, store, job, replace, after_commit)
+        self._pending = self._executor.submit(write, *args)
         self.pending_step = step
-        return None
 
     def wait(self) -> Manifest | None:
         """Wait for a background save; raise its error if it failed."""

@@ -107,6 +107,8 @@ class StepReport:
     manifest: Manifest | None = None
     problems: list[tuple[str, str]] = field(default_factory=list)
     size: int = 0
+    #: For a single-file Lightning checkpoint (no manifest): its integrity record.
+    record: Any = None
 
     @property
     def ok(self) -> bool:

@@ -22,7 +22,7 @@ over the oldest and newest supported releases (:data:`SUPPORTED`):
   (an in-process rollback continues the running loops from a loaded state);
 - ``ModelCheckpoint._last_global_step_saved`` (a restored anchor is not saved again);
 - ``trainer._checkpoint_connector._ckpt_path`` (what Lightning's "Restored all states from the
-  checkpoint at ..." and ``trainer.ckpt_path`` name: after a fallback, the bundle loaded);
+  checkpoint at ..." and ``trainer.ckpt_path`` name: after a fallback, the checkpoint loaded);
 - the ``loss`` in ``on_train_batch_end``'s outputs is, under automatic optimization, the
   training step's loss divided by ``accumulate_grad_batches`` (``ClosureResult``'s
   ``normalize``): :func:`raw_loss` undoes it.

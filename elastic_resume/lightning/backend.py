@@ -1,7 +1,7 @@
 """The spike guard's checkpoint backend inside a Lightning ``Trainer``.
 
 ``SpikeGuard`` reaches checkpoints through ``spike.backend.CheckpointBackend``; here that contract is
-fulfilled by the Trainer and ``ElasticCheckpointIO``: the health of the bundles ``ModelCheckpoint``
+fulfilled by the Trainer and ``ElasticCheckpointIO``: the health of the checkpoints ``ModelCheckpoint``
 wrote under the checkpoint directory, removing the ones after a rollback's anchor, loading the
 anchor into the live trainer (:func:`apply_checkpoint`), and saving (the re-committed anchor,
 preemption saves) through ``trainer.save_checkpoint``.
@@ -54,7 +54,7 @@ class TrainerBackend:
     """What ``SpikeGuard`` needs of its checkpoints, done through the Trainer and the plugin.
 
     Retention is Lightning's (``ModelCheckpoint(save_top_k=...)``): :meth:`protect` cannot stop
-    ``ModelCheckpoint`` from removing a bundle; with ``save_top_k=-1`` (the recommended setting)
+    ``ModelCheckpoint`` from removing a checkpoint; with ``save_top_k=-1`` (the recommended setting)
     nothing is removed. Lightning's drift
     fingerprint holds no optimizer settings, so the LR a rollback scales is never drift, but
     :meth:`allow_recovery_drift` still adds what the guard names to the callback's report."""
@@ -87,7 +87,7 @@ class TrainerBackend:
         self.recovery_drift += [p for p in patterns if p not in self.recovery_drift]
 
     def allow_replace(self, step: int) -> None:
-        """Nothing to prove here: saving a Lightning path again replaces that bundle's step (see
+        """Nothing to prove here: saving a Lightning path again replaces what it holds (see
         ``ElasticCheckpointIO.save_checkpoint``)."""
 
     def wait(self) -> None:

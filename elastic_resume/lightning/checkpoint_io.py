@@ -1,32 +1,35 @@
 """Lightning's ``CheckpointIO`` over the elastic-resume store.
 
-Lightning names checkpoints by path (``DIR/epoch=0-step=100.ckpt``, ``DIR/last.ckpt``) and may
-write the same path again (``last.ckpt`` at every save). Here every such path is a store root of
-its own, a *bundle*::
+Lightning names checkpoints by path (``DIR/epoch=0-step=100.ckpt``, ``DIR/last.ckpt``) and saves
+them from global rank 0 alone (single device, DDP; sharded strategies write their own
+directories). Each such path is written as a *single file* (``single_file.py``): the archive
+``torch.save`` writes, so ``torch.load(path, weights_only=True)`` and
+``MyModel.load_from_checkpoint(path)`` open it, with an integrity record in the zip comment that
+every load through this plugin checks first. A new path is committed create-only; a path saved
+again (``last.ckpt``) is replaced in one atomic rename (object stores: one PUT) by a file that is
+complete and durable first, so a crash leaves the old checkpoint or the new one, never neither.
 
-    DIR/epoch=0-step=100.ckpt/step-000000000100/MANIFEST.json    the commit
-    DIR/epoch=0-step=100.ckpt/step-000000000100/<attempt>/...    verified data
-
-so a bundle is either committed or invisible, rewriting ``last.ckpt`` commits a new step before
-the old one is pruned (a crash in between leaves one of them, never neither), and
-``ModelCheckpoint``'s ``save_top_k`` removes whole bundles. Lightning calls ``save_checkpoint``
-on global rank 0 only, so a bundle has a single writer: the checkpoint engine's own
-``StepWriter`` over a world of one (one writer, one set of staging buffers and one background
-thread for every bundle). Reading happens on every rank through the engine's reader, and which
-checkpoint to load is decided by the engine's agreement protocol (``checkpoint/agreement.py``),
-the same one ``CheckpointManager.restore`` uses.
+*Bundles*, the directories earlier releases wrote at these paths (``NAME.ckpt/step-N/MANIFEST.json``
+plus verified data), stay loadable, and a path that already holds one is saved again as one.
+Reading happens on every rank, and which checkpoint to load is decided by the engine's agreement
+protocol (``checkpoint/agreement.py``), the same one ``CheckpointManager.restore`` uses: when the
+newest cannot be verified by every rank, the next older one in the directory is loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
+import time
+import zlib
 from collections.abc import Iterable
 from typing import Any
 
 from .. import heartbeat
+from ..checkpoint import single_file
 from ..checkpoint.agreement import Candidate, agree
 from ..checkpoint.format import encodable
 from ..checkpoint.layout import manifest_path
@@ -35,18 +38,20 @@ from ..checkpoint.manifest import Manifest
 from ..checkpoint.reading import ReadAttempt, try_read
 from ..checkpoint.saving import StepWriter
 from ..checkpoint.store import CheckpointStore, list_bundles, written_order
-from ..checkpoint.values import allowed_class_names, hparams_text
+from ..checkpoint.values import DecodeRules, allowed_class_names, hparams_text
 from ..collectives import Group, LocalGroup, default_group, on_rank0
 from ..contract import Event, StrEnum
 from ..errors import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
+    CheckpointSaveError,
     ConfigError,
     NoCheckpointError,
+    StateError,
     StorageError,
 )
 from ..events import EventLog
-from ..storage import file_url_path, open_storage, tensor_bytes
+from ..storage import file_url_path, open_storage, redact, tensor_bytes
 from ._compat import CHECKPOINT_IO_BASES
 
 log = logging.getLogger("elastic_resume")
@@ -60,9 +65,28 @@ _STATE_KEY = "checkpoint"  # the stored state is {"checkpoint": <Lightning's dic
 class PathKind(StrEnum):
     """What stands at a checkpoint path Lightning asks to load."""
 
-    BUNDLE = "bundle"  #: a directory or prefix written by ElasticCheckpointIO
-    FILE = "file"  #: a plain Lightning/torch ``.ckpt`` written before the plugin
+    BUNDLE = "bundle"  #: a directory or prefix written by ElasticCheckpointIO before 0.7
+    FILE = "file"  #: a file: ours (with an integrity record) or a plain Lightning/torch ``.ckpt``
     MISSING = "missing"  #: nothing
+
+
+@dataclasses.dataclass(frozen=True)
+class Saved:
+    """A checkpoint under a ModelCheckpoint directory, as its listing shows it."""
+
+    step: int
+    path: str
+    created: float  #: seconds since the epoch, from its record or manifest (-inf: unknown)
+    health: tuple[bool, float | None] | None  #: (healthy, loss) as recorded; None when unreadable
+
+
+def _is_url(path: str) -> bool:
+    return path.startswith(("http://", "https://"))
+
+
+def _step_in_name(name: str) -> int:
+    match = re.search(r"step=(\d+)", name)
+    return int(match.group(1)) if match else 0
 
 
 def normalize_path(path: str | os.PathLike[str]) -> str:
@@ -83,6 +107,33 @@ def _join(parent: str, name: str) -> str:
 # Derives from the CheckpointIO of each importable namespace, so either Trainer accepts it.
 #: Where Lightning puts hyper-parameters (the module's, the datamodule's) in a checkpoint.
 HPARAMS_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
+
+
+def _tensors(tree: Any) -> list[Any]:
+    """The tensors of a checkpoint tree (dicts, lists, tuples), in a fixed order."""
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    import torch
+
+    return [tree] if isinstance(tree, torch.Tensor) else []
+
+
+def _with_tensors(tree: Any, tensors: list[Any]) -> Any:
+    """``tree`` with its tensors replaced, in :func:`_tensors`' order, by ``tensors``."""
+    it = iter(tensors)
+
+    def swap(node: Any) -> Any:
+        if isinstance(node, dict):
+            return type(node)((k, swap(v)) for k, v in node.items())
+        if isinstance(node, (list, tuple)):
+            return type(node)(swap(v) for v in node)
+        import torch
+
+        return next(it) if isinstance(node, torch.Tensor) else node
+
+    return swap(tree)
 
 
 def savable_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -162,38 +213,65 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         """The plugin's storage options, overridden key by key by those given to one call."""
         return {**self.storage_options, **(per_call or {})}
 
-    def checkpoints(self, dirpath: str | os.PathLike[str]) -> list[tuple[int, str]]:
-        """Committed ``(step, path)`` of every bundle directly under ``dirpath``, newest first
-        (manifests exist; their contents are checked when loaded). One recursive listing."""
+    def saved(self, dirpath: str | os.PathLike[str]) -> list[Saved]:
+        """Every checkpoint directly under ``dirpath`` that this plugin wrote (single files with
+        an integrity record, committed bundles), newest step first. Reads each file's record (its
+        last 64 KiB) and each bundle's manifest; their data is checked when loaded. A file whose
+        record is damaged is listed (with no health) so that loading it reports why."""
         dirpath = normalize_path(dirpath)
-        found = [(step, _join(dirpath, name))
-                 for name, steps in list_bundles(open_storage(dirpath, self.storage_options)).items()
-                 for step, committed in steps.items() if committed]
-        return sorted(found, key=lambda f: (-f[0], f[1]))
+        storage = open_storage(dirpath, self.storage_options)
+        out = []
+        for name, steps in list_bundles(storage).items():
+            for step, committed in steps.items():
+                if not committed:
+                    continue
+                rel = f"{name}/{manifest_path(step)}"
+                try:
+                    manifest = Manifest.parse(storage.read_small(rel), step=step, where=storage.display(rel))
+                    out.append(Saved(step, _join(dirpath, name), manifest.created, manifest.health_record()))
+                except (CheckpointCorruptError, StorageError, OSError):
+                    out.append(Saved(step, _join(dirpath, name), float("-inf"), None))
+        for name in self._files(dirpath, storage):
+            try:
+                record = single_file.record_of(storage, name)
+            except CheckpointCorruptError:
+                out.append(Saved(_step_in_name(name), _join(dirpath, name), float("-inf"), None))
+                continue
+            except (StorageError, OSError):
+                continue  # removed while listing, or a link
+            if record is not None:
+                out.append(Saved(record.step, _join(dirpath, name), record.written_ns / 1e9, record.health_record()))
+        return sorted(out, key=lambda c: (-c.step, c.path))
+
+    @staticmethod
+    def _files(dirpath: str, storage: Any) -> list[str]:
+        """``*.ckpt`` files directly under ``dirpath`` (a local symlink, ``save_last="link"``,
+        is not a checkpoint of its own: its target is listed)."""
+        names = [rel for rel in storage.list_tree("") if "/" not in rel and rel.endswith(".ckpt")]
+        if "://" not in dirpath:
+            names = [n for n in names if not os.path.islink(os.path.join(dirpath, n))]
+        return names
+
+    def checkpoints(self, dirpath: str | os.PathLike[str]) -> list[tuple[int, str]]:
+        """``(step, path)`` of every checkpoint under ``dirpath`` written by this plugin, newest
+        step first (see :meth:`saved`)."""
+        return [(c.step, c.path) for c in self.saved(dirpath)]
 
     def health(self, dirpath: str | os.PathLike[str]) -> list[tuple[int, bool, float | None, str]]:
-        """``(step, healthy, recorded loss, path)`` of the committed bundles under ``dirpath``
-        whose manifest validates, newest first (health as the ElasticResume callback recorded it)."""
-        storage = open_storage(normalize_path(dirpath), self.storage_options)  # one client for all manifests
-        out = []
-        for step, path in self.checkpoints(dirpath):
-            rel = f"{path.rsplit('/', 1)[-1]}/{manifest_path(step)}"
-            try:
-                manifest = Manifest.parse(storage.read_small(rel), step=step, where=storage.display(rel))
-            except (CheckpointCorruptError, StorageError, OSError):
-                continue
-            out.append((step, *manifest.health_record(), path))
-        return out
+        """``(step, healthy, recorded loss, path)`` of the checkpoints under ``dirpath`` whose
+        record or manifest is readable, newest first (health as the ElasticResume callback
+        recorded it)."""
+        return [(c.step, *c.health, c.path) for c in self.saved(dirpath) if c.health is not None]
 
     def resume_path(self, dirpath: str | os.PathLike[str]) -> str | None:
-        """What to pass as ``Trainer.fit(ckpt_path=...)``: the newest committed checkpoint under
-        ``dirpath``, or None (a fresh start) when there is none. Loading it verifies every byte
-        and agrees across ranks; when the newest cannot be loaded by every rank, the next older
+        """What to pass as ``Trainer.fit(ckpt_path=...)``: the checkpoint under ``dirpath`` saved
+        last, or None (a fresh start) when there is none. Loading it verifies every byte and
+        agrees across ranks; when the newest cannot be loaded by every rank, the next older
         checkpoint under ``dirpath`` is used instead, and the log says which and why."""
         dirpath = normalize_path(dirpath)
         # A root that cannot be written fails now, not at the first save an hour into training.
         open_storage(dirpath, self.storage_options).ensure_root(create=True, probe_write=True)
-        found = self.checkpoints(dirpath)
+        found = self.saved(dirpath)
         if not found and (plain := self._plain_checkpoints(dirpath)):
             self._resolved = plain[0]  # written before the plugin: loaded once, as a migration
             return self._resolved
@@ -202,33 +280,25 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
             if self.events.rank in (None, 0):  # a wrong ROOT would silently start over: say it
                 log.warning("no committed checkpoint under %s: training starts from scratch", dirpath)
             return None
-        self._resolved = self._newest_written(dirpath, found)
+        # The one saved last (Lightning's ``ckpt_path="last"`` also picks by time): a new run
+        # that saves into an old directory resumes its own checkpoints, not the old run's
+        # higher step numbers.
+        self._resolved = max(found, key=lambda c: (c.created, c.step)).path
         return self._resolved
 
-    def _newest_written(self, dirpath: str, found: list[tuple[int, str]]) -> str:
-        """The bundle saved last among ``found`` (Lightning's ``ckpt_path="last"`` also picks by
-        time): a new run that saves into an old directory resumes its own checkpoints, not the
-        old run's higher step numbers."""
-        if len(found) == 1:
-            return found[0][1]
-        storage = open_storage(dirpath, self.storage_options)
-        name, _step = written_order(storage, [(p.rsplit("/", 1)[-1], s) for s, p in found])[0]
-        return _join(dirpath, name)
-
     def _plain_checkpoints(self, dirpath: str) -> list[str]:
-        """Plain ``*.ckpt`` files directly under ``dirpath`` (Lightning's default format), the
-        one to resume first: highest ``step=N`` in the name, then (local) the newest, as
-        Lightning's ``ckpt_path="last"`` would pick."""
-        files = [rel for rel in open_storage(dirpath, self.storage_options).list_tree("")
-                 if "/" not in rel and rel.endswith(".ckpt")]
+        """Plain ``*.ckpt`` files directly under ``dirpath`` (Lightning's default format, no
+        integrity record), the one to resume first: highest ``step=N`` in the name, then
+        (local) the newest, as Lightning's ``ckpt_path="last"`` would pick."""
+        storage = open_storage(dirpath, self.storage_options)
+        files = [rel for rel in storage.list_tree("") if "/" not in rel and rel.endswith(".ckpt")]
 
         def order(name: str) -> tuple[int, float]:
-            match = re.search(r"step=(\d+)", name)
             mtime = 0.0
             if "://" not in dirpath:
                 with contextlib.suppress(OSError):
                     mtime = os.path.getmtime(os.path.join(dirpath, name))
-            return (int(match.group(1)) if match else -1, mtime)
+            return (_step_in_name(name) if "step=" in name else -1, mtime)
 
         if "://" not in dirpath:  # a dangling *.ckpt link (save_last="link" to a removed file) is nothing to load
             files = [f for f in files if os.path.exists(os.path.join(dirpath, f))]
@@ -259,16 +329,65 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ConfigError(f"Lightning checkpoint for {path} has global_step={step!r}; expected an integer >= 0")
         extra = checkpoint.get(CHECKPOINT_KEY) or {}
-        checkpoint = savable_hparams(checkpoint)
-        store = self._store(path, storage_options)
-        # A bad root fails now, naming it, not half-way through writing.
-        store.storage.ensure_root(create=True, probe_write=True)
-        # The same path saved again at the same step replaces what stands there now.
-        replace = store.manifest_digest(step) if step in store.committed_steps() else None
-        # The run's world size: this bundle has one writer (global rank 0), whatever the run's.
+        # The run's world size: this file has one writer (global rank 0), whatever the run's.
         world = extra.get("world_size") or int(os.environ.get("WORLD_SIZE", "1") or 1)
         metadata = {"lightning_path": path.rsplit("/", 1)[-1], "epoch": checkpoint.get("epoch"),
                     "world_size": world, **extra.get("metadata", {})}
+        parent, name = path.rsplit("/", 1)
+        storage = open_storage(parent, self._options(storage_options))
+        # A bad root fails now, naming it, not half-way through writing.
+        storage.ensure_root(create=True, probe_write=True)
+        if self._kind(path, storage_options) == PathKind.BUNDLE:  # written by an earlier release: saved as one again
+            return self._save_bundle(checkpoint, path, storage_options, step, extra, metadata)
+        started = time.perf_counter()
+        try:
+            checkpoint = single_file.savable(checkpoint)
+        except StateError as e:
+            self.events.emit(Event.SAVE_FAILED, step=step, path=path, errors=[str(e)])
+            raise CheckpointSaveError(f"checkpoint {path} (step {step}) was not saved: {e}") from None
+        if self.async_save:  # training may change its tensors while the copies are written
+            checkpoint = _with_tensors(checkpoint, self._writer.stager.stage(_tensors(checkpoint)))
+        self.events.emit(Event.SAVE_STARTED, step=step, path=path, blocking=not self.async_save,
+                         stall_s=round(time.perf_counter() - started, 4))
+        fields = {"step": step, "health": extra.get("health"), "metadata": metadata}
+        if not self.async_save:
+            return self._write_file(storage, name, path, checkpoint, fields, started)
+        self._active_path = path
+        self._writer.run_in_background(step, self._write_file, storage, name, path, checkpoint, fields, started)
+        return None
+
+    def _write_file(self, storage: Any, name: str, path: str, checkpoint: dict[str, Any], fields: dict[str, Any],
+                    started: float) -> None:
+        """Serialize, hash and commit one single-file checkpoint (the background save runs this)."""
+        replaced = None
+        try:
+            exists = storage.exists(name)
+            if exists:
+                # Lightning saves this path again (last.ckpt): the new file, complete and durable
+                # (written to a temporary name and synced), takes its place in one rename (one
+                # PUT), so the old checkpoint is removed only by a loadable one.
+                with contextlib.suppress(CheckpointCorruptError, StorageError, OSError):
+                    replaced = single_file.record_of(storage, name)
+            _record, size = single_file.commit(storage, name, checkpoint, replace=exists, **fields)
+        except Exception as e:
+            self.events.emit(Event.SAVE_FAILED, step=fields["step"], path=path, errors=[str(e)])
+            if isinstance(e, CheckpointSaveError):
+                raise
+            raise CheckpointSaveError(f"checkpoint {path} (step {fields['step']}) was not saved: {e}") from e
+        self.events.emit(Event.SAVE_COMMITTED, step=fields["step"], path=path, bytes=size,
+                         seconds=round(time.perf_counter() - started, 4), world_size=1)
+        if replaced is not None:
+            self.events.emit(Event.CHECKPOINT_DELETED, step=replaced.step, path=path,
+                             reason=f"superseded: {path} was saved again (step {fields['step']})")
+
+    def _save_bundle(self, checkpoint: dict[str, Any], path: str, storage_options: Any | None, step: int,
+                     extra: dict[str, Any], metadata: dict[str, Any]) -> None:
+        """Save ``path`` as a bundle again: a path an earlier release wrote as a directory
+        (``last.ckpt`` of a run that upgraded) cannot become a file without a moment in which
+        neither exists."""
+        store = self._store(path, storage_options)
+        # The same path saved again at the same step replaces what stands there now.
+        replace = store.manifest_digest(step) if step in store.committed_steps() else None
         self._active_path = path
 
         def keep_newest(manifest: Manifest) -> None:
@@ -282,8 +401,9 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
             except Exception as e:  # noqa: BLE001 - clean-up failure must not fail training
                 self.events.emit(Event.PRUNE_FAILED, step=manifest.step, path=path, error=str(e))
 
-        self._writer.save(store, step, {_STATE_KEY: checkpoint}, metadata=metadata, health=extra.get("health"),
-                          blocking=not self.async_save, replace=replace, after_commit=keep_newest)
+        self._writer.save(store, step, {_STATE_KEY: savable_hparams(checkpoint)}, metadata=metadata,
+                          health=extra.get("health"), blocking=not self.async_save, replace=replace,
+                          after_commit=keep_newest)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         with heartbeat.section(heartbeat.Section.RESTORE):
@@ -293,33 +413,79 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         path = normalize_path(path)
         self.wait()
         group = self.group()
+        if _is_url(path):  # served over http(s): that file, verified by every rank, or an error
+            return self._load_agreed([Candidate(_step_in_name(path), path)], group, requested=path)
 
         def listing() -> tuple[PathKind, list[Candidate]]:
             kind = self._kind(path)
-            return kind, self._candidates(path, fallback=path == self._resolved) if kind == PathKind.BUNDLE else []
+            if kind == PathKind.MISSING:
+                return kind, []
+            own = self._own_candidates(path, kind)
+            if kind == PathKind.FILE and own is None:
+                return kind, []  # a plain Lightning file: migrated below
+            own = own or []
+            if path != self._resolved or not own:
+                return kind, own
+            return kind, self._with_fallbacks(path, own)
 
         kind, candidates = on_rank0(group, listing, error=NoCheckpointError, what=f"cannot list checkpoints at {path}")
         if kind == PathKind.MISSING:
             # Lightning's own wording leads (its tests and users' scripts match on it), our detail after.
             raise CheckpointNotFoundError(f"Checkpoint file not found: {path} (no checkpoint at {path}: the path "
                                           "does not exist)")
-        if kind == PathKind.FILE:
+        if kind == PathKind.FILE and not candidates:
             return self._migrate(path, group)
         if not candidates:
             raise NoCheckpointError(f"no committed checkpoint at {path}; was it written by ElasticCheckpointIO?")
         return self._load_agreed(candidates, group, requested=path)
 
-    def _kind(self, path: str) -> PathKind:
-        """Rank 0: "bundle" (a directory or prefix: ours), "file" (a plain Lightning/torch
-        checkpoint, written before the plugin was added) or "missing"."""
+    def _kind(self, path: str, storage_options: dict[str, Any] | None = None) -> PathKind:
+        """"bundle" (a directory or prefix: ours, before 0.7), "file" (ours, or a plain
+        Lightning/torch checkpoint) or "missing"."""
         if "://" not in path:
             if os.path.isfile(path):
                 return PathKind.FILE
             return PathKind.BUNDLE if os.path.isdir(path) else PathKind.MISSING
         parent, name = path.rsplit("/", 1)
-        if open_storage(path, self.storage_options).list_tree(""):
+        if open_storage(path, self._options(storage_options)).list_tree(""):
             return PathKind.BUNDLE
-        return PathKind.FILE if open_storage(parent, self.storage_options).exists(name) else PathKind.MISSING
+        return PathKind.FILE if open_storage(parent, self._options(storage_options)).exists(name) else PathKind.MISSING
+
+    def _file(self, path: str) -> tuple[Any, str]:
+        """(storage of its directory, name) of a single file; a local link is followed here,
+        once, so the file read is the one the link pointed to when the read began."""
+        if "://" not in path and os.path.islink(path):
+            path = os.path.realpath(path)
+        parent, name = path.rsplit("/", 1)
+        return open_storage(parent, self.storage_options), name
+
+    def _own_candidates(self, path: str, kind: PathKind) -> list[Candidate] | None:
+        """Rank 0: the checkpoints ``path`` itself holds, the one written last first. A file:
+        its step as its record says (None: no record, a plain Lightning file; a damaged record:
+        the step in its name, and loading it says what is wrong)."""
+        if kind == PathKind.FILE:
+            storage, name = self._file(path)
+            try:
+                record = single_file.record_of(storage, name)
+            except CheckpointCorruptError:
+                return [Candidate(_step_in_name(name), path)]
+            return None if record is None else [Candidate(record.step, path)]
+        store = self._store(path)
+        own = store.committed_steps()
+        if len(own) > 1:  # a crash between a re-save's commit and its clean-up: the last one written first
+            own = [s for _, s in written_order(store.storage, [("", s) for s in own])]
+        return [Candidate(s, path) for s in own]
+
+    def _with_fallbacks(self, path: str, own: list[Candidate]) -> list[Candidate]:
+        """Rank 0: ``own`` (what ``path``, from :meth:`resume_path`, holds), then every other
+        checkpoint beside it up to its step, newest first. A step resumed from too often without
+        anything newer being committed is skipped (``resume-attempts.json`` in the directory)."""
+        dirpath = path.rsplit("/", 1)[0]
+        candidates = own + [Candidate(s, p) for s, p in self.checkpoints(dirpath) if s <= own[0].step and p != path]
+        kept, _dropped = self._store(dirpath).resume_candidates(
+            sorted({c.step for c in candidates}, reverse=True), self.max_resumes_per_step)
+        keep = set(kept)
+        return [c for c in candidates if c.step in keep]
 
     def _migrate(self, path: str, group: Group) -> dict[str, Any]:
         """Collective: a plain ``.ckpt`` from before the plugin, loaded the way Lightning's
@@ -366,25 +532,6 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         assert candidates[0].path is not None
         return self._load_agreed(candidates, group, requested=candidates[0].path)
 
-    def _candidates(self, path: str, *, fallback: bool) -> list[Candidate]:
-        """Rank 0: what to try, in order. The path's own newest step first; when ``path`` came
-        from :meth:`resume_path`, every older checkpoint beside it after that."""
-        store = self._store(path)
-        own = store.committed_steps()
-        if len(own) > 1:  # a crash between a re-save's commit and its clean-up: the last one written first
-            own = [s for _, s in written_order(store.storage, [("", s) for s in own])]
-        first = [Candidate(s, path) for s in own]
-        if not fallback or not own:
-            return first
-        dirpath = path.rsplit("/", 1)[0]
-        candidates = first + [Candidate(s, p) for s, p in self.checkpoints(dirpath) if s <= own[0] and p != path]
-        # Crash loops: a step resumed from too often without anything newer being committed is
-        # skipped (resume-attempts.json beside the bundles, as for a CheckpointManager root).
-        kept, _dropped = self._store(dirpath).resume_candidates(
-            sorted({c.step for c in candidates}, reverse=True), self.max_resumes_per_step)
-        keep = set(kept)
-        return [c for c in candidates if c.step in keep]
-
     def _load_agreed(self, candidates: list[Candidate], group: Group, *, requested: str) -> dict[str, Any]:
         agreed = agree(group, candidates, self._read, events=self.events, nothing=lambda details: (
             f"no checkpoint at {requested} could be verified and loaded by every rank: {details}. "
@@ -404,7 +551,11 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
     def _read(self, candidate: Candidate) -> ReadAttempt[dict[str, Any]]:
         """The Lightning checkpoint dict of ``candidate`` as this rank reads it, verified."""
         assert candidate.path is not None
+        if _is_url(candidate.path):
+            return self._read_file(candidate.path)
         try:
+            if self._kind(candidate.path) == PathKind.FILE:
+                return self._read_file(candidate.path)
             store = self._store(candidate.path)
         except (ConfigError, StorageError) as e:
             return ReadAttempt(None, why=f"unreadable: {e}")
@@ -417,12 +568,36 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
             return ReadAttempt(None, why="holds no Lightning checkpoint")
         return ReadAttempt(checkpoint, attempt.manifest_hash)
 
+    def _read_file(self, path: str) -> ReadAttempt[dict[str, Any]]:
+        rules = DecodeRules(self.allowed_classes)
+        try:
+            if _is_url(path):
+                checkpoint, record = single_file.load_url(path, rules, self.collective_timeout_s)
+                if record is None:  # a plain Lightning file on a web server: read as Lightning's default would
+                    self.events.emit(Event.CHECKPOINT_MIGRATED, path=redact(path), step=checkpoint.get("global_step"))
+                    return ReadAttempt(checkpoint, 1)
+            else:
+                storage, name = self._file(path)
+                checkpoint, record = single_file.load_verified(storage, name, rules)
+        except CheckpointCorruptError as e:  # the agreement reports it, naming the file
+            return ReadAttempt(None, file=path.rsplit("/", 1)[-1], why=e.reason)
+        except (StorageError, OSError) as e:
+            return ReadAttempt(None, file=path.rsplit("/", 1)[-1], why=f"unreadable: {e}")
+        if record is None:
+            return ReadAttempt(None, file=path.rsplit("/", 1)[-1],
+                               why="no integrity record (not written by ElasticCheckpointIO)")
+        # Ranks compare this: every rank loaded the same file.
+        return ReadAttempt(checkpoint, zlib.crc32(record.digest.encode()) + 1)
+
     def remove_checkpoint(self, path: Any) -> None:
         path = normalize_path(path)
         if path == self._active_path:
             self.wait()
         if "://" not in path and os.path.islink(path):  # save_last="link"
             os.unlink(path)
+        elif self._kind(path) == PathKind.FILE:
+            parent, name = path.rsplit("/", 1)
+            open_storage(parent, self.storage_options).delete(name)
         else:
             storage = open_storage(path, self.storage_options)
             store = CheckpointStore(storage)

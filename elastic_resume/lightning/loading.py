@@ -1,19 +1,20 @@
-"""Loading a trained model from a bundle the Lightning way, in any process.
+"""Loading a trained model the Lightning way, in any process, with every byte verified.
 
-A ``ModelCheckpoint`` path written through ``ElasticCheckpointIO`` (``best_model_path``,
-``last.ckpt``) is a directory, so ``MyModel.load_from_checkpoint(path)`` and ``torch.load(path)``
-cannot open it. Two ways instead:
+What ``ElasticCheckpointIO`` saves at a ``ModelCheckpoint`` path is one file that
+``MyModel.load_from_checkpoint(path)`` and ``torch.load(path, weights_only=True)`` open directly
+(unverified: they skip its integrity record). These verify it first, and also read the bundle
+directories earlier releases wrote:
 
-- ``load_from_checkpoint(MyModel, path)``: the bundle verified (every byte against its manifest)
-  and handed to Lightning's own ``MyModel.load_from_checkpoint``, so hyper-parameters, ``strict``,
-  ``map_location`` and ``**kwargs`` behave as there. Lightning reads it with
-  ``torch.load(weights_only=True)``: only tensors, containers, stdlib value types and the user's
-  ``allowed_classes`` are in it, so nothing a file chose is constructed. One process, any rank,
-  no collective; local paths and object stores.
-- ``elastic-resume export BUNDLE OUT.ckpt``: a standard ``.ckpt`` file that
-  Lightning's ``load_from_checkpoint`` and ``torch.load(weights_only=True)`` read anywhere. Its
-  hyper-parameters are plain (a path as text, an enum as its value, a config as a dict: see
-  ``values.plain``), since ``weights_only=True`` refuses every other class.
+- ``load_checkpoint(path)``: the Lightning checkpoint dict, verified (a file against its record,
+  a bundle against its manifest). One process, any rank, no collective; local paths and object
+  stores.
+- ``load_from_checkpoint(MyModel, path)``: that dict handed to Lightning's own
+  ``MyModel.load_from_checkpoint``, so hyper-parameters, ``strict``, ``map_location`` and
+  ``**kwargs`` behave as there. Lightning reads it with ``torch.load(weights_only=True)``: only
+  tensors, containers, stdlib value types and the user's ``allowed_classes`` (an enum member, a
+  dataclass in the hyper-parameters, rebuilt from the file's typed copy) are in it, so nothing a
+  file chose is constructed.
+- ``elastic-resume export PATH OUT.ckpt`` (or ``.safetensors``): the weights as a new file.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from .checkpoint_io import ElasticCheckpointIO
 
 def load_checkpoint(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
                     allowed_classes: Iterable[str | type] = ()) -> dict[str, Any]:
-    """The Lightning checkpoint dict a bundle holds (its newest committed step), verified; in
-    this process alone. A plain ``.ckpt`` file is read as Lightning's default would.
+    """The Lightning checkpoint dict at ``path`` (a single file, or a bundle's newest committed
+    step), verified; in this process alone. A plain ``.ckpt`` file is read as Lightning's default would.
     ``allowed_classes``: as for ``ElasticCheckpointIO``."""
     plugin = ElasticCheckpointIO(storage_options=storage_options, group=LocalGroup(), allowed_classes=allowed_classes)
     return plugin.load_checkpoint(path)
@@ -76,7 +77,7 @@ def _weights_only_tree(value: Any, allowed: frozenset[type]) -> Any:
 
 def load_from_checkpoint(cls: Any, path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
                          allowed_classes: Iterable[str | type] = (), **kwargs: Any) -> Any:
-    """``cls.load_from_checkpoint(path, **kwargs)`` for a bundle (``cls``: a LightningModule or
+    """``cls.load_from_checkpoint(path, **kwargs)``, verified first (``cls``: a LightningModule or
     LightningDataModule class of either namespace). Lightning reads it with
     ``torch.load(weights_only=True)``: it gets tensors, plain containers, stdlib value types
     and the ``allowed_classes`` (enum members and dataclasses); OmegaConf configs and other

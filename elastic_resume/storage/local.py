@@ -8,7 +8,7 @@ import errno
 import os
 import sys
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..errors import BadRootError, FileTooLargeError, SizeMismatchError, StorageError
@@ -121,9 +121,41 @@ class LocalStorage:
             raise self._error("write", rel, e) from None
         return result
 
-    def write_create_only(self, rel: str, data: bytes) -> None:
+    def write_with(self, rel: str, write: Callable[[Any], None], *, replace: bool) -> None:
+        """Commit what ``write(f)`` writes to ``f`` (an unbuffered binary file) as ``rel``: into
+        a temporary file first, synced, then linked (create-only: an existing ``rel`` is never
+        replaced) or, with ``replace``, renamed over ``rel`` (readers see the old file or the
+        new one). For writers that produce bytes themselves (``torch.save``), with no copy of
+        the whole file in memory. On any failure nothing is committed and no temporary is left."""
+        final = self._p(rel)
+        tmp = os.path.join(os.path.dirname(final), f".tmp-{os.path.basename(final)}-{uuid.uuid4().hex[:12]}")
         try:
-            tmp, _ = self._write_temp(rel, [memoryview(data)])
+            with open(tmp, "xb", buffering=0) as f:
+                write(f)
+                os.fsync(f.fileno())
+            if replace:
+                os.rename(tmp, final)
+            else:
+                try:
+                    os.link(tmp, final)  # atomic and refuses to replace an existing name
+                except FileExistsError:
+                    raise FileExistsError(errno.EEXIST, f"{self.display(rel)} already exists") from None
+        except OSError as e:
+            if isinstance(e, FileExistsError):
+                raise
+            raise self._error("write", rel, e) from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self._fsync_dir(os.path.dirname(final))
+
+    def local_path(self, rel: str) -> str:
+        """The file's path on this machine (to map it instead of reading it)."""
+        return self._p(rel)
+
+    def write_create_only(self, rel: str, data: bytes | list[memoryview]) -> None:
+        try:
+            tmp, _ = self._write_temp(rel, data if isinstance(data, list) else [memoryview(data)])
         except OSError as e:
             raise self._error("write", rel, e) from None
         try:
@@ -167,6 +199,18 @@ class LocalStorage:
     def read(self, rel: str, expected_size: int | None = None, *, keep: bool = True) -> ReadResult:
         """Read a file in one pass, hashing as bytes arrive; ``keep=False`` only hashes."""
         return read_whole(self, rel, expected_size, keep)
+
+    def read_tail(self, rel: str, n: int) -> tuple[bytes, int]:
+        try:
+            fd = os.open(self._p(rel), os.O_RDONLY | os.O_NOFOLLOW)
+            with open(fd, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(max(0, size - n))
+                return f.read(n), size
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"{self.display(rel)} is missing") from None
+        except OSError as e:
+            raise self._error("read", rel, e) from None
 
     def read_small(self, rel: str, limit: int = SMALL_FILE_LIMIT) -> bytes:
         try:

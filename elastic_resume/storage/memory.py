@@ -33,7 +33,9 @@ class MemoryStorage(FsspecStorage):
     def _check_bucket(self) -> None:
         """A memory root exists as soon as something is written under it."""
 
-    def write_create_only(self, rel: str, data: bytes) -> None:
+    def write_create_only(self, rel: str, data: bytes | list[memoryview]) -> None:
+        if isinstance(data, list):
+            data = b"".join(data)
         with _MEMORY_LOCK:
             if self.fs.exists(self._p(rel)):
                 raise FileExistsError(errno.EEXIST, f"{self.display(rel)} already exists")

@@ -168,7 +168,9 @@ class FsspecStorage:
         self._invalidate(path)
         return WriteResult(written, format_digest(hasher))
 
-    def write_create_only(self, rel: str, data: bytes) -> None:
+    def write_create_only(self, rel: str, data: bytes | list[memoryview]) -> None:
+        if isinstance(data, list):
+            data = b"".join(data)
         try:
             self.fs.pipe_file(self._p(rel), data, mode="create")
         except FileExistsError:
@@ -202,6 +204,17 @@ class FsspecStorage:
     def read(self, rel: str, expected_size: int | None = None, *, keep: bool = True) -> ReadResult:
         """Read a file in one pass, hashing as bytes arrive; ``keep=False`` only hashes."""
         return read_whole(self, rel, expected_size, keep)
+
+    def read_tail(self, rel: str, n: int) -> tuple[bytes, int]:
+        """The last ``n`` bytes and the object's size: a HEAD and one ranged GET."""
+        try:
+            self._invalidate(self._p(rel))
+            size = int(self.fs.info(self._p(rel))["size"])
+            return (self.fs.cat_file(self._p(rel), start=max(0, size - n), end=size) if size else b""), size
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"{self.display(rel)} is missing") from None
+        except Exception as e:  # noqa: BLE001
+            raise self._error("read", rel, e) from None
 
     def read_small(self, rel: str, limit: int = SMALL_FILE_LIMIT) -> bytes:
         try:

@@ -94,10 +94,9 @@ def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, reference, n
     r = run(launch(tmp_path, "--steps", "20"), env=ns_env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     newest = tmp_path / "ckpt" / "epoch=1-step=20.ckpt"
-    data = sorted(p for p in newest.rglob("*.safetensors"))
-    assert data
-    with open(data[0], "r+b") as f:  # one flipped byte in the middle of the tensors
-        f.seek(os.path.getsize(data[0]) // 2)
+    assert newest.is_file()
+    with open(newest, "r+b") as f:  # one flipped byte in the middle of the file
+        f.seek(os.path.getsize(newest) // 2)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
@@ -114,7 +113,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, reference, n
     # The corrupt checkpoint stays for inspection; the redone step 20 is saved beside it.
     assert "epoch=1-step=20.ckpt" in bundles(tmp_path) and "epoch=1-step=20-v1.ckpt" in bundles(tmp_path)
     # The commands agree on the directory: the run's world size (2, not the one writer), a step
-    # of a bundle inspected, corruption labelled once the data is read.
+    # of a file inspected, corruption labelled once the data is read.
     cli = [sys.executable, "-m", "elastic_resume.cli"]
     ls = subprocess.run([*cli, "ls", str(tmp_path / "ckpt")], capture_output=True, text=True).stdout
     rows = {line.split()[0]: line.split() for line in ls.splitlines() if line.startswith("epoch=")}
@@ -123,7 +122,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, reference, n
     full = subprocess.run([*cli, "ls", "--full", str(tmp_path / "ckpt")], capture_output=True, text=True).stdout
     assert any(line.startswith("epoch=1-step=20.ckpt ") and " corrupt " in line for line in full.splitlines())
     shown = subprocess.run([*cli, "inspect", str(tmp_path / "ckpt"), "15"], capture_output=True, text=True)
-    assert shown.returncode == 0 and "bundle      epoch=0-step=15.ckpt" in shown.stdout
+    assert shown.returncode == 0 and "file        epoch=0-step=15.ckpt" in shown.stdout
     assert "world size  2 (written by 1)" in shown.stdout
     got = last_losses(tmp_path / "loss.jsonl")
     assert {k: v for k, v in got.items()} == {k: v for k, v in reference.items() if k[1] <= 25}
@@ -202,8 +201,10 @@ def test_checkpoints_on_s3_survive_a_killed_worker(tmp_path, reference, ns_env, 
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/run"))
     assert names == ["epoch=0-step=10.ckpt", "epoch=0-step=15.ckpt", "epoch=0-step=5.ckpt", "epoch=1-step=20.ckpt",
                      "last.ckpt", "resume-attempts.json"]
-    # last.ckpt was rewritten at every save; only its newest step is left, committed.
-    assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/run/last.ckpt")] == ["step-000000000020"]
+    # last.ckpt was rewritten at every save (one PUT each): a file holding the newest step.
+    assert fs.isfile(f"{bucket}/run/last.ckpt")
+    with fs.open(f"{bucket}/run/last.ckpt", "rb") as f:
+        assert __import__("torch").load(f, weights_only=True)["global_step"] == 20
     got = last_losses(tmp_path / "loss.jsonl")
     assert got == {k: v for k, v in reference.items() if k[1] <= 20}
 
@@ -321,3 +322,38 @@ def test_a_bundle_written_by_0_2_0_still_resumes(tmp_path, namespace, ns_env):
                         namespace], capture_output=True, text=True, timeout=120, env=dict(os.environ, **ns_env))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "weights from the bundle: True" in r.stdout and "resumed at step 4 ended at 8" in r.stdout, r.stdout
+
+
+def test_best_model_path_is_one_file_lightnings_own_loaders_open_and_a_flipped_byte_falls_back(tmp_path, namespace,
+                                                                                                  ns_env):
+    """The two lines Lightning users write most, on what the plugin saved, locally and from an
+    http URL; then a flipped byte in the newest file: the resume loads the one before, and
+    ``verify`` names the file."""
+    helper = os.path.join(REPO, "tests", "helpers", "single_file_lightning.py")
+    ckpt = tmp_path / "ckpt"
+    env = dict(os.environ, **ns_env, TORCH_HOME=str(tmp_path / "torch-home"))
+
+    def script(mode: str) -> str:
+        r = subprocess.run([sys.executable, helper, str(ckpt), namespace, mode], capture_output=True, text=True,
+                           timeout=300, env=env)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout + r.stderr
+
+    out = script("train")
+    assert "best is a file: True" in out and "best loads: True step 6 lr 0.05" in out, out
+    assert "last loads: step 6" in out and "url loads: True" in out, out
+    assert "started at step 6" in out and "url resumed: ended at 8" in out, out  # fit(ckpt_path=url), verified
+    assert sorted(os.listdir(ckpt)) == ["epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"]
+    with open(ckpt / "last.ckpt", "r+b") as f:  # the newest: what a resume picks
+        f.seek(os.path.getsize(ckpt / "last.ckpt") // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0xFF]))
+    verify = subprocess.run([sys.executable, "-m", "elastic_resume.cli", "verify", str(ckpt)], capture_output=True,
+                            text=True, env=env)
+    assert verify.returncode == 1, verify.stdout + verify.stderr
+    assert "last.ckpt step 8: CORRUPT" in verify.stdout and "last.ckpt: digest mismatch" in verify.stdout
+    assert "epoch=0-step=6.ckpt step 6: OK" in verify.stdout
+    out = script("resume")
+    assert f"resuming from {ckpt / 'epoch=0-step=6.ckpt'} (step 6) instead of {ckpt / 'last.ckpt'}" in out, out
+    assert "started at step 6" in out and "ended at 10" in out, out

@@ -46,8 +46,9 @@ def checkpoint(step: int, value: float = 1.0) -> dict:
             "loops": {"fit_loop": {"x": [1, 2]}}, "hyper_parameters": {"lr": 0.1, "name": "m"}}
 
 
-def flip_a_byte(bundle) -> None:
-    data = sorted(p for p in bundle.rglob("*.safetensors"))[0]
+def flip_a_byte(checkpoint) -> None:
+    """In the middle of a single-file checkpoint, or of a bundle's first data file."""
+    data = checkpoint if checkpoint.is_file() else sorted(p for p in checkpoint.rglob("*.safetensors"))[0]
     with open(data, "r+b") as f:
         f.seek(os.path.getsize(data) // 2)
         b = f.read(1)
@@ -60,7 +61,8 @@ def test_rewriting_a_path_commits_the_new_step_then_drops_the_old(tmp_path):
     path = tmp_path / "last.ckpt"
     io.save_checkpoint(checkpoint(7, 1.0), path)
     io.save_checkpoint(checkpoint(9, 2.0), path)
-    assert [n for n in sorted(os.listdir(path)) if not n.startswith(".")] == ["step-000000000009"]
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]  # one file, no temporary left
+    assert torch.load(path, weights_only=True)["global_step"] == 9  # what Lightning's default reads
     loaded = io.load_checkpoint(path)
     assert loaded["global_step"] == 9 and torch.equal(loaded["state_dict"]["w"], torch.full((3, 2), 2.0))
     assert loaded["hyper_parameters"] == {"lr": 0.1, "name": "m"}
@@ -78,7 +80,7 @@ def test_saving_a_path_again_at_a_lower_step_keeps_the_new_state(tmp_path):
     path = tmp_path / "ckpt" / "last.ckpt"
     io.save_checkpoint(checkpoint(1000, 1000.0), path)
     io.save_checkpoint(checkpoint(50, 50.0), path)
-    assert [n for n in sorted(os.listdir(path)) if not n.startswith(".")] == ["step-000000000050"]
+    assert path.is_file()
     for loaded in (io.load_checkpoint(path), load_checkpoint(path)):
         assert loaded["global_step"] == 50 and torch.equal(loaded["state_dict"]["w"], torch.full((3, 2), 50.0))
     gone = [e for e in read_events(log) if e["event"] == "checkpoint_deleted"]
@@ -90,36 +92,43 @@ def test_saving_a_path_again_at_a_lower_step_keeps_the_new_state(tmp_path):
     assert io.load_checkpoint(io.resume_path(tmp_path / "ckpt"))["global_step"] == 60
 
 
-def test_a_crash_between_a_re_save_and_its_clean_up_loads_the_step_written_last(tmp_path):
+BUNDLE_0_2_0 = pathlib.Path(__file__).parent.parent / "fixtures" / "written-by-0.2.0" / "epoch=0-step=4.ckpt"
+
+
+def test_a_path_holding_a_bundle_is_saved_as_a_bundle_again_and_a_crash_in_its_clean_up_loads_the_newest(tmp_path):
+    """last.ckpt of a run that upgraded is a directory: it cannot become a file without a moment
+    in which neither exists, so it stays a bundle."""
     import shutil
 
     io = ElasticCheckpointIO()
     path = tmp_path / "last.ckpt"
-    io.save_checkpoint(checkpoint(1000, 1000.0), path)
+    shutil.copytree(BUNDLE_0_2_0, path)
     kept = tmp_path / "kept"
-    shutil.copytree(path / "step-000000001000", kept)
-    io.save_checkpoint(checkpoint(50, 50.0), path)
-    shutil.copytree(kept, path / "step-000000001000")  # as if the clean-up never ran
-    assert io.load_checkpoint(path)["global_step"] == 50
+    shutil.copytree(path / "step-000000000004", kept)
+    io.save_checkpoint(checkpoint(2, 50.0), path)
+    assert path.is_dir() and sorted(n for n in os.listdir(path) if n.startswith("step-")) == ["step-000000000002"]
+    shutil.copytree(kept, path / "step-000000000004")  # as if the clean-up never ran
+    loaded = io.load_checkpoint(path)
+    assert loaded["global_step"] == 2 and torch.equal(loaded["state_dict"]["w"], torch.full((3, 2), 50.0))
 
 
-def test_a_re_save_that_does_not_stand_removes_nothing(tmp_path, monkeypatch):
-    from elastic_resume.checkpoint.store import CheckpointStore
+def test_a_re_save_that_fails_half_way_leaves_the_old_file_loadable(tmp_path, monkeypatch):
+    from elastic_resume.checkpoint import single_file
 
     io = ElasticCheckpointIO()
     path = tmp_path / "last.ckpt"
     io.save_checkpoint(checkpoint(1000, 1000.0), path)
-    commit = CheckpointStore.commit
 
-    def commit_then_lose_a_file(self, manifest, **kw):
-        commit(self, manifest, **kw)
-        os.remove(path / f"step-{manifest.step:012d}" / manifest.files[0].path)
+    def fail_half_way(out, *args, **kwargs):  # the disk fills up half-way through the new file
+        out.write(b"x" * 1000)
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(CheckpointStore, "commit", commit_then_lose_a_file)
-    io.save_checkpoint(checkpoint(50, 50.0), path)
+    monkeypatch.setattr(single_file, "write_file", fail_half_way)
+    with pytest.raises(CheckpointSaveError, match=r"last\.ckpt \(step 50\) was not saved.*No space left"):
+        io.save_checkpoint(checkpoint(50, 50.0), path)
     monkeypatch.undo()
-    assert sorted(n for n in os.listdir(path) if n.startswith("step-")) == ["step-000000000050", "step-000000001000"]
-    assert io.load_checkpoint(path)["global_step"] == 1000  # the broken newer save is skipped, the old one loads
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]  # the temporary file is gone
+    assert io.load_checkpoint(path)["global_step"] == 1000
 
 
 def test_resume_path_is_the_newest_and_loading_it_falls_back_past_corruption(tmp_path):
@@ -138,7 +147,7 @@ def test_resume_path_is_the_newest_and_loading_it_falls_back_past_corruption(tmp
     assert found and found[0]["step"] == 15 and "digest mismatch" in found[0]["reason"]
     # A path the user chose is that checkpoint or an error naming its file, never another one.
     fresh = ElasticCheckpointIO()
-    with pytest.raises(NoCheckpointError, match=r"step=15\.ckpt.*shared-00000\.safetensors.*digest mismatch"):
+    with pytest.raises(NoCheckpointError, match=r"step=15\.ckpt.*digest mismatch"):
         fresh.load_checkpoint(newest)
     with pytest.raises(NoCheckpointError, match="no committed checkpoint at"):
         fresh.load_checkpoint(tmp_path / "ckpt" / "step=20.ckpt")
@@ -388,7 +397,8 @@ def test_plain_checkpoints_from_before_the_plugin_are_resumed_once_then_bundles(
     assert "a plain checkpoint written without ElasticCheckpointIO" in caplog.text
     migrated = [e for e in read_events(str(tmp_path / "events.jsonl")) if e["event"] == "checkpoint_migrated"]
     assert [(e["path"], e["step"]) for e in migrated] == [(path, 8)]
-    assert (ckpt / "epoch=1-step=12.ckpt").is_dir()  # saved as a verified bundle
+    assert (ckpt / "epoch=1-step=12.ckpt").is_file()  # saved with an integrity record
+    assert "elastic_resume" in __import__("zipfile").ZipFile(ckpt / "epoch=1-step=12.ckpt").comment.decode()
     assert ElasticCheckpointIO().resume_path(ckpt).endswith("epoch=1-step=12.ckpt")
 
 
@@ -435,7 +445,7 @@ def test_a_bundle_loads_the_lightning_way_and_exports_to_a_standard_ckpt(tmp_pat
     data = SyntheticData(64, 8, 0)
     t.fit(model, datamodule=data)
     best = t.checkpoint_callback.best_model_path
-    assert best.endswith("step=8.ckpt") and os.path.isdir(best)  # a bundle: plain load_from_checkpoint cannot open it
+    assert best.endswith("step=8.ckpt") and os.path.isfile(best)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
 
     # the one-liner: verified, in this process, through Lightning's own load_from_checkpoint
