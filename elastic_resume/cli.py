@@ -277,7 +277,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"size        {_size(m.total_bytes)} in {len(m.files)} files")
     for entry in m.files:
         print(f"  {entry.path}  {_size(entry.size)}  {entry.digest}  rank={entry.rank}")
-    for title, section in (("metadata", m.metadata), ("fingerprint", m.fingerprint), ("health", m.health)):
+    return _sections_and_problems(report, (("metadata", m.metadata), ("fingerprint", m.fingerprint),
+                                           ("health", m.health)))
+
+
+def _sections_and_problems(report: StepReport, sections: Sequence[tuple[str, dict[str, Any] | None]]) -> int:
+    """The end of ``inspect``: each non-empty section, key by key, then each problem found."""
+    for title, section in sections:
         if section:
             print(f"{title}:")
             for k, v in sorted(section.items()):
@@ -304,14 +310,7 @@ def _inspect_file(args: argparse.Namespace, name: str | None, report: StepReport
     print(f"world size  {record.world_size or '-'} (written by 1)")
     print(f"created     {body['created_iso']} ({_age(record.created)} ago)")
     print(f"size        {_size(record.size)} in 1 file  {record.digest}")
-    for title, section in (("metadata", record.metadata), ("health", record.health)):
-        if section:
-            print(f"{title}:")
-            for k, v in sorted(section.items()):
-                print(f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}")
-    for f, why in report.problems:
-        print(f"PROBLEM {f}: {why}")
-    return EXIT_OK if report.ok else EXIT_NEGATIVE
+    return _sections_and_problems(report, (("metadata", record.metadata), ("health", record.health)))
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

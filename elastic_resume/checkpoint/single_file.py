@@ -346,7 +346,7 @@ def load_verified(storage: Storage, rel: str, rules: DecodeRules) -> tuple[dict[
                     finally:
                         view.release()
         except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, f"{storage.display(rel)} is missing") from None
+            raise StorageError(errno.ENOENT, f"{storage.display(rel)} is missing") from None
     result = storage.read(rel)
     assert result.buffer is not None
     return load_bytes(tensor_bytes(result.buffer), storage.display(rel), rules)

@@ -104,11 +104,6 @@ def _join(parent: str, name: str) -> str:
     return f"{parent.rstrip('/')}/{name}"
 
 
-# Derives from the CheckpointIO of each importable namespace, so either Trainer accepts it.
-#: Where Lightning puts hyper-parameters (the module's, the datamodule's) in a checkpoint.
-HPARAMS_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
-
-
 def _tensors(tree: Any) -> list[Any]:
     """The tensors of a checkpoint tree (dicts, lists, tuples), in a fixed order."""
     if isinstance(tree, dict):
@@ -140,17 +135,20 @@ def savable_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint with hyper-parameters that have no pickle-free encoding (a callable, an
     arbitrary object) in text form, each with a warning: the first save must not fail ``fit``.
     The rest of the checkpoint (weights, optimizer and loop state) is never converted."""
-    if not any(key in checkpoint for key in HPARAMS_KEYS):
+    if not any(key in checkpoint for key in single_file.HPARAMS_KEYS):
         return checkpoint
     out = dict(checkpoint)
-    for key in HPARAMS_KEYS:
+    for key in single_file.HPARAMS_KEYS:
         if key in out:
             out[key] = hparams_text(out[key], f"[{key!r}]", encodable)
     return out
 
 
+# Derives from the CheckpointIO of each importable namespace, so either Trainer accepts it.
 class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
-    """Atomic, verified Lightning checkpoints on a local disk or ``s3://``.
+    """Atomic, verified Lightning checkpoints on a local disk or an object store: single files
+    that ``torch.load`` and ``load_from_checkpoint`` open, with an integrity record every load
+    through the plugin checks (see the module's docstring).
 
     ``async_save=True``: ``save_checkpoint`` returns once the tensors are copied into reusable CPU
     buffers; the write and the commit continue in a background thread (the next save, load,
