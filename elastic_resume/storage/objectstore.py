@@ -255,6 +255,8 @@ class FsspecStorage:
             return {}
         except Exception as e:  # noqa: BLE001
             raise self._error("list", rel, e) from None
+        if not isinstance(found, dict):  # adlfs, given one blob's name (a single-file checkpoint): a list
+            found = {e["name"]: e for e in found if isinstance(e, dict) and "name" in e}
         out = {}
         for name, info in found.items():
             name = name.lstrip("/")

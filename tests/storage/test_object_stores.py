@@ -190,3 +190,37 @@ def test_the_endpoint_probe_stands_aside_behind_a_proxy(monkeypatch):
     assert _through_proxy("https", "storage.googleapis.com")  # a direct connection would prove nothing
     monkeypatch.setenv("NO_PROXY", "storage.googleapis.com")
     assert not _through_proxy("https", "storage.googleapis.com")
+
+
+def test_single_file_lightning_checkpoints_commit_replace_list_and_verify_on_each_store(store_root):
+    """What ElasticCheckpointIO does with a ModelCheckpoint path on each object store: a new name
+    created only if absent, a path saved again replaced in one upload, the record read from the
+    object's tail, a damaged object refused by name and the older checkpoint loaded instead."""
+    pytest.importorskip("lightning")
+    from elastic_resume.checkpoint.single_file import TAIL_BYTES
+    from elastic_resume.collectives import LocalGroup
+    from elastic_resume.lightning import ElasticCheckpointIO
+
+    io = ElasticCheckpointIO(storage_options=store_root.storage_options, group=LocalGroup())
+
+    def checkpoint(step: int) -> dict:
+        return {"global_step": step, "epoch": 0, "state_dict": {"w": torch.full((64, 64), float(step))}}
+
+    io.save_checkpoint(checkpoint(5), f"{store_root.url}/epoch=0-step=5.ckpt")
+    io.save_checkpoint(checkpoint(10), f"{store_root.url}/last.ckpt")
+    io.save_checkpoint(checkpoint(12), f"{store_root.url}/last.ckpt")  # saved again: replaced
+    assert io.checkpoints(store_root.url) == [(12, f"{store_root.url}/last.ckpt"),
+                                              (5, f"{store_root.url}/epoch=0-step=5.ckpt")]
+    storage = open_storage(store_root.url, store_root.storage_options)
+    with pytest.raises(FileExistsError, match="already exists"):  # what a new name is committed with
+        storage.write_create_only("last.ckpt", [memoryview(b"x")])
+    tail, size = storage.read_tail("last.ckpt", TAIL_BYTES)
+    assert size == len(storage.read_small("last.ckpt", limit=10**7)) and tail.endswith(b"}")
+    resume = io.resume_path(store_root.url)
+    assert resume == f"{store_root.url}/last.ckpt" and io.load_checkpoint(resume)["global_step"] == 12
+    data = bytearray(storage.read_small("last.ckpt", limit=10**7))
+    data[len(data) // 2] ^= 0xFF
+    storage.delete("last.ckpt")
+    storage.write_create_only("last.ckpt", bytes(data))
+    loaded = io.load_checkpoint(io.resume_path(store_root.url))
+    assert loaded["global_step"] == 5 and torch.equal(loaded["state_dict"]["w"], torch.full((64, 64), 5.0))
