@@ -112,19 +112,18 @@ def _stores(args: argparse.Namespace) -> list[tuple[str | None, Any]]:
     one ``(name, checkpoint)`` per checkpoint, the one saved last first (what a resume loads,
     see ``ElasticCheckpointIO.resume_path``), then bundles with nothing committed. A single
     file given as ROOT is ``[(name, checkpoint)]``."""
-    from .checkpoint.single_file import SingleFile
+    from .checkpoint.single_file import SingleFile, checkpoint_files
 
     options = parse_storage_options(args.storage_option)
     root = str(args.root).rstrip("/")
-    if ("://" not in root and os.path.isfile(root)) or ("://" in root and _is_object(root, options)):
+    if _is_file(root, options):
         parent, name = root.rsplit("/", 1) if "/" in root else (".", root)
         return [(name, SingleFile(open_storage(parent, options), name))]
     store = _open(args)
     if store.step_dirs():
         return [(None, store)]
     bundles = list_bundles(store.storage)
-    files = [SingleFile(store.storage, rel) for rel in store.storage.list_tree("")
-             if "/" not in rel and rel.endswith(".ckpt") and not ("://" not in root and os.path.islink(f"{root}/{rel}"))]
+    files = [SingleFile(store.storage, rel) for rel in checkpoint_files(root, store.storage)]
     files = [f for f in files if f.ours]  # a plain Lightning file beside them is not ours to judge
     if not bundles and not files:
         return [(None, store)]
@@ -147,11 +146,13 @@ def _manifest_created(store: CheckpointStore, name: str, step: int) -> float:
         return -1.0
 
 
-def _is_object(url: str, options: dict[str, Any]) -> bool:
-    """Whether an object store URL names one object (a single-file checkpoint), not a prefix."""
-    parent, name = url.rsplit("/", 1)
+def _is_file(root: str, options: dict[str, Any]) -> bool:
+    """Whether ROOT names one file (a single-file checkpoint), not a directory or prefix. An
+    unreachable store is not decided here: opening ROOT reports it."""
+    from .checkpoint.single_file import PathKind, path_kind
+
     try:
-        return not open_storage(url, options).list_tree("") and open_storage(parent, options).exists(name)
+        return path_kind(root, options) == PathKind.FILE
     except (ElasticResumeError, OSError):
         return False
 

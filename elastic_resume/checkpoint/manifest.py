@@ -65,6 +65,17 @@ class FileEntry:
         return {"path": self.path, "size": self.size, "digest": self.digest, "rank": self.rank, "kind": str(self.kind)}
 
 
+def health_record(health: dict[str, Any] | None) -> tuple[bool, float | None]:
+    """(healthy, loss) of a health record read from a checkpoint. A step without a record
+    counts as healthy; a loss that is not a finite number is no loss (the record is untrusted
+    input)."""
+    health = health or {}
+    loss = health.get("loss")
+    if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not math.isfinite(loss):
+        loss = None
+    return bool(health.get("healthy", True)), None if loss is None else float(loss)
+
+
 @dataclass
 class Manifest:
     """What a committed step holds. ``checksum`` covers the canonical JSON of everything else."""
@@ -108,13 +119,8 @@ class Manifest:
         return data
 
     def health_record(self) -> tuple[bool, float | None]:
-        """(healthy, smoothed global loss) as the spike guard recorded them at save time. A step
-        without a record counts as healthy; a loss that is not a finite number is no loss (the
-        manifest is untrusted input)."""
-        loss = self.health.get("loss")
-        if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not math.isfinite(loss):
-            loss = None
-        return bool(self.health.get("healthy", True)), None if loss is None else float(loss)
+        """(healthy, smoothed global loss) as the spike guard recorded them at save time."""
+        return health_record(self.health)
 
     @property
     def total_bytes(self) -> int:

@@ -35,9 +35,13 @@ from typing import Any
 
 import torch
 
+from ..contract import StrEnum
 from ..errors import CheckpointCorruptError, StateError, StorageError
+from ..storage import open_storage
 from ..storage.protocol import Storage, format_digest, new_hasher, tensor_bytes
 from .format import decode, encodable, encode
+from .manifest import health_record
+from .staging import Stager
 from .values import DecodeRules, hparams_text, plain
 
 log = logging.getLogger("elastic_resume")
@@ -66,6 +70,7 @@ class Record:
     health: dict[str, Any] | None
     metadata: dict[str, Any]
     body: bytes = b""  #: the record without its digest, which the digest covers
+
     @property
     def created(self) -> float:
         return self.written_ns / 1e9
@@ -77,9 +82,7 @@ class Record:
         return world if isinstance(world, int) and not isinstance(world, bool) and world > 0 else None
 
     def health_record(self) -> tuple[bool, float | None]:
-        health = self.health or {}
-        loss = health.get("loss")
-        return bool(health.get("healthy", True)), float(loss) if isinstance(loss, (int, float)) else None
+        return health_record(self.health)
 
 
 # -- saving ---------------------------------------------------------------------------------------
@@ -134,6 +137,66 @@ def savable(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def staged(checkpoint: dict[str, Any], stager: Stager) -> dict[str, Any]:
+    """``checkpoint`` (as :func:`savable` returns it) with every tensor copied into the
+    stager's reusable buffers: a background save writes those while training goes on."""
+    tensors: list[torch.Tensor] = []
+
+    def collect(node: Any) -> None:
+        if isinstance(node, torch.Tensor):
+            tensors.append(node)
+        elif isinstance(node, dict):
+            for v in node.values():
+                collect(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                collect(v)
+
+    collect(checkpoint)
+    copies = iter(stager.stage(tensors))
+
+    def swap(node: Any) -> Any:  # the same walk, in the same order
+        if isinstance(node, torch.Tensor):
+            return next(copies)
+        if isinstance(node, dict):
+            return type(node)((k, swap(v)) for k, v in node.items())
+        if isinstance(node, (list, tuple)):
+            return type(node)(swap(v) for v in node)
+        return node
+
+    return swap(checkpoint)
+
+
+class PathKind(StrEnum):
+    """What stands at a Lightning checkpoint path."""
+
+    BUNDLE = "bundle"  #: a directory or prefix written by ElasticCheckpointIO before 0.7
+    FILE = "file"  #: a file: ours (with an integrity record) or a plain Lightning/torch ``.ckpt``
+    MISSING = "missing"  #: nothing
+
+
+def path_kind(path: str, options: dict[str, Any]) -> PathKind:
+    """What stands at ``path`` (a local path, or a URL: a prefix with objects under it is a
+    bundle, one object a file)."""
+    if "://" not in path:
+        if os.path.isfile(path):
+            return PathKind.FILE
+        return PathKind.BUNDLE if os.path.isdir(path) else PathKind.MISSING
+    parent, name = path.rsplit("/", 1)
+    if open_storage(path, options).list_tree(""):
+        return PathKind.BUNDLE
+    return PathKind.FILE if open_storage(parent, options).exists(name) else PathKind.MISSING
+
+
+def checkpoint_files(dirpath: str, storage: Storage) -> list[str]:
+    """``*.ckpt`` files directly under ``dirpath`` (``storage``'s root). A local symlink
+    (``save_last="link"``) is not a checkpoint of its own: its target is listed."""
+    names = [rel for rel in storage.list_tree("") if "/" not in rel and rel.endswith(".ckpt")]
+    if "://" not in dirpath:
+        names = [n for n in names if not os.path.islink(os.path.join(dirpath, n))]
+    return names
+
+
 class _HashingWriter:
     """What ``torch.save`` writes into: passed on to ``out`` and hashed as it goes, except the
     stream's last 2 bytes (the zip comment length, 0), held back so that the record's length
@@ -141,8 +204,9 @@ class _HashingWriter:
 
     def __init__(self, out: Any) -> None:
         self.out, self.hasher, self.size = out, new_hasher(), 0
-        self.held = b""  # the last 2 bytes so far
-        self.last = b""  # the last 22 bytes so far: the end record once torch.save is done
+        # The last 22 bytes so far (the end record once torch.save is done); its last 2 are
+        # the ones not yet passed on.
+        self.last = b""
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -151,14 +215,12 @@ class _HashingWriter:
             return 0
         self.hasher.update(view)
         self.size += n
-        if n >= 2:
-            _write_all(self.out, self.held)
+        held = self.last[-2:]
+        if n >= 2:  # large tensors pass through without a copy
+            _write_all(self.out, held)
             _write_all(self.out, view[:-2])
-            self.held = bytes(view[-2:])
         else:
-            both = self.held + bytes(view)
-            _write_all(self.out, both[:-2])
-            self.held = both[-2:]
+            _write_all(self.out, (held + bytes(view))[:-2])
         self.last = (self.last + bytes(view[-_EOCD_SIZE:]))[-_EOCD_SIZE:]
         return n
 
@@ -167,7 +229,7 @@ class _HashingWriter:
 
     def finish(self, *, step: int, health: dict[str, Any] | None, metadata: dict[str, Any]) -> tuple[dict[str, Any], int]:
         """Write the record after the archive; returns it and the file's size."""
-        if self.last[:4] != _EOCD or self.held != b"\0\0":
+        if self.last[:4] != _EOCD or self.last[-2:] != b"\0\0":
             raise StateError("torch.save wrote an archive without a plain end record; cannot add the integrity record")
         # In JSON's own types (a tuple as a list, an object as its text), as a reader will see it.
         body = json.loads(_body_bytes({RECORD_KEY: RECORD_VERSION, "size": self.size, "step": step,

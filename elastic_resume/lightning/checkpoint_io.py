@@ -37,10 +37,11 @@ from ..checkpoint.manager import max_resumes_from_env, open_events
 from ..checkpoint.manifest import Manifest
 from ..checkpoint.reading import ReadAttempt, try_read
 from ..checkpoint.saving import StepWriter
+from ..checkpoint.single_file import PathKind, path_kind
 from ..checkpoint.store import CheckpointStore, list_bundles, written_order
 from ..checkpoint.values import DecodeRules, allowed_class_names, hparams_text
 from ..collectives import Group, LocalGroup, default_group, on_rank0
-from ..contract import Event, StrEnum
+from ..contract import Event
 from ..errors import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
@@ -60,14 +61,6 @@ log = logging.getLogger("elastic_resume")
 #: the drift fingerprint of the run that saved it.
 CHECKPOINT_KEY = "elastic_resume"
 _STATE_KEY = "checkpoint"  # the stored state is {"checkpoint": <Lightning's dict>}
-
-
-class PathKind(StrEnum):
-    """What stands at a checkpoint path Lightning asks to load."""
-
-    BUNDLE = "bundle"  #: a directory or prefix written by ElasticCheckpointIO before 0.7
-    FILE = "file"  #: a file: ours (with an integrity record) or a plain Lightning/torch ``.ckpt``
-    MISSING = "missing"  #: nothing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,33 +95,6 @@ def normalize_path(path: str | os.PathLike[str]) -> str:
 
 def _join(parent: str, name: str) -> str:
     return f"{parent.rstrip('/')}/{name}"
-
-
-def _tensors(tree: Any) -> list[Any]:
-    """The tensors of a checkpoint tree (dicts, lists, tuples), in a fixed order."""
-    if isinstance(tree, dict):
-        return [t for v in tree.values() for t in _tensors(v)]
-    if isinstance(tree, (list, tuple)):
-        return [t for v in tree for t in _tensors(v)]
-    import torch
-
-    return [tree] if isinstance(tree, torch.Tensor) else []
-
-
-def _with_tensors(tree: Any, tensors: list[Any]) -> Any:
-    """``tree`` with its tensors replaced, in :func:`_tensors`' order, by ``tensors``."""
-    it = iter(tensors)
-
-    def swap(node: Any) -> Any:
-        if isinstance(node, dict):
-            return type(node)((k, swap(v)) for k, v in node.items())
-        if isinstance(node, (list, tuple)):
-            return type(node)(swap(v) for v in node)
-        import torch
-
-        return next(it) if isinstance(node, torch.Tensor) else node
-
-    return swap(tree)
 
 
 def savable_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -229,7 +195,7 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
                     out.append(Saved(step, _join(dirpath, name), manifest.created, manifest.health_record()))
                 except (CheckpointCorruptError, StorageError, OSError):
                     out.append(Saved(step, _join(dirpath, name), float("-inf"), None))
-        for name in self._files(dirpath, storage):
+        for name in single_file.checkpoint_files(dirpath, storage):
             try:
                 record = single_file.record_of(storage, name)
             except CheckpointCorruptError:
@@ -238,17 +204,8 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
             except (StorageError, OSError):
                 continue  # removed while listing, or a link
             if record is not None:
-                out.append(Saved(record.step, _join(dirpath, name), record.written_ns / 1e9, record.health_record()))
+                out.append(Saved(record.step, _join(dirpath, name), record.created, record.health_record()))
         return sorted(out, key=lambda c: (-c.step, c.path))
-
-    @staticmethod
-    def _files(dirpath: str, storage: Any) -> list[str]:
-        """``*.ckpt`` files directly under ``dirpath`` (a local symlink, ``save_last="link"``,
-        is not a checkpoint of its own: its target is listed)."""
-        names = [rel for rel in storage.list_tree("") if "/" not in rel and rel.endswith(".ckpt")]
-        if "://" not in dirpath:
-            names = [n for n in names if not os.path.islink(os.path.join(dirpath, n))]
-        return names
 
     def checkpoints(self, dirpath: str | os.PathLike[str]) -> list[tuple[int, str]]:
         """``(step, path)`` of every checkpoint under ``dirpath`` written by this plugin, newest
@@ -344,7 +301,7 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
             self.events.emit(Event.SAVE_FAILED, step=step, path=path, errors=[str(e)])
             raise CheckpointSaveError(f"checkpoint {path} (step {step}) was not saved: {e}") from None
         if self.async_save:  # training may change its tensors while the copies are written
-            checkpoint = _with_tensors(checkpoint, self._writer.stager.stage(_tensors(checkpoint)))
+            checkpoint = single_file.staged(checkpoint, self._writer.stager)
         self.events.emit(Event.SAVE_STARTED, step=step, path=path, blocking=not self.async_save,
                          stall_s=round(time.perf_counter() - started, 4))
         fields = {"step": step, "health": extra.get("health"), "metadata": metadata}
@@ -438,16 +395,7 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         return self._load_agreed(candidates, group, requested=path)
 
     def _kind(self, path: str, storage_options: dict[str, Any] | None = None) -> PathKind:
-        """"bundle" (a directory or prefix: ours, before 0.7), "file" (ours, or a plain
-        Lightning/torch checkpoint) or "missing"."""
-        if "://" not in path:
-            if os.path.isfile(path):
-                return PathKind.FILE
-            return PathKind.BUNDLE if os.path.isdir(path) else PathKind.MISSING
-        parent, name = path.rsplit("/", 1)
-        if open_storage(path, self._options(storage_options)).list_tree(""):
-            return PathKind.BUNDLE
-        return PathKind.FILE if open_storage(parent, self._options(storage_options)).exists(name) else PathKind.MISSING
+        return path_kind(path, self._options(storage_options))
 
     def _file(self, path: str) -> tuple[Any, str]:
         """(storage of its directory, name) of a single file; a local link is followed here,
