@@ -43,7 +43,7 @@ EXIT_PREEMPTED = ExitCode.PREEMPTED
 #: Exit code of a run that gave up (spike budget spent, nothing verifiable): do not retry.
 EXIT_GAVE_UP = ExitCode.GAVE_UP
 
-__version__ = "0.7.0"  # tests/test_codebase.py holds it to pyproject.toml
+__version__ = "0.8.0"  # tests/test_codebase.py holds it to pyproject.toml
 
 _LAZY = {
     "CheckpointManager": "checkpoint.manager",

@@ -10,7 +10,9 @@ What ties elastic-resume to torch beyond its public API:
   and the argument parser's ``_actions`` (``doctor`` makes the script optional);
 - sharded (DTensor) restores give optimizers their state through
   ``torch.distributed.checkpoint.state_dict._init_optim_state``, as DCP's own helpers do;
-- scaling the learning rate after a rollback keeps ``LRScheduler._last_lr`` truthful.
+- scaling the learning rate after a rollback keeps ``LRScheduler._last_lr`` truthful;
+- aborting an NCCL group when the job is re-formed uses ``distributed_c10d._abort_process_group``
+  where the installed torch has it (not exercised without a GPU).
 
 :data:`SUPPORTED` is the range these were written for: CI runs torch 2.13, and each internal
 above was read, unchanged, in the 2.14 sources. Outside the range the first use of an internal
@@ -146,6 +148,19 @@ def forbid_restarts(agent: Any) -> None:
 def close_rendezvous(agent: Any) -> None:
     """Close the run's rendezvous, as torchrun does when its agent ends."""
     agent._worker_group.spec.rdzv_handler.shutdown()
+
+
+# -- process groups ----------------------------------------------------------------------------------
+def abort_process_group(group: Any) -> bool:
+    """Abort ``group``'s communicators (NCCL: in-flight collectives return instead of hanging);
+    False when this torch has no abort, and the caller destroys the group instead."""
+    import torch.distributed as dist
+
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort is None:
+        return False
+    abort(group)
+    return True
 
 
 # -- checkpoints -------------------------------------------------------------------------------------

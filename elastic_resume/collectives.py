@@ -25,15 +25,17 @@ T = TypeVar("T")
 
 
 class Group(Protocol):
-    rank: int
-    world_size: int
+    @property
+    def rank(self) -> int: ...
+    @property
+    def world_size(self) -> int: ...
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any: ...
     def all_gather_object(self, obj: Any) -> list[Any]: ...
     def all_reduce_min(self, values: list[int]) -> list[int]: ...
     def broadcast_tensors(self, tensors: list[torch.Tensor], sources: list[int]) -> None:
-        """Overwrite each CPU tensor (the same shapes on every rank) with its source rank's; the
-        broadcasts run concurrently."""
+        """Overwrite each CPU tensor (the same shapes on every rank) with its source rank's (a
+        rank of this group); the broadcasts run concurrently."""
 
 
 class LocalGroup:
@@ -56,21 +58,40 @@ class LocalGroup:
 
 
 class TorchGroup:
-    """Collectives over a gloo process group created for checkpoint coordination."""
+    """Collectives over a gloo process group created for checkpoint coordination. A live handle:
+    rank and world size are read from the group on every use, and :meth:`rebuild` (run by
+    ``Membership.reconfigure``) swaps in a group over the re-formed world."""
 
     def __init__(self, timeout_s: float = 600.0, group: Any = None) -> None:
         import torch.distributed as dist
 
         self._dist = dist
-        self.group = group if group is not None else dist.new_group(
-            backend="gloo", timeout=datetime.timedelta(seconds=timeout_s)
-        )
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
+        self.timeout_s = timeout_s
+        self.group = group if group is not None else self._new_group()
+
+    def _new_group(self) -> Any:
+        return self._dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout_s))
+
+    def rebuild(self) -> None:
+        """Collective over the new world: a new group replaces the old one (which is gone)."""
+        self.group = self._new_group()
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the group (not the global rank: they differ in a subgroup)."""
+        return int(self._dist.get_rank(self.group))
+
+    @property
+    def world_size(self) -> int:
+        return int(self._dist.get_world_size(self.group))
+
+    def _global(self, rank: int) -> int:
+        """torch names a collective's source by its global rank."""
+        return int(self._dist.get_global_rank(self.group, rank))
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         box = [obj if self.rank == src else None]
-        self._dist.broadcast_object_list(box, src=src, group=self.group)
+        self._dist.broadcast_object_list(box, src=self._global(src), group=self.group)
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -84,20 +105,20 @@ class TorchGroup:
         return [int(v) for v in t.tolist()]
 
     def broadcast_tensors(self, tensors: list[torch.Tensor], sources: list[int]) -> None:
-        # Sources are global ranks: the coordination group spans the whole job. Issued together,
-        # gloo moves the files of different owners at the same time.
-        works = [self._dist.broadcast(t, src=src, group=self.group, async_op=True) for t, src in zip(tensors, sources)]
+        # Issued together, gloo moves the files of different owners at the same time.
+        works = [self._dist.broadcast(t, src=self._global(src), group=self.group, async_op=True)
+                 for t, src in zip(tensors, sources)]
         for work in works:
             work.wait()
 
 
-def default_group(timeout_s: float = 600.0) -> Group:
-    """TorchGroup when a default process group is initialised with more than one rank."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return TorchGroup(timeout_s)
-    return LocalGroup()
+def agree_on(group: Group, ok: bool, value: int = 0) -> tuple[bool, bool]:
+    """Collective, one ``all_reduce(MIN)`` of ``[ok, value, -value]``: whether every rank is ok,
+    and whether every rank holds the same ``value`` (its MIN equals its MAX). The one way ranks
+    agree on a candidate (the same commit everywhere) or on a phase (everyone ready, the same
+    kind of state everywhere)."""
+    all_ok, low, neg_high = group.all_reduce_min([1 if ok else 0, value, -value])
+    return bool(all_ok), low == -neg_high
 
 
 def process_group(group: Group) -> Any:

@@ -51,6 +51,7 @@ from elastic_resume import (
     heartbeat,
     settle_ddp_buckets,
 )
+from elastic_resume.checkpoint.memory_tier import DEFAULT_MEMORY_KEEP
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,6 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loss-log")
     p.add_argument("--async-save", action="store_true")
     p.add_argument("--keep-last", type=int, default=3)
+    p.add_argument("--memory-keep", type=int, default=DEFAULT_MEMORY_KEEP,
+                   help="newest committed steps each rank keeps in RAM for rollbacks (0: off)")
+    p.add_argument("--flip-memory-byte-at-step", type=int,
+                   help="at this step --die-rank flips a byte of every file its memory tier holds (a bad DIMM)")
     p.add_argument("--stop-at-step", type=int, help="save and exit cleanly after this step")
     p.add_argument("--step-seconds", type=float, default=0.0, help="sleep this long per step (a slower model)")
     p.add_argument("--die-at-steps", default="", help="comma-separated steps at which --die-rank SIGKILLs itself once")
@@ -177,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     from elastic_resume.cli import parse_storage_options
 
     mgr = CheckpointManager(
-        args.root, keep_last=args.keep_last, storage_options=parse_storage_options(args.storage_option),
+        args.root, keep_last=args.keep_last, memory_keep=args.memory_keep,
+        storage_options=parse_storage_options(args.storage_option),
         config={"lr": args.lr, "hidden": args.hidden, "batch_size": args.batch_size, "seed": args.seed},
         data_description=args.data_description, drift=args.drift, drift_allow=args.drift_allow,
     )
@@ -250,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
                                       "rollbacks": guard.recovery.rollbacks if guard else 0}) + "\n")
                 log.flush()
             die_once(args.root, step, rank, args)
+            if args.flip_memory_byte_at_step == step and rank == args.die_rank:
+                for held in mgr.memory.steps:
+                    for buffer in mgr.memory.held_files(held).values():
+                        buffer[buffer.numel() // 2] ^= 0x10
             if args.step_seconds:
                 time.sleep(args.step_seconds)
             # Every field of the state is kept current at every step, not only on --save-every

@@ -26,6 +26,7 @@ ALLOWED = {
     "_omegaconf_compat": set(),
     "storage": {"contract", "errors"},
     "collectives": {"errors"},
+    "membership": {"collectives", "_torch_compat"},
     "preemption": {"contract"},
     "heartbeat": {"contract"},
     "replicas": set(),
@@ -33,13 +34,14 @@ ALLOWED = {
     "progress": set(),
     "tfevents": set(),
     "training": {"errors", "heartbeat"},
-    "checkpoint": {"contract", "errors", "events", "storage", "collectives", "preemption", "heartbeat", "replicas",
-                   "progress", "_torch_compat", "_omegaconf_compat"},
-    "spike": {"contract", "errors", "events", "training", "preemption", "heartbeat", "replicas", "_torch_compat"},
+    "checkpoint": {"contract", "errors", "events", "storage", "collectives", "membership", "preemption", "heartbeat",
+                   "replicas", "progress", "_torch_compat", "_omegaconf_compat"},
+    "spike": {"contract", "errors", "events", "training", "membership", "preemption", "heartbeat", "replicas",
+              "_torch_compat"},
     "report": {"contract", "errors", "events", "metrics", "tfevents"},
     "launcher": {"contract", "errors", "events", "storage", "report", "preemption", "heartbeat", "_torch_compat"},
-    "lightning": {"contract", "errors", "events", "storage", "collectives", "checkpoint", "spike", "training", "replicas",
-                  "preemption", "heartbeat", "metrics", "_torch_compat"},
+    "lightning": {"contract", "errors", "events", "storage", "collectives", "membership", "checkpoint", "spike", "training",
+                  "replicas", "preemption", "heartbeat", "metrics", "_torch_compat"},
     "cli": {"contract", "errors", "events", "storage", "checkpoint", "report", "launcher", "lightning", "progress"},
     "__init__": {"contract", "errors", "events", "checkpoint", "spike", "training"},
 }
@@ -107,7 +109,8 @@ def test_only_the_storage_package_talks_to_file_systems_and_object_stores():
 # Private names of torch and Lightning the code relies on: each must appear in its compat module
 # and nowhere else, so one file says what ties us to which release.
 TORCH_INTERNALS = ("_remaining_restarts", "_pcontext", "_worker_group", "_get_addr_and_port", "_init_optim_state",
-                   "_last_lr", "_actions", "_start_workers", "_monitor_workers", "_restart_workers")
+                   "_last_lr", "_actions", "_start_workers", "_monitor_workers", "_restart_workers",
+                   "_abort_process_group")
 OMEGACONF_INTERNALS = ("grammar_parser", "OmegaConfGrammarParser", "InterpolationResolverContext")
 LIGHTNING_INTERNALS = ("_restarting", "_loaded_from_state_dict", "_resuming_from_checkpoint", "_combined_loader",
                        "_data_fetcher", "_last_global_step_saved", "_checkpoint_connector", "_Loop")

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from ..collectives import Group
+from ..collectives import Group, agree_on
 from ..contract import Event
 from ..errors import NoCheckpointError
 from ..events import EventLog
@@ -81,9 +81,9 @@ def agree(
         attempt = read(candidate)
         ok = attempt.value is not None
         h = attempt.manifest_hash if ok else 0
-        all_ok, low, neg_high = group.all_reduce_min([1 if ok else 0, h, -h])
+        all_ok, same = agree_on(group, ok, h)
         file, why = attempt.file, attempt.why
-        if all_ok and low == -neg_high:
+        if all_ok and same:
             assert attempt.value is not None
             why = finish(candidate, attempt.value) if finish is not None else None
             if why is None:

@@ -26,8 +26,8 @@ from collections.abc import Collection, Iterable, Mapping, MutableMapping, Seque
 from dataclasses import dataclass
 from typing import Any
 
-from .. import heartbeat, preemption
-from ..collectives import Group, default_group, on_rank0, process_group
+from .. import heartbeat, membership, preemption
+from ..collectives import Group, on_rank0, process_group
 from ..contract import DEFAULT_MAX_RESUMES_PER_STEP, Env, Event
 from ..errors import BadRootError, CheckpointCorruptError, ConfigError, StateError, StorageError
 from ..events import EventLog
@@ -37,6 +37,7 @@ from . import drift, fingerprint
 from .agreement import Agreed, Candidate, agree
 from .layout import ROLLBACK_DECISION
 from .manifest import FileEntry, Manifest
+from .memory_tier import DEFAULT_MEMORY_KEEP, MemoryTier
 from .reading import LoadedStep, ReadAttempt, try_read
 from .root_records import read_record_together, write_record_together
 from .saving import StepWriter
@@ -133,6 +134,11 @@ class CheckpointOptions:
     store, not N x N. ``"auto"``: on object stores (on a local disk re-reading from the page
     cache is faster than the exchange; set True for a network file system). False: every rank
     reads every replicated file itself."""
+    memory_keep: int = DEFAULT_MEMORY_KEEP
+    """Newest committed steps whose files each rank keeps in host RAM (the memory tier): a
+    rollback or restore to one of them reads no storage, every byte still checked against the
+    committed manifest. Costs about ``memory_keep + 1`` times this rank's share of a save
+    (1/N of the replicated state at N ranks, plus its per-rank state); 0 turns it off."""
     max_resumes_per_step: int | None = None
     """Resumes from one step, with nothing newer committed, before restore falls back to the step
     before (a crash loop); 0 disables; None: what the launcher passes (``--er-max-resumes-per-step``), else 3."""
@@ -144,6 +150,9 @@ class CheckpointOptions:
                 raise ConfigError(f"{name} must be a positive integer or None (got {value!r})")
         if self.parallel_restore not in (True, False, "auto"):
             raise ConfigError(f"parallel_restore must be True, False or 'auto' (got {self.parallel_restore!r})")
+        mk = self.memory_keep
+        if not isinstance(mk, int) or isinstance(mk, bool) or mk < 0:
+            raise ConfigError(f"memory_keep must be 0 (off) or a positive integer (got {mk!r})")
         mr = self.max_resumes_per_step
         if mr is not None and (not isinstance(mr, int) or isinstance(mr, bool) or mr < 0):
             raise ConfigError(f"max_resumes_per_step must be 0 (off), a positive integer or None (got {mr!r})")
@@ -177,10 +186,11 @@ class CheckpointManager:
                               f"(got options and {', '.join(sorted(settings))})")
         self.options = options if options is not None else CheckpointOptions(**settings)
         opts = self.options
-        self.group = group if group is not None else default_group(opts.collective_timeout_s)
-        self.rank = self.group.rank
-        self.world_size = self.group.world_size
+        #: Where ranks agree: a live handle (rank and world size are read through it on every
+        #: call, so a re-formed job, ``membership.current().reconfigure()``, needs nothing here).
+        self.group = group if group is not None else membership.current().coordination_group(opts.collective_timeout_s)
         self.events = open_events(opts.event_log, self.rank)
+        membership.current().follow(self._follow_rank)
         self.root = os.fspath(root)
         self.storage = open_storage(self.root, dict(opts.storage_options or {}))
         self.store = CheckpointStore(self.storage, events=self.events,
@@ -189,7 +199,11 @@ class CheckpointManager:
         self.last_committed: int | None = None
         self.last_restored: int | None = None
         self.last_drift: list[str] = []  # the drift report's lines of the last restore
-        self._writer = StepWriter(self.group, self.events)
+        #: The memory tier: this rank's files of the newest committed steps (see memory_tier.py).
+        self.memory = MemoryTier(0 if opts.read_only else opts.memory_keep)
+        #: Where the last restore's bytes came from: ``memory`` or ``storage``.
+        self.last_restore_tier: str | None = None
+        self._writer = StepWriter(self.group, self.events, self.memory)
         # Rollback anchors retention must keep (the spike guard says which, see protect()).
         self._protected: frozenset[int] = frozenset()
         # Drift the guard's own recovery causes (a scaled LR), not a difference between runs.
@@ -207,7 +221,6 @@ class CheckpointManager:
         # save_if_preempted: the flag sum started at the last call, read at the next one.
         self._preemption_flag: tuple[Any, Any] | None = None
         self._preemption_registered = False
-        self._preemption_group: Any = None
         self._warned_preemption = False
         # Rank 0 creates the root and proves it can write before any training happens, so a
         # bad root fails in the first second rather than at the first save an hour in. A writer
@@ -220,6 +233,18 @@ class CheckpointManager:
             bad_root = on_rank0(self.group, self._ensure_root, error=StorageError, what="checkpoint root")
             if bad_root is not None:
                 raise BadRootError(errno.ENOTDIR, bad_root)
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.group.world_size
+
+    def _follow_rank(self) -> None:
+        """After a re-formation this process may hold another rank: its events say so."""
+        self.events.rank = self.rank
 
     def _ensure_root(self) -> str | None:
         """Rank 0: create the root and probe a write. A root that can never be one comes back as
@@ -291,13 +316,12 @@ class CheckpointManager:
         if process_group(self.group) is not None and self.world_size > 1:
             import torch.distributed as dist
 
-            if self._preemption_group is None:
-                # A group of its own (made at the first call, which every rank makes at the same
-                # step): a background save runs collectives on the manager's group from its
-                # thread, and two threads' collectives on one group would interleave differently
-                # on different ranks.
-                self._preemption_group = dist.new_group(backend="gloo")
-            work = dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self._preemption_group, async_op=True)
+            # A group of its own (made at the first call, which every rank makes at the same
+            # step): a background save runs collectives on the manager's group from its thread,
+            # and two threads' collectives on one group would interleave differently on
+            # different ranks.
+            group = membership.current().named_group("preemption")
+            work = dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=group, async_op=True)
         self._preemption_flag = (flag, work)
         return False
 
@@ -424,12 +448,13 @@ class CheckpointManager:
         if manifest.world_size == self.world_size:  # then every file was read by some rank
             self.store.mark_loadable(manifest.step, manifest.raw_digest)
         self.last_committed = self.last_restored = manifest.step
+        self.last_restore_tier = loaded.tier
         if step is not None and self.rank == 0 and not self.options.read_only:
             self._branch_from(manifest.step)
         self.events.emit(
             Event.RESTORED, step=manifest.step, bytes=manifest.total_bytes,
             seconds=round(time.perf_counter() - started, 4), skipped=[s.as_dict() for s in agreed.skipped],
-            saved_world_size=manifest.world_size, world_size=self.world_size,
+            saved_world_size=manifest.world_size, world_size=self.world_size, tier=loaded.tier,
         )
         return manifest.step
 
@@ -449,7 +474,8 @@ class CheckpointManager:
     def _agree(self, steps: list[int], state: Mapping[str, Any]) -> Agreed[LoadedStep]:
         from .parallel_read import ParallelRead
 
-        parallel = ParallelRead(self.group) if self.world_size > 1 and self._parallel_restore() else None
+        exchange = self.world_size > 1 and self._parallel_restore()
+        parallel = ParallelRead(self.group, exchange=exchange, memory=self.memory) if exchange or self.memory.enabled else None
 
         def read(c: Candidate) -> ReadAttempt[LoadedStep]:
             attempt = try_read(self.store, c.step, rank=self.rank, world_size=self.world_size, state=state,
@@ -583,6 +609,7 @@ class CheckpointManager:
 
         retired = on_rank0(self.group, retire, error=lambda m: StorageError(0, m),
                            what=f"cannot retire checkpoints newer than step {step} under {self.storage.display()}")
+        self.memory.forget_newer_than(step)
         self._abandoned = {s: d for s, d in self._abandoned.items() if s not in retired}
         return retired
 

@@ -14,11 +14,17 @@ Every rank still ends with the same verified bytes as when it read every file it
 The protocol is collective and each phase is entered by every rank whatever happened before it
 (a rank that could not read the manifest still takes part, with nothing), so a failure on one
 rank never leaves the others waiting in a broadcast.
+
+The same exchange restores from the memory tier: when every rank holds the files it wrote for
+the very commit being restored, each file's owner is the rank that wrote it and it sends the
+bytes from memory (verified against the manifest's digest; a copy that fails is read from
+storage by its owner). The first phase tells every rank whether all can, so all take the same
+path. Without memory and without ``exchange``, every rank reads every file itself.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -26,48 +32,76 @@ from ..collectives import Group
 from ..errors import CheckpointCorruptError, StorageError
 from .layout import FileKind
 from .manifest import FileEntry, Manifest, manifest_hash
+from .memory_tier import MemoryTier, read_held_or_stored
 from .saving import assign_tensors
 from .store import CheckpointStore, StatePart
 
 
+class Replicated(NamedTuple):
+    """A step's replicated skeleton and tensors, and where this rank's bytes came from."""
+
+    skeleton: Any
+    tensors: list[Any]
+    #: ``memory`` when no rank read any replicated file from storage, else ``storage``.
+    tier: str
+
+
 class ParallelRead:
     """Reads the replicated state of a step over ``group`` (collective: every rank calls
-    :meth:`read` or :meth:`absent` for the same step, in the same order)."""
+    :meth:`read` or :meth:`absent` for the same step, in the same order). ``exchange``: spread
+    storage reads over the ranks; ``memory``: serve the step from the ranks' memory tiers when
+    every rank holds its part of it."""
 
-    def __init__(self, group: Group) -> None:
+    def __init__(self, group: Group, *, exchange: bool = True, memory: MemoryTier | None = None) -> None:
         self.group = group
+        self.exchange = exchange
+        self.memory = memory if memory is not None and memory.enabled else None
 
     def absent(self) -> None:
         """This rank could not read the step's manifest: take part in the first phase with
         nothing, so the others learn it and stop."""
         self.group.all_gather_object(None)
 
-    def read(self, store: CheckpointStore, manifest: Manifest) -> tuple[Any, list[Any]]:
+    def read(self, store: CheckpointStore, manifest: Manifest) -> Replicated:
         """The step's replicated skeleton and tensors, as ``store.read_replicated`` gives them."""
-        hashes = self.group.all_gather_object(manifest_hash(manifest))
-        missing = [r for r, h in enumerate(hashes) if h is None]
-        if missing or len(set(hashes)) > 1:
+        held = self.memory is not None and self.memory.covers(manifest, self.group.rank)
+        found = self.group.all_gather_object((manifest_hash(manifest), held))
+        missing = [r for r, f in enumerate(found) if f is None]
+        if missing or len({f[0] for f in found}) > 1:
             why = (f"rank {missing[0]} could not read the manifest" if missing
                    else "the ranks read different manifests of this step")
             raise CheckpointCorruptError(manifest.step, None, why)
+        from_memory = manifest.world_size == self.group.world_size and all(f[1] for f in found)
+        if not from_memory and not self.exchange:
+            return Replicated(*store.read_replicated(manifest), tier="storage")
         entries = manifest.files_of(FileKind.SHARED)
-        owner = assign_tensors([e.size for e in entries], self.group.world_size)
+        owner = [e.rank or 0 for e in entries] if from_memory else assign_tensors([e.size for e in entries],
+                                                                                  self.group.world_size)
         mine: dict[int, tuple[torch.Tensor, StatePart]] = {}
         failures: dict[int, tuple[str | None, str]] = {}
+        stored = not from_memory  # whether this rank read any of its files from storage
         for i, entry in enumerate(entries):
             if owner[i] == self.group.rank:
                 try:
-                    buffer = store.read_file(manifest, entry)
-                    assert buffer is not None  # read_file keeps the bytes by default
+                    if from_memory:
+                        assert self.memory is not None
+                        buffer, held_copy = read_held_or_stored(self.memory, store, manifest, entry)
+                        stored |= not held_copy
+                    else:
+                        read = store.read_file(manifest, entry)
+                        assert read is not None  # read_file keeps the bytes by default
+                        buffer = read
                     mine[i] = (buffer, store.decode_part(manifest, entry, buffer))
                 except CheckpointCorruptError as e:
                     failures[i] = (e.file, e.reason)
                 except (StorageError, OSError) as e:
                     failures[i] = (entry.path, f"unreadable: {e}")
-        found = {i: why for per_rank in self.group.all_gather_object(failures) for i, why in per_rank.items()}
-        if found:
-            file, reason = found[min(found)]
+        outcomes = self.group.all_gather_object((failures, stored))
+        problems = {i: why for per_rank, _ in outcomes for i, why in per_rank.items()}
+        if problems:
+            file, reason = problems[min(problems)]
             raise CheckpointCorruptError(manifest.step, file, reason)
+        tier = "storage" if any(s for _, s in outcomes) else "memory"
         buffers = [mine[i][0] if i in mine else torch.empty(entry.size, dtype=torch.uint8)
                    for i, entry in enumerate(entries)]
         self.group.broadcast_tensors(buffers, owner)
@@ -86,4 +120,4 @@ class ParallelRead:
             parts.append((entry, part))
         if problem is not None:
             raise problem
-        return store.assemble_replicated(manifest, parts)
+        return Replicated(*store.assemble_replicated(manifest, parts), tier=tier)

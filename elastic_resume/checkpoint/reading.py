@@ -19,6 +19,7 @@ from ..errors import CheckpointCorruptError, StateError, StorageError
 from .format import unflatten
 from .layout import FileKind, step_dir
 from .manifest import Manifest, manifest_hash
+from .memory_tier import read_held_or_stored
 from .store import CheckpointStore
 from .values import DecodeRules
 
@@ -44,6 +45,8 @@ class LoadedStep:
     skeleton: Any = None
     tensors: list[Any] | None = None
     rules: DecodeRules | None = None
+    #: Where the bytes came from: ``memory`` (the memory tier, no storage read) or ``storage``.
+    tier: str = "storage"
 
     @property
     def step(self) -> int:
@@ -98,8 +101,11 @@ def read_step(store: CheckpointStore, manifest: Manifest, *, rank: int, world_si
                 f"resharded; restore at world size {manifest.world_size}, or drop it from the state"
             )
         source, reseed = 0, True
-    skeleton, tensors = parallel.read(store, manifest) if parallel is not None else store.read_replicated(manifest)
-    loaded = LoadedStep(manifest, replicated=None, reseed=reseed, rules=store.decode_rules())
+    if parallel is not None:
+        skeleton, tensors, tier = parallel.read(store, manifest)
+    else:
+        (skeleton, tensors), tier = store.read_replicated(manifest), "storage"
+    loaded = LoadedStep(manifest, replicated=None, reseed=reseed, rules=store.decode_rules(), tier=tier)
     if loaded.has_sharded:
         # Sharded tensors are loaded after every rank agreed on this step (DCP's load is
         # collective); until then the structure stays a skeleton.
@@ -107,7 +113,13 @@ def read_step(store: CheckpointStore, manifest: Manifest, *, rank: int, world_si
     else:
         loaded.replicated = _as_state(unflatten(skeleton, tensors, where=step_dir(step), rules=loaded.rules), step,
                                       "the replicated state")
-    per_rank = store.read_per_rank(manifest, source)
+    memory = parallel.memory if parallel is not None and source == rank else None
+    if memory is not None and (entry := store.per_rank_entry(manifest, rank)) is not None:
+        buffer, held = read_held_or_stored(memory, store, manifest, entry)
+        loaded.tier = loaded.tier if held else "storage"
+        per_rank = store.per_rank_tree(manifest, entry, store.decode_part(manifest, entry, buffer))
+    else:
+        per_rank = store.read_per_rank(manifest, source)
     if per_rank is not None:
         loaded.per_rank = _as_state(per_rank, step, f"the per-rank state of rank {source}")
     return loaded

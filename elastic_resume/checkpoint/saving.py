@@ -37,14 +37,15 @@ import torch
 
 from .. import heartbeat, replicas
 from .._torch_compat import dcp_exception
-from ..collectives import Group, process_group
+from ..collectives import Group, agree_on, process_group
 from ..contract import Event, ExitCode
 from ..errors import CheckpointSaveError, CommitConflictError, ElasticResumeError, ReplicaDivergenceError, StateError
 from ..events import EventLog
 from ..storage import digest_bytes
-from .format import as_cpu_contiguous, encode, flatten, tensor_names
+from .format import Payload, as_cpu_contiguous, encode, flatten, tensor_names
 from .layout import FileKind, data_file, new_attempt_id, step_dir
 from .manifest import FileEntry, Manifest, canonical_json
+from .memory_tier import HeldBytes, MemoryTier
 from .staging import Stager
 from .state import snapshot_state
 from .store import CheckpointStore
@@ -92,6 +93,8 @@ class SaveJob:
     #: snapshot: a step whose ranks disagree on them is never committed.
     replicas: replicas.Digests | None = None
     error: BaseException | None = None  # a failure before writing (e.g. an unsupported value)
+    #: The files this rank wrote, copied for the memory tier (held once the commit stands).
+    held: dict[str, HeldBytes] = field(default_factory=dict)
 
 
 def prepare(job: SaveJob, state: Mapping[str, Any], *, rank: int, world_size: int, stager: Stager | None) -> None:
@@ -131,16 +134,24 @@ class StepWriter:
     """Writes and commits steps over ``group``, one at a time; a background save runs in one
     thread of its own, and the next save, :meth:`wait` or interpreter exit waits for it."""
 
-    def __init__(self, group: Group, events: EventLog) -> None:
+    def __init__(self, group: Group, events: EventLog, memory: MemoryTier | None = None) -> None:
         self.group = group
-        self.rank = group.rank
-        self.world_size = group.world_size
         self.events = events
+        #: Where committed steps' files stay in host RAM (None or keep=0: nowhere).
+        self.memory = memory if memory is not None and memory.enabled else None
         self.stager = Stager()
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[Any] | None = None
         self.pending_step: int | None = None
         atexit.register(_wait_at_exit, weakref.ref(self))
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.group.world_size
 
     def save(
         self,
@@ -213,23 +224,29 @@ class StepWriter:
             tree = {"skeleton": job.skeleton if self.rank == 0 else None, "tensors": job.mine}
             rel = data_file(job.attempt, self.rank, FileKind.SHARED)
             labels = {id(t): job.names[i] for i, t in job.mine.items()}
-            entry = store.write_file(job.step, rel, encode(tree, labels=labels), rank=self.rank)
+            entry = self._write_file(store, job, rel, encode(tree, labels=labels))
             entries.append(FileEntry(entry.path, entry.size, entry.digest, self.rank, FileKind.SHARED))
         if job.extra["per_rank_keys"]:
             tree = {"skeleton": job.per_rank_skeleton, "tensors": dict(enumerate(job.per_rank_tensors))}
             rel = data_file(job.attempt, self.rank, FileKind.RANK)
-            entries.append(store.write_file(job.step, rel, encode(tree), rank=self.rank))
+            entries.append(self._write_file(store, job, rel, encode(tree)))
         return entries
+
+    def _write_file(self, store: CheckpointStore, job: SaveJob, rel: str, payload: Payload) -> FileEntry:
+        """Write one of this rank's files; with a memory tier, from the copy it will hold."""
+        if self.memory is not None:
+            payload = job.held[rel] = self.memory.copy(payload)
+        return store.write_file(job.step, rel, payload, rank=self.rank)
 
     def _write_sharded(self, store: CheckpointStore, job: SaveJob, ready: bool) -> tuple[list[FileEntry], BaseException | None]:
         """DCP's save is collective: it runs on every rank or on none."""
         has = 1 if job.sharded else 0
-        all_ready, has_min, neg_has_max = self.group.all_reduce_min([1 if ready else 0, has, -has])
+        all_ready, same = agree_on(self.group, ready, has)
         if not all_ready:
             return [], None
-        if has_min != -neg_has_max:
+        if not same:
             return [], StateError("sharded (DTensor) state is present on some ranks but not on others")
-        if not has_min:
+        if not has:
             return [], None
         from . import sharded
 
@@ -242,6 +259,21 @@ class StepWriter:
 
     def _write_and_commit(self, store: CheckpointStore, job: SaveJob, replace: str | None,
                           after_commit: Callable[[Manifest], None] | None) -> Manifest:
+        committed = False
+        try:
+            manifest = self._write_and_commit_now(store, job, replace)
+            committed = True
+        finally:
+            if self.memory is not None and job.held:
+                if committed:
+                    self.memory.hold(job.step, job.attempt, job.held)
+                else:
+                    self.memory.release(job.held.values())
+        if after_commit is not None:
+            after_commit(manifest)
+        return manifest
+
+    def _write_and_commit_now(self, store: CheckpointStore, job: SaveJob, replace: str | None) -> Manifest:
         step = job.step
         job.attempt = attempt = self.group.broadcast_object(new_attempt_id() if self.rank == 0 else None)
         # Every rank must have the same replicated structure; a digest of it travels with the
@@ -287,8 +319,6 @@ class StepWriter:
             bytes_this_rank=sum(e.size for e in files if e.rank == self.rank),
             seconds=round(time.perf_counter() - job.started, 4), world_size=self.world_size,
         )
-        if after_commit is not None:
-            after_commit(manifest)
         return manifest
 
     def _refuse_diverged_replicas(self, job: SaveJob, per_rank: list[Any]) -> None:

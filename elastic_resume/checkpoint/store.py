@@ -436,20 +436,31 @@ class CheckpointStore:
             )
         return skeleton, [tensors[i] for i in range(expected)]
 
-    def read_per_rank(self, manifest: Manifest, rank: int, *, materialize: bool = True) -> Any:
-        """The per-rank state saved by ``rank`` as a tree, or None when the step has none."""
-        from .format import unflatten
-
+    def per_rank_entry(self, manifest: Manifest, rank: int) -> FileEntry | None:
+        """The file holding ``rank``'s per-rank state, or None when the step has none."""
         if not manifest.extra.get("per_rank_keys"):
             return None
         own = manifest.files_of(FileKind.RANK, rank)
         if not own:
             raise CheckpointCorruptError(manifest.step, None, f"no per-rank file for rank {rank}")
-        part = self.read_part(manifest, own[0], materialize=materialize)
+        return own[0]
+
+    def read_per_rank(self, manifest: Manifest, rank: int, *, materialize: bool = True) -> Any:
+        """The per-rank state saved by ``rank`` as a tree, or None when the step has none."""
+        entry = self.per_rank_entry(manifest, rank)
+        if entry is None:
+            return None
+        return self.per_rank_tree(manifest, entry, self.read_part(manifest, entry, materialize=materialize),
+                                  materialize=materialize)
+
+    def per_rank_tree(self, manifest: Manifest, entry: FileEntry, part: StatePart, *, materialize: bool = True) -> Any:
+        """A per-rank file's part as its tree (its tensors must be numbered 0..n-1)."""
+        from .format import unflatten
+
         count = len(part.tensors)
         if sorted(part.tensors) != list(range(count)):
-            raise CheckpointCorruptError(manifest.step, self._where(manifest, own[0]), "per-rank tensors are not numbered 0..n-1")
-        return unflatten(part.skeleton, [part.tensors[i] for i in range(count)], where=self._where(manifest, own[0]),
+            raise CheckpointCorruptError(manifest.step, self._where(manifest, entry), "per-rank tensors are not numbered 0..n-1")
+        return unflatten(part.skeleton, [part.tensors[i] for i in range(count)], where=self._where(manifest, entry),
                          rules=self.decode_rules(materialize))
 
     def decode_rules(self, materialize: bool = True) -> DecodeRules:

@@ -137,6 +137,11 @@ class TrainerBackend:
         apply_checkpoint(self.trainer, self.io.load_step(self._dir(), step))
         return step
 
+    @property
+    def last_restore_tier(self) -> str:
+        """Lightning's checkpoints are read from storage (the memory tier serves plain loops)."""
+        return "storage"
+
     def save(self, step: int, state: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = None,
              blocking: bool = True, health: Mapping[str, Any] | None = None) -> None:
         """A checkpoint through ``trainer.save_checkpoint``: health and metadata reach it through

@@ -40,7 +40,7 @@ from ..checkpoint.saving import StepWriter
 from ..checkpoint.single_file import PathKind, path_kind
 from ..checkpoint.store import CheckpointStore, list_bundles, written_order
 from ..checkpoint.values import DecodeRules, allowed_class_names, hparams_text
-from ..collectives import Group, LocalGroup, default_group, on_rank0
+from ..collectives import Group, LocalGroup, agree_on, on_rank0
 from ..contract import Event
 from ..errors import (
     CheckpointCorruptError,
@@ -52,6 +52,7 @@ from ..errors import (
     StorageError,
 )
 from ..events import EventLog
+from ..membership import current as membership
 from ..storage import file_url_path, open_storage, redact, tensor_bytes
 from ._compat import CHECKPOINT_IO_BASES
 
@@ -264,7 +265,7 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         """The group ranks agree in (a gloo group of its own; created on first use, which must
         happen on every rank: Lightning loads checkpoints on all of them)."""
         if self._group is None:
-            self._group = default_group(self.collective_timeout_s)
+            self._group = membership().coordination_group(self.collective_timeout_s)
         return self._group
 
     # -- CheckpointIO ----------------------------------------------------------------------------
@@ -453,7 +454,7 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         except Exception as e:  # noqa: BLE001 - storage errors, and the weights-only unpickler's refusals
             # (pickle.UnpicklingError for an object it will not build): reported, never raised raw
             why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        (ok,) = group.all_reduce_min([0 if why else 1])
+        ok, _ = agree_on(group, not why)
         if not ok:
             self.events.emit(Event.CORRUPTION_FOUND, path=path, reason=why or "another rank could not load it")
             raise NoCheckpointError(
@@ -483,7 +484,8 @@ class ElasticCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
             f"no checkpoint at {requested} could be verified and loaded by every rank: {details}. "
             "Inspect with 'elastic-resume verify PATH'."))
         checkpoint, chosen = agreed.value, agreed.candidate
-        self.events.emit(Event.RESTORED, **chosen.fields(), skipped=[s.as_dict() for s in agreed.skipped])
+        self.events.emit(Event.RESTORED, **chosen.fields(), skipped=[s.as_dict() for s in agreed.skipped],
+                         tier="storage")
         if agreed.skipped:
             if group.rank == 0:
                 log.warning("resuming from %s (step %d) instead of %s: %s", chosen.path, chosen.step, requested,

@@ -65,6 +65,11 @@ class CheckpointBackend(Protocol):
         """Load ``step`` (None: the newest loadable) into the live training state; returns it."""
         ...
 
+    @property
+    def last_restore_tier(self) -> str | None:
+        """Where the last restore's bytes came from (``memory`` or ``storage``). Local."""
+        ...
+
     def save(self, step: int, state: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = None,
              blocking: bool = True, health: Mapping[str, Any] | None = None) -> Any:
         """Checkpoint ``step`` with the guard's metadata and health record."""

@@ -718,7 +718,7 @@ class SpikeGuard:
             self.sampler.seek(window[1])
             self.emit(Event.DATA_SKIPPED, start_sample=window[0], end_sample=window[1], samples=window[1] - window[0],
                       through_step=action.skip_through_step)
-        self.emit(Event.ROLLBACK_RESTORED, step=action.anchor)
+        self.emit(Event.ROLLBACK_RESTORED, step=action.anchor, tier=self.checkpoints.last_restore_tier)
         self._last_trouble = None
         self._positions.clear()
         # Re-commit the anchor with the recovery state and the new data position, in the

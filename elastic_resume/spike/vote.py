@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .. import membership
 from ..contract import StrEnum
 from ..errors import ConfigError
 from .detectors import Verdict
@@ -150,16 +151,28 @@ class Vote:
         import torch.distributed as dist
 
         self._dist = dist if dist.is_available() and dist.is_initialized() else None
-        if group == "auto":
-            group = None
-            if self._dist and self._dist.get_world_size() > 1 and self._dist.get_backend() != "nccl":
-                group = self._dist.new_group(backend="gloo")  # collective: every rank builds its guard
-        self.group = group
-        self.world_size = self._dist.get_world_size(group) if self._dist else 1
+        # "auto": the membership's "vote" group (gloo, over every rank, made again when the job
+        # is re-formed), read at each use; under NCCL the default group.
+        self._group = group
+        if group == "auto" and self._dist and self._dist.get_world_size() > 1 and self._dist.get_backend() != "nccl":
+            membership.current().named_group("vote")  # collective: every rank builds its guard now
         self.device = torch.device("cpu")
-        if self._dist and self._dist.get_backend(group) == "nccl":
+        if self._dist and self._dist.get_backend(self.group) == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._pending: _InFlight | None = None
+
+    @property
+    def group(self) -> Any:
+        """The group the vote reduces over (None: the default group)."""
+        if self._group != "auto":
+            return self._group
+        if self._dist is None or self._dist.get_backend() == "nccl":
+            return None
+        return membership.current().named_group("vote")
+
+    @property
+    def world_size(self) -> int:
+        return self._dist.get_world_size(self.group) if self._dist else 1
 
     def submit(self, step: int, *, values: list[tuple[int, float, float | None]], spike: bool, nonfinite: bool,
                preempt: bool, stop: bool, checks: Checks | None = None) -> VoteResult | None:

@@ -34,7 +34,7 @@ def format_digest(hasher: Any) -> str:
     return f"{DIGEST_ALGO}:{hasher.hexdigest()}"
 
 
-def digest_bytes(data: bytes) -> str:
+def digest_bytes(data: bytes | memoryview) -> str:
     return f"{DIGEST_ALGO}:{xxhash.xxh3_64_hexdigest(data)}"
 
 

@@ -209,3 +209,29 @@ def test_a_crash_between_a_rollbacks_decision_and_its_commit_finishes_that_rollb
     assert recovery.history[0]["onset"] == 15 and recovery.history[0]["anchor"] == 12
     skipped = named(events, "data_skipped")
     assert {(e["start_sample"], e["end_sample"]) for e in skipped} == {(12 * 16, 18 * 16)}
+
+
+def test_a_rollback_from_the_memory_tier_trains_what_one_from_storage_does_and_a_flipped_byte_is_read_from_storage(tmp_path):
+    spike = ["--spike-at-step", "15", "--spike-rank", "1"]
+    timelines = {}
+    for name, extra in (("memory", []), ("storage", ["--memory-keep", "0"]),
+                        ("flipped", ["--flip-memory-byte-at-step", "14", "--die-rank", "1"])):
+        (tmp_path / name).mkdir()
+        r, events, records = run(tmp_path / name, *spike, *extra)
+        assert r.returncode == 0, why(r)
+        restored = named(events, "rollback_restored")
+        assert sorted(e["rank"] for e in restored) == [0, 1] and {e["step"] for e in restored} == {12}
+        if name == "memory":  # no rank read the anchor from storage
+            assert {e["tier"] for e in restored} == {"memory"}, restored
+            assert {e["tier"] for e in named(events, "restored")} == {"memory"}
+            assert not named(events, "corruption_found")
+        else:
+            assert {e["tier"] for e in restored} == {"storage"}, restored
+        if name == "flipped":  # rank 1's copy failed its digest: reported, then read from storage
+            found = named(events, "corruption_found")
+            # Its files of step 12: its slice of the replicated state and its per-rank state.
+            assert {(e["rank"], e["tier"], e["step"]) for e in found} == {(1, "memory", 12)} and len(found) == 2, found
+            assert all("digest mismatch" in e["reason"] and "step-000000000012" in e["file"] for e in found)
+        timelines[name] = {k: (rec["loss"], rec["samples"]) for k, rec in final_timeline(records).items()}
+    assert len(timelines["memory"]) == 2 * 30
+    assert timelines["memory"] == timelines["storage"] == timelines["flipped"]  # bit for bit
