@@ -104,9 +104,9 @@ class MemoryTier:
     def copy(self, payload: Payload) -> HeldBytes:
         """``payload``'s bytes in one buffer (a spare one of the same size when there is one)."""
         with self._lock:
-            buffer = next((b for b in self._spare if b.numel() == payload.size), None)
-            if buffer is not None:
-                self._spare.remove(buffer)
+            # By position, not list.remove: tensors compare elementwise, not by identity.
+            found = next((i for i, b in enumerate(self._spare) if b.numel() == payload.size), None)
+            buffer = self._spare.pop(found) if found is not None else None
         if buffer is None:
             buffer = torch.empty(payload.size, dtype=torch.uint8)
         out, pos = tensor_bytes(buffer), 0

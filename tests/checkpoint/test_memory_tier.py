@@ -165,3 +165,13 @@ def test_the_tier_keeps_the_newest_commits_reuses_evicted_buffers_and_checks_eve
                   files=[FileEntry("f", tier.held_files(3)["f"].numel(), "", 0, FileKind.SHARED)])
     tier.forget_newer_than(2)
     assert tier.steps == [] and not tier.covers(m3, 0)
+
+
+def test_spare_buffers_of_several_sizes_are_found_by_size():
+    tier = MemoryTier(keep=1)
+    held_step(tier, 1, "a1", {"small": torch.arange(10), "large": torch.arange(1000)})
+    large = tier.held_files(1)["large"]
+    held_step(tier, 2, "a2", {"small": torch.arange(10) + 1, "large": torch.arange(1000) + 1})  # step 1 -> spares
+    # The next copy of the large file's size reuses the large spare, whatever its place in the list.
+    copied = tier.copy(encode({"tensors": {0: torch.arange(1000) + 2}}))
+    assert copied.buffer.data_ptr() == large.data_ptr()
