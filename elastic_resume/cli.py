@@ -17,7 +17,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from .checkpoint.manifest import Manifest
-from .checkpoint.store import CheckpointStore, StepReport, StepStatus, list_bundles
+from .checkpoint.repository import list_bundles
+from .checkpoint.store import CheckpointStore
+from .checkpoint.verified_reader import StepReport, StepStatus
 from .contract import ExitCode
 from .errors import CheckpointCorruptError, ConfigError, ElasticResumeError, NoCheckpointError
 from .progress import ProgressBar

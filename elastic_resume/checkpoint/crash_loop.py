@@ -19,7 +19,7 @@ from .layout import RESUME_LOG
 from .root_records import read_record, write_record
 
 if TYPE_CHECKING:
-    from .store import CheckpointStore
+    from .repository import StepRepository
 
 _FORMAT = "elastic-resume-resumes"
 
@@ -36,7 +36,7 @@ def plan_resume(candidates: Sequence[int], counts: dict[int, int], max_resumes: 
     return [s for s in cands if s not in dropped], dropped
 
 
-def resume_counts(store: CheckpointStore) -> dict[int, int]:
+def resume_counts(store: StepRepository) -> dict[int, int]:
     """How many times a run resumed from each step. A missing or unreadable file counts as none."""
     doc = read_record(store.storage, RESUME_LOG)
     try:
@@ -46,11 +46,11 @@ def resume_counts(store: CheckpointStore) -> dict[int, int]:
         return {}
 
 
-def _write(store: CheckpointStore, counts: dict[int, int]) -> None:
+def _write(store: StepRepository, counts: dict[int, int]) -> None:
     write_record(store.storage, RESUME_LOG, {"format": _FORMAT, "resumes": {str(k): v for k, v in sorted(counts.items())}})
 
 
-def resume_candidates(store: CheckpointStore, committed: list[int], max_resumes: int) -> tuple[list[int], dict[int, str]]:
+def resume_candidates(store: StepRepository, committed: list[int], max_resumes: int) -> tuple[list[int], dict[int, str]]:
     """Newest-first steps a resume should try (``committed`` minus crash-looping ones), counting
     this resume against the first (before loading: a crash during the load is a crash too), and
     the dropped steps with the digest their manifest had when dropped. Rank 0 only."""
@@ -75,7 +75,7 @@ def resume_candidates(store: CheckpointStore, committed: list[int], max_resumes:
     return candidates, proofs
 
 
-def forget(store: CheckpointStore, step: int) -> None:
+def forget(store: StepRepository, step: int) -> None:
     """A re-committed step is new progress: resumes counted against the old one do not count
     against it (else the fallback would drop it again at once)."""
     counts = resume_counts(store)

@@ -38,7 +38,7 @@ from .layout import FileKind, step_dir
 if TYPE_CHECKING:
     from .format import Payload
     from .manifest import FileEntry, Manifest
-    from .store import CheckpointStore
+    from .verified_reader import StepReader
 
 #: Newest committed steps a manager keeps in memory by default.
 DEFAULT_MEMORY_KEEP = 2
@@ -176,11 +176,11 @@ class MemoryTier:
         return buffer
 
 
-def read_held_or_stored(memory: MemoryTier, store: CheckpointStore, manifest: Manifest,
+def read_held_or_stored(memory: MemoryTier, store: StepReader, manifest: Manifest,
                         entry: FileEntry) -> tuple[torch.Tensor, bool]:
     """``entry``'s verified bytes from memory, else from storage (a memory copy that fails its
     digest is reported, then read from storage); True when they came from memory. Storage
-    corruption raises as :meth:`CheckpointStore.read_file` does."""
+    corruption raises as :meth:`StepReader.read_file` does."""
     try:
         buffer = memory.take(manifest, entry)
     except CheckpointCorruptError as e:

@@ -34,7 +34,7 @@ from .layout import FileKind
 from .manifest import FileEntry, Manifest, manifest_hash
 from .memory_tier import MemoryTier, read_held_or_stored
 from .saving import assign_tensors
-from .store import CheckpointStore, StatePart
+from .verified_reader import StatePart, StepReader
 
 
 class Replicated(NamedTuple):
@@ -62,7 +62,7 @@ class ParallelRead:
         nothing, so the others learn it and stop."""
         self.group.all_gather_object(None)
 
-    def read(self, store: CheckpointStore, manifest: Manifest) -> Replicated:
+    def read(self, store: StepReader, manifest: Manifest) -> Replicated:
         """The step's replicated skeleton and tensors, as ``store.read_replicated`` gives them."""
         held = self.memory is not None and self.memory.covers(manifest, self.group.rank)
         found = self.group.all_gather_object((manifest_hash(manifest), held))

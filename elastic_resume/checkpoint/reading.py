@@ -20,8 +20,8 @@ from .format import unflatten
 from .layout import FileKind, step_dir
 from .manifest import Manifest, manifest_hash
 from .memory_tier import read_held_or_stored
-from .store import CheckpointStore
 from .values import DecodeRules
+from .verified_reader import StepReader
 
 if TYPE_CHECKING:
     from .parallel_read import ParallelRead
@@ -82,7 +82,7 @@ def _as_state(tree: Any, step: int, what: str) -> dict[str, Any]:
     return tree
 
 
-def read_step(store: CheckpointStore, manifest: Manifest, *, rank: int, world_size: int,
+def read_step(store: StepReader, manifest: Manifest, *, rank: int, world_size: int,
               state: Mapping[str, Any], parallel: ParallelRead | None = None) -> LoadedStep:
     """This rank's share of the step ``manifest`` commits. ``state`` is the live state it will be
     loaded into (its per-rank values say whether they can be resharded). ``parallel``: the
@@ -125,7 +125,7 @@ def read_step(store: CheckpointStore, manifest: Manifest, *, rank: int, world_si
     return loaded
 
 
-def try_read(store: CheckpointStore, step: int, *, rank: int, world_size: int,
+def try_read(store: StepReader, step: int, *, rank: int, world_size: int,
              state: Mapping[str, Any], parallel: ParallelRead | None = None) -> ReadAttempt[LoadedStep]:
     """:func:`read_step` of ``step`` as an attempt: corruption and unreadable files become the
     attempt's reason (restore moves on to an older step); a state that cannot take the step

@@ -21,7 +21,8 @@ from .layout import PRUNE_LOCK, attempt_time, step_dir
 from .manifest import Manifest
 
 if TYPE_CHECKING:
-    from .store import CheckpointStore, StepListing
+    from .repository import StepListing
+    from .verified_reader import StepReader
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def plan_retention(
 
 
 def prune(
-    store: CheckpointStore,
+    store: StepReader,
     *,
     keep_last: int | None,
     keep_every: int | None = None,
@@ -174,7 +175,7 @@ def prune(
             report_progress("deleting", doomed, doomed)
         return RetentionPlan(delete=deleted, keep=plan.keep, delete_incomplete=deleted_incomplete)
 
-def _attempts(store: CheckpointStore, listing: StepListing) -> set[str] | None:
+def _attempts(store: StepReader, listing: StepListing) -> set[str] | None:
     """The save attempts in an incomplete step directory: from its files and from its
     directories, so a save that created its attempt directory but has not yet written a file
     counts. None for a directory with nothing in it at all: a save may be about to create its

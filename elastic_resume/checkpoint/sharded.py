@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -33,7 +33,9 @@ from ..errors import CheckpointCorruptError, StateError
 from .format import DTYPES, as_cpu_contiguous, decode, encode
 from .layout import FileKind, data_file, step_dir
 from .manifest import FileEntry, Manifest
-from .store import CheckpointStore
+
+if TYPE_CHECKING:
+    from .verified_reader import StepReader
 
 DCP_META = "dcp-metadata.json"
 
@@ -41,7 +43,7 @@ DCP_META = "dcp-metadata.json"
 class StoreWriter(StorageWriter):
     """Writes this rank's DCP items as one data file; the coordinator keeps the metadata."""
 
-    def __init__(self, store: CheckpointStore, step: int, attempt: str, rank: int) -> None:
+    def __init__(self, store: StepReader, step: int, attempt: str, rank: int) -> None:
         super().__init__()
         self.store, self.step, self.attempt, self.rank = store, step, attempt, rank
         self.entries: list[FileEntry] = []
@@ -97,7 +99,7 @@ class StoreWriter(StorageWriter):
 class StoreReader(StorageReader):
     """Reads DCP items from a committed step, verifying each file's digest as it is read."""
 
-    def __init__(self, store: CheckpointStore, manifest: Manifest) -> None:
+    def __init__(self, store: StepReader, manifest: Manifest) -> None:
         super().__init__()
         self.store, self.manifest = store, manifest
         self.storage_data: dict[MetadataIndex, dict[str, Any]] = {}
@@ -152,7 +154,7 @@ class StoreReader(StorageReader):
 
 
 class _Bytes:
-    """A bytes payload in the form ``CheckpointStore.write_file`` takes (``format.Payload``)."""
+    """A bytes payload in the form ``StepRepository.write_file`` takes (``format.Payload``)."""
 
     def __init__(self, data: bytes) -> None:
         self.data, self.size = data, len(data)

@@ -501,7 +501,7 @@ class SingleFile:
     committed_steps = step_dirs
 
     def verify(self, step: int | None = None, *, full: bool = True) -> Any:
-        from .store import StepReport, StepStatus
+        from .verified_reader import StepReport, StepStatus
 
         record, why = self._record()
         if record is None:

@@ -36,9 +36,10 @@ from ..checkpoint.layout import manifest_path
 from ..checkpoint.manager import max_resumes_from_env, open_events
 from ..checkpoint.manifest import Manifest
 from ..checkpoint.reading import ReadAttempt, try_read
+from ..checkpoint.repository import list_bundles, written_order
 from ..checkpoint.saving import StepWriter
 from ..checkpoint.single_file import PathKind, path_kind
-from ..checkpoint.store import CheckpointStore, list_bundles, written_order
+from ..checkpoint.store import CheckpointStore
 from ..checkpoint.values import DecodeRules, allowed_class_names, hparams_text
 from ..collectives import Group, LocalGroup, agree_on, on_rank0
 from ..contract import Event
