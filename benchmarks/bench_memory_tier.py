@@ -109,6 +109,7 @@ def main() -> int:
                 got[f"stall_{name}"] = time.perf_counter() - started
                 mgr.wait()
             # Step 1000+N is the newest now; the rollback goes back to N, which both still hold.
+            held_bytes = held.memory.nbytes
             paths = step_files(plain.root, step)
             for path in paths:
                 if path not in buffers or buffers[path].numel() != os.path.getsize(path):
@@ -141,8 +142,8 @@ def main() -> int:
               f"({med['save_held'] * 1e3:.1f} ms vs {med['save_plain'] * 1e3:.1f} ms)")
         print(f"async stall with the tier / without               {med['stall_held'] / med['stall_plain']:.3f}   "
               f"({med['stall_held'] * 1e3:.1f} ms vs {med['stall_plain'] * 1e3:.1f} ms)")
-        print(f"host memory the tier holds: {held.memory.nbytes / (1 << 20):.0f} MiB "
-              f"(memory_keep={held.memory.keep}, plus spares for the next save)")
+        print(f"host memory the tier holds before a rollback: {held_bytes / (1 << 20):.0f} MiB "
+              f"(memory_keep={held.memory.keep} steps, plus spare buffers for the next save)")
         held.close()
         plain.close()
     finally:
