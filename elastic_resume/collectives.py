@@ -38,6 +38,21 @@ class Group(Protocol):
         rank of this group); the broadcasts run concurrently."""
 
 
+class InGroup:
+    """Mixin for an object that acts in ``self.group``: its rank and world size are read through
+    the group on every use, never copied (a re-formed job changes them, see ``membership``)."""
+
+    group: Group
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.group.world_size
+
+
 class LocalGroup:
     """A world of one process."""
 

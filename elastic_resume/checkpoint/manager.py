@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import heartbeat, membership, preemption
-from ..collectives import Group, on_rank0, process_group
+from ..collectives import Group, InGroup, on_rank0, process_group
 from ..contract import DEFAULT_MAX_RESUMES_PER_STEP, Env, Event
 from ..errors import BadRootError, CheckpointCorruptError, ConfigError, StateError, StorageError
 from ..events import EventLog
@@ -164,7 +164,7 @@ class CheckpointOptions:
             raise ConfigError(f"drift_allow must be a list of patterns, not the string {self.drift_allow!r}")
 
 
-class CheckpointManager:
+class CheckpointManager(InGroup):
     """Save and restore a training state at a checkpoint root (a local path, ``file://``,
     ``s3://``, ``gs://``, ``az://`` or ``memory://``).
 
@@ -233,14 +233,6 @@ class CheckpointManager:
             bad_root = on_rank0(self.group, self._ensure_root, error=StorageError, what="checkpoint root")
             if bad_root is not None:
                 raise BadRootError(errno.ENOTDIR, bad_root)
-
-    @property
-    def rank(self) -> int:
-        return self.group.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.group.world_size
 
     def _follow_rank(self) -> None:
         """After a re-formation this process may hold another rank: its events say so."""

@@ -37,7 +37,7 @@ import torch
 
 from .. import heartbeat, replicas
 from .._torch_compat import dcp_exception
-from ..collectives import Group, agree_on, process_group
+from ..collectives import Group, InGroup, agree_on, process_group
 from ..contract import Event, ExitCode
 from ..errors import CheckpointSaveError, CommitConflictError, ElasticResumeError, ReplicaDivergenceError, StateError
 from ..events import EventLog
@@ -130,7 +130,7 @@ def prepare(job: SaveJob, state: Mapping[str, Any], *, rank: int, world_size: in
                  "replicated_tensors": len(tensors), "layout": LAYOUT}
 
 
-class StepWriter:
+class StepWriter(InGroup):
     """Writes and commits steps over ``group``, one at a time; a background save runs in one
     thread of its own, and the next save, :meth:`wait` or interpreter exit waits for it."""
 
@@ -144,14 +144,6 @@ class StepWriter:
         self._pending: Future[Any] | None = None
         self.pending_step: int | None = None
         atexit.register(_wait_at_exit, weakref.ref(self))
-
-    @property
-    def rank(self) -> int:
-        return self.group.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.group.world_size
 
     def save(
         self,
