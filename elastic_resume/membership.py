@@ -22,6 +22,7 @@ order every rank constructs its objects (a manager, then the guard's vote): the 
 
 from __future__ import annotations
 
+import atexit
 import threading
 import weakref
 from collections.abc import Callable
@@ -44,6 +45,15 @@ class Membership:
         self._order: list[tuple[str, Any]] = []
         self._followers: list[weakref.WeakMethod[Callable[[], None]]] = []
         self._lock = threading.Lock()
+        # Let go of the groups while the interpreter is whole: a gloo group destroyed during
+        # interpreter teardown can abort the process (std::terminate), which torchrun reports as
+        # a crash. atexit runs last-registered first, so the writers' own exit hooks (a
+        # background save finishing) registered later still have their groups.
+        atexit.register(self._release)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._coordination, self._named, self._order = [], {}, []
 
     # -- who we are --------------------------------------------------------------------------
     @staticmethod

@@ -13,11 +13,11 @@ from harness.processes import REPO, child_env
 
 def test_a_reformed_world_is_one_call_for_every_consumer(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "--monitor-interval=0.5",
-           os.path.join(REPO, "tests", "helpers", "reform_job.py"), str(tmp_path / "ckpt")]
+           os.path.join(REPO, "tests", "helpers", "reform_job.py"), str(tmp_path / "ckpt"), str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                        env=child_env({"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}))
     assert r.returncode == 0, r.stderr[-3000:]
-    ranks = sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")), key=lambda o: o["rank0"])
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(3)]
     assert [o["rank0"] for o in ranks] == [0, 1, 2]
     assert all(o["vote0"] == {"world": 3, "mean_loss": 1.0} and o["generation0"] == 0 for o in ranks)
     # The subgroup of global ranks 1 and 2: its own ranks 0 and 1, and its rank 0 is global rank 1.

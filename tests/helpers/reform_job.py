@@ -1,7 +1,8 @@
 """A job whose world is re-formed in-process (run under torchrun, 3 ranks): the last rank leaves,
 the others abort every group, initialise the default group again at world size 2 (a new store
 prefix: a new generation) and call ``membership.current().reconfigure()``. The same manager and
-vote objects then save, restore and vote at the new size. Prints one JSON line per rank."""
+vote objects then save, restore and vote at the new size. Each rank writes what it saw to
+``OUT/rank-N.json`` (workers' stdout lines can interleave)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,13 @@ def vote_once(vote: Vote, step: int, loss: float) -> dict:
     return {"world": result.world_size, "mean_loss": result.mean_loss}
 
 
+def report(out_dir: str, out: dict) -> None:
+    with open(os.path.join(out_dir, f"rank-{out['rank0']}.json"), "w") as f:
+        json.dump(out, f)
+
+
 def main() -> int:
-    root = sys.argv[1]
+    root, out_dir = sys.argv[1], sys.argv[2]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     # The store outlives the process groups (rank 0 hosts it; rank 0 stays).
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, rank == 0,
@@ -55,7 +61,7 @@ def main() -> int:
     member.abort()  # every group, ours and the default one
     if rank == world - 1:  # this one leaves
         out["left"] = True
-        print(json.dumps(out), flush=True)
+        report(out_dir, out)
         return 0
     init(store, 1, rank, world - 1)
     member.reconfigure()
@@ -67,7 +73,7 @@ def main() -> int:
                restored=mgr.restore(state, step=2), tier=mgr.last_restore_tier, step=state["progress"]["step"],
                restored_old=mgr.restore(state, step=1), events_rank=mgr.events.rank, vote1=vote_once(vote, 2, float(rank)))
     mgr.close()
-    print(json.dumps(out), flush=True)
+    report(out_dir, out)
     dist.destroy_process_group()
     return 0
 
