@@ -33,7 +33,7 @@ import torch
 
 from ..errors import CheckpointCorruptError, CheckpointSaveError
 from ..storage import digest_bytes, tensor_bytes
-from .layout import FileKind, step_dir
+from .layout import FileKind
 
 if TYPE_CHECKING:
     from .format import Payload
@@ -57,7 +57,6 @@ class HeldBytes:
 
 @dataclass
 class HeldStep:
-    step: int
     attempt: str
     #: The files this rank wrote, by their path in the step, each exactly its bytes.
     files: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -125,7 +124,7 @@ class MemoryTier:
             old = self._held.pop(step, None)
             if old is not None:
                 self._spare.extend(old.files.values())
-            self._held[step] = HeldStep(step, attempt, {path: f.buffer for path, f in files.items()})
+            self._held[step] = HeldStep(attempt, {path: f.buffer for path, f in files.items()})
             while len(self._held) > self.keep:
                 _, evicted = self._held.popitem(last=False)
                 self._spare.extend(evicted.files.values())
@@ -184,8 +183,8 @@ def read_held_or_stored(memory: MemoryTier, store: StepReader, manifest: Manifes
     try:
         buffer = memory.take(manifest, entry)
     except CheckpointCorruptError as e:
-        store.report_corruption(manifest.step, store.storage.display(f"{step_dir(manifest.step)}/{entry.path}"),
-                                e.reason, tier="memory", action="read from storage instead")
+        store.report_corruption(manifest.step, store.file_where(manifest, entry), e.reason, tier="memory",
+                                action="read from storage instead")
         buffer = None
     if buffer is not None:
         store.loaded(manifest, entry)

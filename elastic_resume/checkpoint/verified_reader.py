@@ -97,7 +97,8 @@ class StepReader(StepRepository):
         self._known_unloadable.pop(step, None)
 
     # -- reading -----------------------------------------------------------------------------
-    def _where(self, manifest: Manifest, entry: FileEntry) -> str:
+    def file_where(self, manifest: Manifest, entry: FileEntry) -> str:
+        """How messages and events name a data file of a step (its storage location)."""
         return self.storage.display(f"{step_dir(manifest.step)}/{entry.path}")
 
     @contextlib.contextmanager
@@ -159,7 +160,7 @@ class StepReader(StepRepository):
 
     def as_part(self, manifest: Manifest, entry: FileEntry, part: Any) -> StatePart:
         """A decoded data file's tree as a :class:`StatePart` (untrusted: its structure checked)."""
-        where = self._where(manifest, entry)
+        where = self.file_where(manifest, entry)
         if not isinstance(part, dict) or not isinstance(part.get("tensors"), dict):
             raise CheckpointCorruptError(manifest.step, where, "data file does not hold a state")
         tensors = part["tensors"]
@@ -172,7 +173,7 @@ class StepReader(StepRepository):
         :class:`StatePart`; its tensors are views of ``buffer``."""
         from .format import decode
 
-        where = self._where(manifest, entry)
+        where = self.file_where(manifest, entry)
         try:
             tree = decode(buffer, where=where, rules=self.decode_rules())
         except CheckpointCorruptError as e:
@@ -195,7 +196,7 @@ class StepReader(StepRepository):
                 skeleton = part.skeleton
             for k, t in part.tensors.items():
                 if k in tensors:
-                    raise CheckpointCorruptError(manifest.step, self._where(manifest, entry), f"tensor {k} is held twice")
+                    raise CheckpointCorruptError(manifest.step, self.file_where(manifest, entry), f"tensor {k} is held twice")
                 tensors[k] = t
         expected = manifest.extra.get("replicated_tensors", len(tensors))
         # Bounded by MAX_TENSORS at parse time; compare counts before building anything of
@@ -228,10 +229,10 @@ class StepReader(StepRepository):
         """A per-rank file's part as its tree (its tensors must be numbered 0..n-1)."""
         from .format import unflatten
 
-        count = len(part.tensors)
+        count, where = len(part.tensors), self.file_where(manifest, entry)
         if sorted(part.tensors) != list(range(count)):
-            raise CheckpointCorruptError(manifest.step, self._where(manifest, entry), "per-rank tensors are not numbered 0..n-1")
-        return unflatten(part.skeleton, [part.tensors[i] for i in range(count)], where=self._where(manifest, entry),
+            raise CheckpointCorruptError(manifest.step, where, "per-rank tensors are not numbered 0..n-1")
+        return unflatten(part.skeleton, [part.tensors[i] for i in range(count)], where=where,
                          rules=self.decode_rules(materialize))
 
     def decode_rules(self, materialize: bool = True) -> DecodeRules:
@@ -317,7 +318,7 @@ class StepReader(StepRepository):
 
             buf = self.read_file(manifest, entry)
             assert buf is not None
-            meta = parse_metadata(bytes(buf.numpy().tobytes()), step=manifest.step, where=self._where(manifest, entry))
+            meta = parse_metadata(bytes(buf.numpy().tobytes()), step=manifest.step, where=self.file_where(manifest, entry))
             placeholders.update({fqn: None for fqn in meta.state_dict_metadata})
         unflatten(skeleton, tensors, where=self.storage.display(step_dir(manifest.step)), sharded=placeholders,
                   rules=self.decode_rules(materialize=False))

@@ -194,13 +194,15 @@ class Vote:
             assert checks is not None
             m = torch.stack([_as_float64(checks[f], self.device) * (-1 if f.reduce == Reduce.MIN else 1)
                              for f in maxed])
-        flight = _InFlight(step, tuple(s for s, _, _ in values), t, summed, m, maxed)
-        if self._dist and self.world_size > 1:
+        group = self.group  # looked up once per check: the membership's, as of now
+        world = self._dist.get_world_size(group) if self._dist else 1
+        flight = _InFlight(step, tuple(s for s, _, _ in values), world, t, summed, m, maxed)
+        if self._dist and world > 1:
             async_op = self.lag > 0
-            flight.works.append(self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, group=self.group,
+            flight.works.append(self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, group=group,
                                                       async_op=async_op))
             if m is not None:
-                flight.works.append(self._dist.all_reduce(m, op=self._dist.ReduceOp.MAX, group=self.group,
+                flight.works.append(self._dist.all_reduce(m, op=self._dist.ReduceOp.MAX, group=group,
                                                           async_op=async_op))
         if self.lag == 0:
             return self._finish(flight)
@@ -231,19 +233,19 @@ class Vote:
 
     def _finish(self, flight: _InFlight) -> VoteResult:
         flight.wait()
-        step, steps = flight.step, flight.steps
+        step, steps, world = flight.step, flight.steps, flight.world_size
         numbers = flight.sums.tolist()
         spike, nonfinite, preempt, stop = numbers[:len(FLAGS)]
         values = []
         for i, s in enumerate(steps):
             loss, grad, present, bad = numbers[len(FLAGS) + i * len(PER_STEP):len(FLAGS) + (i + 1) * len(PER_STEP)]
-            good = self.world_size - round(bad)
+            good = world - round(bad)
             values.append(StepValues(step=s, loss=loss / good if good else float("nan"),
                                      grad_norm=grad / present if present >= 0.5 else None, nonfinite=round(bad)))
         return VoteResult(
-            step=step, world_size=self.world_size, mean_loss=values[-1].loss if values else float("nan"),
+            step=step, world_size=world, mean_loss=values[-1].loss if values else float("nan"),
             spikes=round(spike), nonfinite=round(nonfinite), preempt=round(preempt), stop=round(stop),
-            quorum=self.quorum.needed(self.world_size), values=tuple(values), checks=flight.reduced(numbers),
+            quorum=self.quorum.needed(world), values=tuple(values), checks=flight.reduced(numbers),
         )
 
 
@@ -260,6 +262,7 @@ class _InFlight:
 
     step: int
     steps: tuple[int, ...]
+    world_size: int  # of the group it was reduced over
     sums: torch.Tensor
     summed: list[Field]
     maxes: torch.Tensor | None
